@@ -1,0 +1,107 @@
+"""The `mmtools` command: a thin Typer layer over the steps; errors become exit codes here."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import typer
+
+from mmtools.errors import EXIT_CODES, Interrupted, MmtoolsError
+
+EXIT_PIPE = 141  # 128 + SIGPIPE: the reader downstream closed the pipe (e.g. `| head`)
+
+app = typer.Typer(
+    name="mmtools",
+    help="Curate multimodal (image, text, audio) training data with composable steps.\n\n"
+    "Example: mmtools ingest photos/ | mmtools head -n 3\n\n"
+    "Each command reads a dataset (directory, Parquet file or glob, or an Arrow stream on "
+    "stdin) and writes one (-o DIR, or an Arrow stream on stdout). Exit codes: "
+    + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items())
+    + f"; {EXIT_PIPE} downstream closed the pipe.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+COMMANDS = ("ingest", "embed", "score", "filter", "dedup", "rewrite", "mixup", "info", "head",
+            "stats", "export", "demo")
+
+
+def _register() -> None:
+    import importlib
+
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"mmtools.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"mmtools.cli.{name}":
+                raise
+            continue  # a command not built yet
+        module.register(app)
+
+
+_register()
+
+
+def _command_name() -> str:
+    names = {c.name or c.callback.__name__ for c in app.registered_commands}
+    return next((a for a in sys.argv[1:] if a in names), "")
+
+
+def _on_signal(signum, frame):
+    raise Interrupted(signum)
+
+
+def _quiet_pipe() -> int:
+    # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return EXIT_PIPE
+
+
+def main() -> None:
+    """Entry point: run the app; map errors, signals and closed pipes to exit codes."""
+    import click
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    cmd = _command_name()
+    prefix = f"mmtools {cmd}" if cmd else "mmtools"
+    verbose = any(a in ("-v", "--verbose") for a in sys.argv[1:])
+    try:
+        code = app(standalone_mode=False)
+        code = code if isinstance(code, int) else 0
+    except BrokenPipeError:
+        code = _quiet_pipe()
+    except MmtoolsError as e:
+        if verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(f"{prefix}: error: {e}", file=sys.stderr)
+        code = e.exit_code
+    except click.exceptions.Abort:
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        code = 130
+    except click.ClickException as e:
+        e.show()
+        code = e.exit_code
+    except Exception as e:
+        if verbose:
+            raise
+        print(f"{prefix}: error: {type(e).__name__}: {e} (rerun with -v for details)",
+              file=sys.stderr)
+        code = 1
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        code = _quiet_pipe()
+    sys.exit(code)

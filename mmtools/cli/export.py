@@ -1,0 +1,51 @@
+"""`mmtools export`."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Annotated
+
+import typer
+
+from mmtools.cli import options as O
+from mmtools.cli.common import setup_logging
+
+
+def export(
+    inputs: O.Inputs = None,
+    output: Annotated[str, typer.Option("-o", "--output", help="Output directory.")] = ...,
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", help="webdataset (tars), jsonl (data.jsonl + "
+                          "media/), or folder (media + .txt captions).")
+    ] = "webdataset",
+    overwrite: O.Overwrite = False,
+    shard_rows: O.ShardRows = 10_000,
+    quiet: O.Quiet = False,
+    verbose: O.Verbose = False,
+) -> None:
+    """Write a dataset out as WebDataset tars, JSONL with a media folder, or a media folder.
+
+    Example: mmtools export ds/ --format webdataset -o shards/
+
+    WebDataset samples are numbered keys with .jpg/.png/.wav, .txt (caption) and .json (the
+    other scalar columns, id included), as img2dataset writes them.
+    """
+    from mmtools.cli.common import open_source
+    from mmtools.export import export as run_export
+    from mmtools.export import prepare_output
+
+    setup_logging(verbose, quiet)
+    t0 = time.monotonic()
+    source = open_source(inputs)
+    prepare_output(output, overwrite)
+    stats = run_export(source, output, fmt, shard_rows)
+    if not quiet:
+        print(f"mmtools export: {stats.rows} rows, {stats.files} files "
+              f"({stats.skipped_no_media} without media), {time.monotonic() - t0:.1f} s "
+              f"-> {output}", file=sys.stderr)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the command to the app."""
+    app.command("export")(export)

@@ -1,0 +1,59 @@
+"""`mmtools info`."""
+
+from __future__ import annotations
+
+import json as jsonlib
+from typing import Annotated
+
+import typer
+
+from mmtools.cli import options as O
+from mmtools.cli.common import human_bytes, setup_logging
+
+
+def info(
+    inputs: O.Inputs = None,
+    json: Annotated[bool, typer.Option("--json", help="Print the description as JSON.")] = False,
+    verbose: O.Verbose = False,
+) -> None:
+    """Describe a dataset: schema, rows, shards, size, rejects and lineage.
+
+    Example: mmtools info ds/
+
+    For a dataset directory the manifest adds the command lines that made it, the models
+    behind each embedding column and the rejects by reason. A stream on stdin is read to the
+    end to count its rows.
+    """
+    from mmtools.cli.common import open_source
+    from mmtools.dataset_info import describe
+
+    setup_logging(verbose, False)
+    source = open_source(inputs)
+    desc = describe(source, inputs or ["-"])
+    if json:
+        typer.echo(jsonlib.dumps(desc, indent=2, sort_keys=True))
+        return
+    typer.echo(f"rows:    {desc['rows']}")
+    typer.echo(f"shards:  {desc['shards']}  ({human_bytes(desc['bytes'])})")
+    if "complete" in desc:
+        typer.echo(f"complete: {'yes' if desc['complete'] else 'no (no _manifest.json)'}")
+    if desc.get("rejects"):
+        by = ", ".join(f"{k} {v}" for k, v in sorted(desc["rejects"]["by_reason"].items()))
+        typer.echo(f"rejects: {desc['rejects']['rows']}" + (f" ({by})" if by else ""))
+    typer.echo("schema:")
+    width = max((len(f["name"]) for f in desc["schema"]), default=0)
+    for f in desc["schema"]:
+        extra = desc["columns"].get(f["name"])
+        note = "  " + jsonlib.dumps(extra, sort_keys=True) if extra else ""
+        typer.echo(f"  {f['name']:<{width}}  {f['type']}{note}")
+    if desc.get("lineage"):
+        typer.echo("lineage:")
+        for step in desc["lineage"]:
+            cmd = " ".join(step.get("argv") or [f"mmtools {step.get('command')}"])
+            typer.echo(f"  {cmd}  ({step.get('rows_in')} in, {step.get('rows_out')} out, "
+                       f"{step.get('rejected')} rejected)")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the command to the app."""
+    app.command("info")(info)

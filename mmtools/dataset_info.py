@@ -1,0 +1,36 @@
+"""A description of a dataset for `info`: counts, schema, rejects and lineage."""
+
+from __future__ import annotations
+
+import os
+
+from mmtools import columns as C
+from mmtools.io.layout import MANIFEST, RUN_FILE
+from mmtools.io.manifest import read_json, schema_fields
+
+
+def describe(source, inputs: list[str]) -> dict:
+    """Rows, shards, bytes, schema, column provenance, rejects and lineage of a source."""
+    desc: dict = {"schema": schema_fields(source.schema), "columns": C.column_info(source.schema)}
+    if source.shards is None:
+        rows = sum(b.num_rows for b in source.batches())
+        desc.update(rows=rows, shards=0, bytes=0, lineage=source.upstream)
+        return desc
+    desc.update(
+        rows=sum(s.rows for s in source.shards),
+        shards=len(source.shards),
+        bytes=sum(s.size for s in source.shards),
+        lineage=source.upstream,
+    )
+    if len(inputs) == 1 and os.path.isdir(inputs[0]):
+        manifest = read_json(os.path.join(inputs[0], MANIFEST))
+        desc["complete"] = manifest is not None
+        if manifest:
+            desc["rejects"] = manifest["rejects"]
+            desc["dropped"] = manifest["dropped"]
+            desc["columns"] = {**desc["columns"], **manifest.get("columns", {})}
+            desc["created"] = manifest["created"]
+            desc["versions"] = manifest["versions"]
+        elif os.path.exists(os.path.join(inputs[0], RUN_FILE)):
+            desc["complete"] = False
+    return desc

@@ -1,0 +1,1 @@
+"""Dataset input and output shared by every command."""

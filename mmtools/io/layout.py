@@ -1,0 +1,18 @@
+"""File names inside a dataset directory."""
+
+MANIFEST = "_manifest.json"
+RUN_FILE = "_run.json"
+PROGRESS_DIR = "_progress"
+REJECTS_DIR = "_rejects"
+LOCK_FILE = "_lock"
+TMP_PREFIX = ".tmp-"
+
+
+def shard_name(index: int) -> str:
+    """Deterministic name of data shard `index`, so a retry overwrites its own work."""
+    return f"part-{index:05d}.parquet"
+
+
+def rejects_name(index: int) -> str:
+    """Name of the reject shard committed with data shard `index`."""
+    return f"{REJECTS_DIR}/part-{index:05d}.parquet"

@@ -1,0 +1,87 @@
+"""The dataset manifest: shards, counts, schema, lineage; written last and atomically."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+
+import pyarrow as pa
+
+from mmtools import columns as C
+
+
+def read_json(path: str) -> dict | None:
+    """Read a JSON file, or None when it does not exist."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def write_json_atomic(path: str, obj: dict) -> None:
+    """Write JSON to a temporary name, fsync, and rename over `path`."""
+    tmp = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path))
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def versions() -> dict:
+    """Versions of the software that made the data (torch only if it was loaded)."""
+    from mmtools import __version__
+
+    out = {"mmtools": __version__, "pyarrow": pa.__version__, "python": platform.python_version()}
+    for mod in ("torch", "open_clip", "transformers", "polars"):
+        if mod in sys.modules:
+            out[mod] = getattr(sys.modules[mod], "__version__", "unknown")
+    return out
+
+
+def schema_fields(schema: pa.Schema) -> list[dict]:
+    """A readable description of the schema."""
+    return [{"name": f.name, "type": str(f.type)} for f in schema]
+
+
+def build_manifest(records, schema, fingerprint, command, summary, lineage, column_info,
+                   position) -> dict:
+    """Assemble the manifest from the committed progress records."""
+    reasons: dict[str, int] = {}
+    dropped: dict[str, int] = {}
+    for r in records:
+        for k, v in r["reject_reasons"].items():
+            reasons[k] = reasons.get(k, 0) + v
+        for k, v in r["dropped"].items():
+            dropped[k] = dropped.get(k, 0) + v
+    shards = [
+        {"name": r["shard"], "rows": r["rows"], "bytes": r["bytes"], "inputs": r["inputs"]}
+        for r in records
+        if r["shard"]
+    ]
+    return {
+        "format": "mmtools-dataset/1",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "fingerprint": fingerprint,
+        "versions": versions(),
+        "schema": schema_fields(schema),
+        "columns": {**C.column_info(schema), **column_info},
+        "rows": sum(s["rows"] for s in shards),
+        "shards": shards,
+        "rejects": {
+            "rows": sum(reasons.values()),
+            "by_reason": reasons,
+            "shards": [r["rejects"] for r in records if r["rejects"]],
+        },
+        "dropped": dropped,
+        "generated": sum(r.get("generated", 0) for r in records),
+        "position": {"rows": position.rows, "upstream_rejects": position.upstream_rejects},
+        "summary": summary,
+        "lineage": lineage,
+    }

@@ -1,0 +1,56 @@
+"""Arrow IPC stream output on stdout, with the same interface as a dataset directory."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import BinaryIO
+
+from mmtools.errors import UsageError
+from mmtools.io.dataset import Position
+from mmtools.io.stream import StreamWriter
+
+
+def check_not_terminal(out: BinaryIO) -> None:
+    """Refuse to write binary Arrow data to a terminal, as gzip does."""
+    try:
+        tty = os.isatty(out.fileno())
+    except (AttributeError, OSError, ValueError):
+        tty = False
+    if tty:
+        raise UsageError(
+            "refusing to write an Arrow stream to a terminal; pipe it into another mmtools "
+            "command (e.g. | mmtools head) or pass -o DIR"
+        )
+
+
+class StreamSink:
+    """Write the step output as an Arrow IPC stream; no resume (a stream has no state)."""
+
+    complete = False
+    path = "-"
+
+    def __init__(self, out: BinaryIO | None = None):
+        self.out = out if out is not None else sys.stdout.buffer
+        check_not_terminal(self.out)
+        self._writer: StreamWriter | None = None
+
+    def open(self, schema, fingerprint, locate=None) -> Position:
+        """Write the schema; start from the beginning of the input."""
+        self._writer = StreamWriter(self.out, schema)
+        return Position()
+
+    def write(self, batch, rejects, dropped, consumed, generated: int = 0) -> None:
+        """Send rows and rejects downstream."""
+        for r in rejects:
+            self._writer.write_rejects(r)
+        if batch is not None:
+            self._writer.write(batch)
+
+    def close(self, summary: dict, lineage: list[dict], column_info: dict) -> dict:
+        """Write the trailer (row count and lineage)."""
+        self._writer.close(lineage)
+        return {}
+
+    def abort(self) -> None:
+        """Leave the stream without a trailer, so the reader sees it as truncated."""

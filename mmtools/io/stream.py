@@ -1,0 +1,116 @@
+"""Arrow IPC streams between mmtools processes, with reject side-records and an end trailer.
+
+A stream written by mmtools marks its schema with `mmtools.stream`. Reject rows travel as
+zero-row batches whose custom metadata holds them, and the stream ends with a zero-row
+trailer batch carrying the row count and lineage. A stream that stops before the trailer
+(the upstream process died) is reported as truncated, never taken as complete.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from typing import BinaryIO
+
+import pyarrow as pa
+
+from mmtools import columns as C
+from mmtools.errors import DataContractError, TruncatedStreamError
+
+STREAM_KEY = b"mmtools.stream"
+REJECTS_KEY = b"mmtools.rejects"
+END_KEY = b"mmtools.end"
+
+
+class StreamWriter:
+    """Write record batches, reject rows and a final trailer to a binary file object."""
+
+    def __init__(self, out: BinaryIO, schema: pa.Schema):
+        meta = dict(schema.metadata or {})
+        meta[STREAM_KEY] = b"1"
+        self.schema = schema.with_metadata(meta)
+        self._out = out
+        self._writer = pa.ipc.new_stream(out, self.schema)
+        self.rows = 0
+        self.rejects = 0
+
+    def _empty_batch(self) -> pa.RecordBatch:
+        return pa.RecordBatch.from_pylist([], schema=self.schema)
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        """Write data rows and flush, so a reader downstream sees them at once."""
+        if batch.num_rows:
+            self._writer.write_batch(batch)
+            self.rows += batch.num_rows
+            self._out.flush()
+
+    def write_rejects(self, rejects: pa.RecordBatch) -> None:
+        """Forward reject rows as a side record."""
+        if rejects is None or not rejects.num_rows:
+            return
+        rows = [rejects.column(i).to_pylist() for i in range(rejects.num_columns)]
+        payload = json.dumps(list(zip(*rows, strict=True)))
+        self._writer.write_batch(self._empty_batch(), custom_metadata={REJECTS_KEY: payload})
+        self.rejects += rejects.num_rows
+
+    def close(self, lineage: list[dict]) -> None:
+        """Write the trailer and the end-of-stream marker."""
+        trailer = json.dumps({"rows": self.rows, "rejects": self.rejects, "lineage": lineage})
+        self._writer.write_batch(self._empty_batch(), custom_metadata={END_KEY: trailer})
+        self._writer.close()
+        self._out.flush()
+
+
+def read_stream(
+    src: BinaryIO, on_rejects: Callable[[pa.RecordBatch], None], on_end: Callable[[dict], None]
+) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+    """Open an Arrow IPC stream; return its schema and an iterator over its data batches."""
+    try:
+        reader = pa.ipc.open_stream(src)
+    except pa.ArrowInvalid as e:
+        raise DataContractError(
+            f"standard input is not an Arrow IPC stream ({e}); pipe the output of an mmtools "
+            "command, or pass a dataset directory or Parquet file"
+        ) from None
+    ours = STREAM_KEY in (reader.schema.metadata or {})
+    meta = {k: v for k, v in (reader.schema.metadata or {}).items() if k != STREAM_KEY}
+    schema = reader.schema.with_metadata(meta)
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        rows, ended = 0, False
+        while True:
+            try:
+                batch, custom = reader.read_next_batch_with_custom_metadata()
+            except StopIteration:
+                break
+            except (pa.ArrowInvalid, OSError) as e:
+                raise TruncatedStreamError(f"input stream broke off after {rows} rows: {e}") from None
+            custom = dict(custom or {})
+            if REJECTS_KEY in custom:
+                on_rejects(_rejects_from_json(custom[REJECTS_KEY]))
+            elif END_KEY in custom:
+                trailer = json.loads(custom[END_KEY])
+                if trailer["rows"] != rows:
+                    raise TruncatedStreamError(
+                        f"input stream promised {trailer['rows']} rows but carried {rows}"
+                    )
+                on_end(trailer)
+                ended = True
+            elif batch.num_rows:
+                rows += batch.num_rows
+                yield batch.replace_schema_metadata(meta)
+        if ours and not ended:
+            raise TruncatedStreamError(
+                f"input stream ended after {rows} rows without its end marker: the upstream "
+                "command failed or was killed; nothing was committed"
+            )
+
+    return schema, batches()
+
+
+def _rejects_from_json(payload: bytes) -> pa.RecordBatch:
+    rows = json.loads(payload)
+    cols = list(zip(*rows, strict=True)) if rows else [[] for _ in C.REJECT_SCHEMA]
+    return pa.record_batch(
+        [pa.array(list(c), pa.string()) for c in cols], schema=C.REJECT_SCHEMA
+    )

@@ -1,0 +1,82 @@
+"""Shared fixtures: real files, real subprocesses, generated media."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# Tests never use a GPU or the network unless they ask for it.
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+MMTOOLS = [sys.executable, "-m", "mmtools"]
+
+
+def mmtools(*args, input: bytes | None = None, check: bool = True, env: dict | None = None,
+            cwd=None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the real `mmtools` command in a subprocess and return the completed process."""
+    proc = subprocess.run(
+        [*MMTOOLS, *map(str, args)], input=input, capture_output=True, timeout=timeout,
+        env={**os.environ, **(env or {})}, cwd=cwd,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"mmtools {' '.join(map(str, args))} exited {proc.returncode}:\n"
+            f"{proc.stderr.decode(errors='replace')}"
+        )
+    return proc
+
+
+def image_bytes(seed: int, size=(48, 32), fmt: str = "JPEG", **save) -> bytes:
+    """A random RGB image encoded as `fmt`."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, fmt, **save)
+    return buf.getvalue()
+
+
+def wav_bytes(seconds: float = 0.5, sr: int = 16000, channels: int = 1, freq: float = 440.0,
+              subtype: str = "PCM_16", fmt: str = "WAV") -> bytes:
+    """A sine tone encoded with soundfile."""
+    import soundfile as sf
+
+    t = np.arange(int(seconds * sr)) / sr
+    wav = 0.3 * np.sin(2 * np.pi * freq * t).astype(np.float32)
+    wav = np.stack([wav] * channels, axis=1)
+    buf = io.BytesIO()
+    sf.write(buf, wav, sr, format=fmt, subtype=subtype)
+    return buf.getvalue()
+
+
+def make_image_folder(root: Path, n: int, start: int = 0) -> Path:
+    """`n` JPEGs with .txt sidecar captions under `root` (some in a subfolder)."""
+    for i in range(start, start + n):
+        d = root / ("sub" if i % 3 == 0 else "")
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"img{i:05d}.jpg").write_bytes(image_bytes(i))
+        (d / f"img{i:05d}.txt").write_text(f"a photo number {i}")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    """A folder of 30 captioned JPEGs."""
+    return make_image_folder(tmp_path / "imgs", 30)
+
+
+@pytest.fixture
+def dataset(tmp_path, image_folder) -> Path:
+    """An ingested dataset of 30 rows in 3 shards."""
+    out = tmp_path / "ds"
+    mmtools("ingest", image_folder, "-o", out, "--shard-rows", 10, "-q")
+    return out
