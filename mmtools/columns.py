@@ -120,3 +120,7 @@ def require(schema: pa.Schema, columns: list[str] | tuple[str, ...], step: str) 
         raise DataContractError(
             f"{step} needs column(s) {', '.join(missing)}; the input has {', '.join(schema.names)}"
         )
+
+
+# Caption language code (e.g. "en"), where a language-identification step has added it.
+LANGUAGE = "language"

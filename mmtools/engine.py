@@ -123,7 +123,7 @@ def run(command: str, source, steps: list[Step], sink, *, batch_size: int = 1024
     start = sink.open(schema, fingerprint(command, steps, source), getattr(source, "locate", None))
     if sink.complete:
         summary.already_complete = True
-        return summary, sink.manifest
+        return summary, sink.close(summary.as_dict(), [], info)
     summary.resumed_from = start.rows
     try:
         for step in steps:

@@ -83,6 +83,12 @@ class Interrupted(MmtoolsError):
         self.exit_code = 128 + signum
 
 
+class DownstreamClosed(MmtoolsError):
+    """The reader of our stdout went away (e.g. `| head`); not an error for the user."""
+
+    exit_code = 141
+
+
 class MissingDependencyError(UsageError):
     """An optional dependency is not installed."""
 

@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from mmtools import columns as C
 from mmtools.errors import UsageError
-from mmtools.preview import _sniff
+from mmtools.media import sniff_format
 
 FORMATS = ("webdataset", "jsonl", "folder")
 _EXT = {"jpeg": "jpg", "bytes": "bin", "riff": "bin"}
@@ -29,7 +29,7 @@ class ExportStats:
 
 
 def _ext(data: bytes) -> str:
-    kind = _sniff(data)
+    kind = sniff_format(data)
     return _EXT.get(kind, kind)
 
 

@@ -11,6 +11,19 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".
 AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".opus", ".aiff", ".aif"}
 
 
+_SIGNATURES = {b"\xff\xd8\xff": "jpeg", b"\x89PNG": "png", b"GIF8": "gif", b"BM": "bmp",
+               b"II*\x00": "tiff", b"MM\x00*": "tiff", b"fLaC": "flac", b"OggS": "ogg",
+               b"ID3": "mp3"}
+IMAGE_FORMATS = {"jpeg", "png", "gif", "bmp", "tiff", "webp"}
+
+
+def sniff_format(data: bytes) -> str:
+    """The container format from the first bytes ('jpeg', 'png', 'wav', ...) or 'bytes'."""
+    if data[:4] == b"RIFF":
+        return {b"WEBP": "webp", b"WAVE": "wav"}.get(data[8:12], "bytes")
+    return next((name for sig, name in _SIGNATURES.items() if data.startswith(sig)), "bytes")
+
+
 class MediaError(Exception):
     """A per-row media problem: `reason` is a short code stored in the reject row."""
 
@@ -48,6 +61,8 @@ def _open_image(data: bytes, max_pixels: int):
     try:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
+        if sniff_format(data) in IMAGE_FORMATS:
+            raise MediaError("corrupt", f"damaged {sniff_format(data)} data") from None
         raise MediaError("not_image", "not a recognised image format") from None
     except Exception as e:
         raise MediaError("corrupt", f"{type(e).__name__}: {e}") from None
@@ -101,8 +116,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS):
         import numpy as np
 
         arr = np.asarray(img, dtype=np.float64)
-        peak = arr.max() or 1.0
-        img = Image.fromarray((arr * (255.0 / peak)).astype("uint8"), "L")
+        full_scale = max(65535.0, float(arr.max()))
+        img = Image.fromarray(np.rint(arr * (255.0 / full_scale)).astype("uint8"), "L")
     return img.convert("RGB")
 
 

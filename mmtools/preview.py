@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from mmtools.media import sniff_format
+
 
 def _cell(value, field: pa.Field):
     if isinstance(value, dict) and set(value) == {"bytes", "path"}:
         data = value["bytes"]
         if data is None:
             return f"<path {value['path']}>"
-        return f"<{_sniff(data)} {len(data)} B>"
+        return f"<{sniff_format(data)} {len(data)} B>"
     if isinstance(value, bytes):
         return f"<{len(value)} bytes>"
     if isinstance(value, list) and pa.types.is_fixed_size_list(field.type):
@@ -19,17 +21,6 @@ def _cell(value, field: pa.Field):
     if isinstance(value, float):
         return round(value, 4)
     return value
-
-
-def _sniff(data: bytes) -> str:
-    signatures = {b"\xff\xd8\xff": "jpeg", b"\x89PNG": "png", b"GIF8": "gif", b"RIFF": "riff",
-                  b"fLaC": "flac", b"OggS": "ogg", b"BM": "bmp", b"ID3": "mp3"}
-    for sig, name in signatures.items():
-        if data.startswith(sig):
-            if name == "riff":
-                return "webp" if data[8:12] == b"WEBP" else "wav"
-            return name
-    return "bytes"
 
 
 def preview_rows(source, n: int, columns: list[str] | None) -> list[dict]:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import http.server
 import io
 import os
+import threading
+import time
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +18,9 @@ import pytest
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Commits stay atomic against killed processes without fsync; fsync only guards power loss and
+# costs a lot on CI disks. test_dataset_io runs one resume test with fsync on.
+os.environ.setdefault("MMTOOLS_FSYNC", "0")
 
 MMTOOLS = [sys.executable, "-m", "mmtools"]
 
@@ -80,3 +86,49 @@ def dataset(tmp_path, image_folder) -> Path:
     out = tmp_path / "ds"
     mmtools("ingest", image_folder, "-o", out, "--shard-rows", 10, "-q")
     return out
+
+
+class _ImageHandler(http.server.BaseHTTPRequestHandler):
+    delay = 0.0
+
+    def do_GET(self):
+        time.sleep(self.delay)
+        if self.path.startswith("/img/"):
+            body = image_bytes(int(self.path.rsplit("/", 1)[1]))
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        else:
+            self.send_error(404)
+
+    def log_message(self, *args):
+        pass
+
+
+def serve_images(delay: float = 0.0):
+    """Start a loopback HTTP server answering /img/N with image N; return (url, server)."""
+    handler = type("Handler", (_ImageHandler,), {"delay": delay})
+    server_class = type("Server", (http.server.ThreadingHTTPServer,), {"request_queue_size": 256})
+    server = server_class(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}", server
+
+
+@pytest.fixture
+def http_server():
+    """A loopback image server."""
+    url, server = serve_images()
+    yield url
+    server.shutdown()
+
+
+@pytest.fixture
+def slow_listing(tmp_path):
+    """A listing of 400 image URLs on a loopback server that answers in 50 ms each."""
+    url, server = serve_images(delay=0.05)
+    listing = tmp_path / "slow.csv"
+    listing.write_text("url,caption\n" + "".join(f"{url}/img/{i},c{i}\n" for i in range(400)))
+    yield listing
+    server.shutdown()

@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from mmtools.errors import EXIT_CODES, Interrupted, MmtoolsError
+from mmtools.errors import EXIT_CODES, DownstreamClosed, Interrupted, MmtoolsError
 
 EXIT_PIPE = 141  # 128 + SIGPIPE: the reader downstream closed the pipe (e.g. `| head`)
 
@@ -69,39 +69,25 @@ def _quiet_pipe() -> int:
 
 def main() -> None:
     """Entry point: run the app; map errors, signals and closed pipes to exit codes."""
-    import click
-
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     cmd = _command_name()
     prefix = f"mmtools {cmd}" if cmd else "mmtools"
     verbose = any(a in ("-v", "--verbose") for a in sys.argv[1:])
     try:
-        code = app(standalone_mode=False)
-        code = code if isinstance(code, int) else 0
-    except BrokenPipeError:
-        code = _quiet_pipe()
+        app(prog_name="mmtools")  # Typer reports usage errors itself (exit 2) and exits through SystemExit.
+    except (BrokenPipeError, DownstreamClosed):
+        sys.exit(_quiet_pipe())
     except MmtoolsError as e:
         if verbose:
             import traceback
 
             traceback.print_exc()
         print(f"{prefix}: error: {e}", file=sys.stderr)
-        code = e.exit_code
-    except click.exceptions.Abort:
-        print(f"{prefix}: interrupted", file=sys.stderr)
-        code = 130
-    except click.ClickException as e:
-        e.show()
-        code = e.exit_code
+        sys.exit(e.exit_code)
     except Exception as e:
         if verbose:
             raise
         print(f"{prefix}: error: {type(e).__name__}: {e} (rerun with -v for details)",
               file=sys.stderr)
-        code = 1
-    try:
-        sys.stdout.flush()
-    except BrokenPipeError:
-        code = _quiet_pipe()
-    sys.exit(code)
+        sys.exit(1)

@@ -14,7 +14,7 @@ from mmtools.cli.common import Common, execute
 def ingest(
     inputs: Annotated[
         list[str],
-        typer.Argument(metavar="INPUT...", help="Folders of media with sidecar captions, "
+        typer.Argument(metavar="INPUT", help="Folders of media with sidecar captions, "
                        "CSV/TSV/JSONL/Parquet listings, or WebDataset .tar shards."),
     ],
     output: O.Output = None,

@@ -9,7 +9,7 @@ import typer
 Inputs = Annotated[
     list[str] | None,
     typer.Argument(
-        metavar="INPUT...",
+        metavar="INPUT",
         help="Dataset directory, Parquet file or glob; '-' (or nothing, in a pipe) reads an "
         "Arrow stream from stdin.",
         show_default=False,

@@ -22,7 +22,7 @@ from mmtools import columns as C
 from mmtools.errors import DriftError, UsageError
 from mmtools.io import layout as L
 from mmtools.io.lock import DirLock
-from mmtools.io.manifest import build_manifest, read_json, write_json_atomic
+from mmtools.io.manifest import build_manifest, fsync_path, read_json, write_json_atomic
 
 ROW_GROUP_ROWS = 8192
 ROW_GROUP_BYTES = 64 << 20
@@ -251,17 +251,9 @@ def _reason_counts(rejects: list[pa.RecordBatch]) -> dict[str, int]:
 
 
 def _fsync_rename(tmp: str, final: str) -> None:
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(tmp)
     os.replace(tmp, final)
-    dfd = os.open(os.path.dirname(final) or ".", os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_path(os.path.dirname(final) or ".")
 
 
 def _first_difference(old, new) -> str:

@@ -13,6 +13,23 @@ import pyarrow as pa
 from mmtools import columns as C
 
 
+def durable() -> bool:
+    """Whether commits fsync (default). MMTOOLS_FSYNC=0 skips it: commits stay atomic against
+    a killed process, but not against a power loss."""
+    return os.environ.get("MMTOOLS_FSYNC", "1") != "0"
+
+
+def fsync_path(path: str) -> None:
+    """fsync a file or directory by path, when durable commits are on."""
+    if not durable():
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def read_json(path: str) -> dict | None:
     """Read a JSON file, or None when it does not exist."""
     try:
@@ -28,9 +45,9 @@ def write_json_atomic(path: str, obj: dict) -> None:
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+    fsync_path(tmp)
     os.replace(tmp, path)
+    fsync_path(os.path.dirname(path) or ".")
 
 
 def versions() -> dict:

@@ -6,7 +6,7 @@ import os
 import sys
 from typing import BinaryIO
 
-from mmtools.errors import UsageError
+from mmtools.errors import DownstreamClosed, UsageError
 from mmtools.io.dataset import Position
 from mmtools.io.stream import StreamWriter
 
@@ -42,14 +42,20 @@ class StreamSink:
 
     def write(self, batch, rejects, dropped, consumed, generated: int = 0) -> None:
         """Send rows and rejects downstream."""
-        for r in rejects:
-            self._writer.write_rejects(r)
-        if batch is not None:
-            self._writer.write(batch)
+        try:
+            for r in rejects:
+                self._writer.write_rejects(r)
+            if batch is not None:
+                self._writer.write(batch)
+        except BrokenPipeError:
+            raise DownstreamClosed("the reader of stdout closed the pipe") from None
 
     def close(self, summary: dict, lineage: list[dict], column_info: dict) -> dict:
         """Write the trailer (row count and lineage)."""
-        self._writer.close(lineage)
+        try:
+            self._writer.close(lineage)
+        except BrokenPipeError:
+            raise DownstreamClosed("the reader of stdout closed the pipe") from None
         return {}
 
     def abort(self) -> None:

@@ -65,9 +65,14 @@ def read_stream(
     src: BinaryIO, on_rejects: Callable[[pa.RecordBatch], None], on_end: Callable[[dict], None]
 ) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
     """Open an Arrow IPC stream; return its schema and an iterator over its data batches."""
+    peek = getattr(src, "peek", None)
+    if peek is not None and not peek(1):
+        raise TruncatedStreamError(
+            "standard input is empty: the command upstream wrote nothing (did it fail?)"
+        )
     try:
         reader = pa.ipc.open_stream(src)
-    except pa.ArrowInvalid as e:
+    except (pa.ArrowInvalid, OSError) as e:
         raise DataContractError(
             f"standard input is not an Arrow IPC stream ({e}); pipe the output of an mmtools "
             "command, or pass a dataset directory or Parquet file"

@@ -1,0 +1,119 @@
+"""Every kind of bad or odd input file gives a reject row with a reason, or is handled; none lost."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from conftest import image_bytes, mmtools
+from PIL import Image
+from test_ingest import read_dataset, read_rejects
+
+from mmtools.media import MediaError, decode_image
+
+
+def _png(mode: str, size=(40, 30), **kw) -> bytes:
+    img = Image.new(mode, size)
+    buf = io.BytesIO()
+    img.save(buf, "PNG", **kw)
+    return buf.getvalue()
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _bad_corpus() -> dict[str, bytes]:
+    jpeg = image_bytes(1, size=(64, 64))
+    png = image_bytes(2, size=(64, 64), fmt="PNG")
+    return {
+        "truncated.jpg": jpeg[: len(jpeg) // 2],
+        "truncated.png": png[: len(png) // 2],
+        "zero.jpg": b"",
+        "text.jpg": b"just some text, not an image\n",
+        "bomb.png": _png("L", size=(4000, 4000)),
+        "garbage.png": b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4,
+    }
+
+
+def _odd_but_valid() -> dict[str, bytes]:
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 40, 3), np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90° clockwise
+    frames = [rgb, rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    palette = rgb.convert("P", palette=Image.Palette.ADAPTIVE)
+    return {
+        "cmyk.jpg": _encode(rgb.convert("CMYK"), "JPEG"),
+        "sixteen.png": _encode(Image.fromarray(np.full((30, 40), 40000, np.uint16)), "PNG"),
+        "palette_alpha.png": _encode(palette, "PNG", transparency=0),
+        "rgba.png": _encode(rgb.convert("RGBA"), "PNG"),
+        "animated.gif": _encode(frames[0], "GIF", save_all=True, append_images=frames[1:]),
+        "animated.webp": _encode(frames[0], "WEBP", save_all=True, append_images=frames[1:]),
+        "rotated.jpg": _encode(rgb, "JPEG", exif=exif),
+        "png_named.jpg": _encode(rgb, "PNG"),
+    }
+
+
+def test_bad_images_become_rejects(tmp_path):
+    d = tmp_path / "bad"
+    d.mkdir()
+    for name, data in {**_bad_corpus(), **_odd_but_valid()}.items():
+        (d / name).write_bytes(data)
+    (d / "good.jpg").write_bytes(image_bytes(5))
+    (d / "good.txt").write_bytes(b"caf\xe9 latin-1 caption")  # not UTF-8
+    (d / "nul.jpg").write_bytes(image_bytes(6))
+    (d / "nul.txt").write_bytes(b"a caption\x00with a NUL")
+    out = tmp_path / "out"
+    proc = mmtools("ingest", d, "-o", out, "--max-pixels", 10_000_000)
+    assert b"Traceback" not in proc.stderr
+    rows = {r["id"]: r for r in read_dataset(out).to_pylist()}
+    rejects = {r["id"]: r["reason"] for r in read_rejects(out).to_pylist()}
+    assert rejects == {
+        "truncated.jpg": "truncated",
+        "truncated.png": "truncated",
+        "zero.jpg": "zero_byte",
+        "text.jpg": "not_image",
+        "bomb.png": "decompression_bomb",
+        "garbage.png": "corrupt",
+        "good.jpg": "bad_caption",
+    }
+    assert set(rows) == set(_odd_but_valid()) | {"nul.jpg"}
+    assert rows["nul.jpg"]["text"] == "a captionwith a NUL"
+    assert (rows["rotated.jpg"]["width"], rows["rotated.jpg"]["height"]) == (30, 40)
+    assert rows["png_named.jpg"]["image_format"] == "png"
+    # Nothing lost: every file is a row or a reject.
+    assert len(rows) + len(rejects) == len(list(d.glob("*.jpg")) + list(d.glob("*.png"))
+                                           + list(d.glob("*.gif")) + list(d.glob("*.webp")))
+
+
+@pytest.mark.parametrize("name", sorted(_odd_but_valid()))
+def test_odd_modes_decode_to_upright_rgb(name):
+    img = decode_image(_odd_but_valid()[name])
+    assert img.mode == "RGB"
+    expected = (30, 40) if name == "rotated.jpg" else (40, 30)
+    assert img.size == expected
+
+
+def test_sixteen_bit_is_scaled_not_clipped():
+    img = decode_image(_odd_but_valid()["sixteen.png"])
+    assert np.asarray(img).max() == round(40000 / 257)  # 16-bit full scale maps to 8-bit
+
+
+def test_decode_rejects_bomb_before_decoding():
+    with pytest.raises(MediaError) as e:
+        decode_image(_png("L", size=(4000, 4000)), max_pixels=1_000_000)
+    assert e.value.reason == "decompression_bomb"
+
+
+def test_missing_file_in_listing(tmp_path, image_folder):
+    listing = tmp_path / "l.csv"
+    listing.write_text(f"path,caption\n{image_folder}/img00001.jpg,ok\n/nonexistent/x.jpg,gone\n"
+                       f"{image_folder}/img00001.jpg,twice\n")
+    out = tmp_path / "out"
+    mmtools("ingest", listing, "-o", out)
+    assert read_dataset(out).column("text").to_pylist() == ["ok"]
+    assert sorted(r["reason"] for r in read_rejects(out).to_pylist()) == [
+        "duplicate_id", "missing_file"]

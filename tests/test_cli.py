@@ -1,0 +1,68 @@
+"""The command line itself: fast help, documented commands, exit codes, error style."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import MMTOOLS, mmtools
+
+from mmtools.cli import app
+from mmtools.errors import EXIT_CODES
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+COMMANDS = sorted(c.name for c in app.registered_commands)
+
+
+def test_help_is_fast_and_imports_nothing_heavy():
+    code = ("import sys, runpy; sys.argv=['mmtools','--help']\n"
+            "try: runpy.run_module('mmtools', run_name='__main__')\n"
+            "except SystemExit: pass\n"
+            "heavy = {'torch','open_clip','ray','PIL','polars','transformers','librosa'}\n"
+            "print(sorted(heavy & set(sys.modules)))")
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert time.monotonic() - t0 < 5
+    assert out.stdout.decode().strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help_with_an_example(command):
+    out = mmtools(command, "--help").stdout.decode()
+    assert re.search(rf"Example: .*mmtools {command}\b", out), out
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_is_in_the_readme(command):
+    text = README.read_text()
+    assert re.search(rf"^### `mmtools {command}`", text, re.M), f"README lacks {command}"
+    assert re.search(rf"mmtools {command}\b", text.split(f"### `mmtools {command}`")[1])
+
+
+def test_every_exit_code_is_in_the_readme():
+    text = README.read_text()
+    for code in [*EXIT_CODES, 141]:
+        assert re.search(rf"^\| {code} \|", text, re.M), f"README lacks exit code {code}"
+
+
+def test_python_dash_m_and_console_script_agree():
+    via_module = mmtools("--help").stdout
+    via_script = subprocess.run([str(Path(sys.executable).parent / "mmtools"), "--help"],
+                                capture_output=True, timeout=60).stdout
+    assert via_module == via_script
+
+
+def test_usage_error_exit_code():
+    proc = subprocess.run([*MMTOOLS, "ingest"], capture_output=True, timeout=60)
+    assert proc.returncode == 2 and b"Missing argument" in proc.stderr
+
+
+def test_errors_are_one_line_without_traceback(tmp_path):
+    proc = mmtools("ingest", tmp_path / "missing", "-o", tmp_path / "o", check=False)
+    err = proc.stderr.decode()
+    assert proc.returncode == 2
+    assert err == f"mmtools ingest: error: input {tmp_path / 'missing'} does not exist\n"

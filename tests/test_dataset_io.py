@@ -1,0 +1,165 @@
+"""The dataset contract: manifest, resume after SIGKILL, drift, overwrite, lock, bad Parquet."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import MMTOOLS, make_image_folder, mmtools
+from test_ingest import read_dataset
+
+from mmtools.errors import EXIT_DATA, EXIT_DRIFT, EXIT_LOCKED
+
+
+def _rows(path) -> list[tuple]:
+    t = read_dataset(path)
+    return list(zip(t.column("id").to_pylist(), t.column("image_sha256").to_pylist(), strict=True))
+
+
+def test_manifest_records_lineage_and_counts(dataset):
+    m = json.loads((dataset / "_manifest.json").read_text())
+    assert m["rows"] == 30 and [s["rows"] for s in m["shards"]] == [10, 10, 10]
+    assert m["shards"][1]["inputs"] == [{"shard": "listing", "start": 10, "end": 20}]
+    assert m["command"][:2] == ["mmtools", "ingest"]
+    assert m["versions"]["mmtools"] and m["versions"]["pyarrow"] == pa.__version__
+    assert {f["name"] for f in m["schema"]} >= {"id", "image", "text", "image_sha256"}
+    assert not list(dataset.glob(".tmp-*")) and not (dataset / "_progress").exists()
+    assert not (dataset / "_run.json").exists() and not (dataset / "_lock").exists()
+
+
+def test_hf_datasets_decodes_images(dataset):
+    datasets = pytest.importorskip("datasets")
+    files = sorted(str(p) for p in dataset.glob("part-*.parquet"))
+    ds = datasets.load_dataset("parquet", data_files=files, split="train")
+    assert isinstance(ds.features["image"], datasets.Image)
+    row = ds[0]
+    assert row["image"].size == (48, 32)
+    assert row["text"].startswith("a photo number")
+
+
+def test_rerun_of_complete_output_does_nothing(dataset, image_folder):
+    before = {p.name: p.read_bytes() for p in dataset.iterdir() if p.is_file()}
+    proc = mmtools("ingest", image_folder, "-o", dataset, "--shard-rows", 10, "--json")
+    summary = json.loads(proc.stderr.decode().strip().splitlines()[-1])
+    assert summary["already_complete"] and summary["rows_in"] == 0
+    after = {p.name: p.read_bytes() for p in dataset.iterdir() if p.is_file()}
+    assert after == before
+
+
+def test_changed_input_is_refused_then_overwritten(dataset, image_folder):
+    make_image_folder(image_folder, 2, start=500)
+    proc = mmtools("ingest", image_folder, "-o", dataset, check=False)
+    assert proc.returncode == EXIT_DRIFT
+    assert "--overwrite" in proc.stderr.decode()
+    mmtools("ingest", image_folder, "-o", dataset, "--overwrite", "-q")
+    assert len(_rows(dataset)) == 32
+
+
+def test_changed_option_is_refused(dataset, image_folder):
+    proc = mmtools("ingest", image_folder, "-o", dataset, "--paths-only", check=False)
+    assert proc.returncode == EXIT_DRIFT
+    assert "embed_media" in proc.stderr.decode()
+
+
+def test_foreign_directory_is_refused(tmp_path, image_folder):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "notes.txt").write_text("mine")
+    proc = mmtools("ingest", image_folder, "-o", tmp_path / "o", check=False)
+    assert proc.returncode == 2 and "not empty" in proc.stderr.decode()
+    assert (tmp_path / "o" / "notes.txt").read_text() == "mine"
+
+
+def _start_slow_ingest(listing, out):
+    return subprocess.Popen(
+        [*MMTOOLS, "ingest", str(listing), "-o", str(out), "--shard-rows", "20", "--workers", "4",
+         "-q"], stderr=subprocess.PIPE,
+    )
+
+
+def _wait_for(path, proc, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.01)
+
+
+def test_resume_after_sigkill(tmp_path, slow_listing):
+    reference = tmp_path / "ref"
+    mmtools("ingest", slow_listing, "-o", reference, "--shard-rows", 20, "-q", "--workers", 16)
+    out = tmp_path / "out"
+    for record in ("00002.json", "00005.json"):  # two kills, the second during the resume
+        proc = _start_slow_ingest(slow_listing, out)
+        _wait_for(out / "_progress" / record, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not (out / "_manifest.json").exists()
+    with pytest.raises(Exception):
+        read_dataset(out)  # an incomplete dataset is never read as done
+    proc = mmtools("ingest", slow_listing, "-o", out, "--shard-rows", 20, "--json",
+                   "--workers", 16)
+    summary = json.loads(proc.stderr.decode().strip().splitlines()[-1])
+    assert summary["resumed_from"] >= 120
+    assert _rows(out) == _rows(reference)
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_lock_refuses_a_second_writer_and_dies_with_its_holder(tmp_path, slow_listing):
+    out = tmp_path / "out"
+    first = _start_slow_ingest(slow_listing, out)
+    _wait_for(out / "_progress" / "00000.json", first)
+    second = mmtools("ingest", slow_listing, "-o", out, "--shard-rows", 20, check=False)
+    assert second.returncode == EXIT_LOCKED
+    assert f"pid {first.pid}" in second.stderr.decode()
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    # The lock died with its holder: the next run takes over and resumes.
+    mmtools("ingest", slow_listing, "-o", out, "--shard-rows", 20, "-q", "--workers", 16)
+    assert len(_rows(out)) == 400
+
+
+def test_sigterm_exits_promptly_and_resumes(tmp_path, slow_listing):
+    out = tmp_path / "out"
+    proc = _start_slow_ingest(slow_listing, out)
+    _wait_for(out / "_progress" / "00001.json", proc)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 143
+    assert time.monotonic() - t0 < 5
+    assert not list(out.glob(".tmp-*")) and not (out / "_manifest.json").exists()
+    mmtools("ingest", slow_listing, "-o", out, "--shard-rows", 20, "-q", "--workers", 16)
+    assert len(_rows(out)) == 400 and len(set(_rows(out))) == 400
+
+
+def test_schema_drift_between_shards_is_a_clear_error(tmp_path):
+    d = tmp_path / "drift"
+    d.mkdir()
+    pq.write_table(pa.table({"id": ["a"], "text": ["x"]}), d / "a.parquet")
+    pq.write_table(pa.table({"id": ["b"], "text": [1]}), d / "b.parquet")
+    proc = mmtools("head", d, check=False)
+    assert proc.returncode == EXIT_DATA
+    err = proc.stderr.decode()
+    assert "schema drift" in err and "text is int64, was string" in err
+    assert "Traceback" not in err
+
+
+def test_corrupt_parquet_footer_is_a_clear_error(tmp_path, dataset):
+    shard = tmp_path / "broken.parquet"
+    data = (dataset / "part-00000.parquet").read_bytes()
+    shard.write_bytes(data[:-12] + b"\x00" * 12)
+    proc = mmtools("info", shard, check=False)
+    assert proc.returncode == EXIT_DATA
+    assert "is not a readable Parquet file" in proc.stderr.decode()
+    assert "Traceback" not in proc.stderr.decode()
+
+
+def test_incomplete_dataset_is_not_read_as_done(tmp_path, dataset):
+    os.rename(dataset / "_manifest.json", dataset / "_run.json")
+    proc = mmtools("head", dataset, check=False)
+    assert proc.returncode == EXIT_DATA and "incomplete" in proc.stderr.decode()
