@@ -82,9 +82,7 @@ def hf_features(schema: pa.Schema) -> dict:
     """Hugging Face `datasets` features for the media columns of `schema`."""
     kinds = {IMAGE: "Image", AUDIO: "Audio"}
     return {
-        f.name: {"_type": kinds[f.name]}
-        for f in schema
-        if f.name in kinds and f.type == MEDIA_TYPE
+        f.name: {"_type": kinds[f.name]} for f in schema if f.name in kinds and f.type == MEDIA_TYPE
     }
 
 

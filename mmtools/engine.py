@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from mmtools import columns as C
 from mmtools.io.dataset import Position
-from mmtools.step import GlobalStep, Result, Step
+from mmtools.step import GlobalStep, Step
 
 
 @dataclass
@@ -112,8 +112,16 @@ def _apply(step: Step, items: Iterator[tuple[pa.RecordBatch, _Tally]]):
         yield res.batch, tally
 
 
-def run(command: str, source, steps: list[Step], sink, *, batch_size: int = 1024,
-        quiet: bool = False, argv: list[str] | None = None) -> tuple[Summary, dict]:
+def run(
+    command: str,
+    source,
+    steps: list[Step],
+    sink,
+    *,
+    batch_size: int = 1024,
+    quiet: bool = False,
+    argv: list[str] | None = None,
+) -> tuple[Summary, dict]:
     """Run `steps` over `source` into `sink`; return the summary and the manifest."""
     t0 = time.monotonic()
     summary = Summary(command, getattr(sink, "path", "-"))
@@ -149,13 +157,23 @@ def _scan(source, step: GlobalStep, batch_size: int) -> None:
     for batch in source.batches(columns=list(step.scan_columns), batch_size=batch_size):
         step.scan(batch)
     step.finish_scan()
+    if columns := step.gather_columns():
+        step.gather(source.batches(columns=columns, batch_size=batch_size))
 
 
 def _stream(source, steps, sink, schema, start: Position, incoming, summary, batch_size, quiet):
     from tqdm import tqdm
 
-    bar = tqdm(total=source.total_rows, initial=start.rows, unit="rows", disable=quiet,
-               file=sys.stderr, desc=summary.command, dynamic_ncols=True, mininterval=0.5)
+    bar = tqdm(
+        total=source.total_rows,
+        initial=start.rows,
+        unit="rows",
+        disable=quiet,
+        file=sys.stderr,
+        desc=summary.command,
+        dynamic_ncols=True,
+        mininterval=0.5,
+    )
     upstream = _Upstream(incoming, start.upstream_rejects, summary)
 
     def tallied():
@@ -171,8 +189,9 @@ def _stream(source, steps, sink, schema, start: Position, incoming, summary, bat
     for batch, tally in items:
         upstream.take(tally)
         out = _conform(batch, schema)
-        sink.write(out, tally.rejects + tally.forwarded, tally.dropped, tally.consumed,
-                   tally.generated)
+        sink.write(
+            out, tally.rejects + tally.forwarded, tally.dropped, tally.consumed, tally.generated
+        )
         _count(summary, tally, out)
         bar.update(tally.consumed.rows - bar.n)
         last = tally.consumed
@@ -206,8 +225,10 @@ def _count(summary: Summary, tally: _Tally, out) -> None:
     summary.rows_out += 0 if out is None else out.num_rows
     summary.rows_in = tally.consumed.rows - summary.resumed_from
     summary.generated += tally.generated
-    summary.dropped = {k: summary.dropped.get(k, 0) + tally.dropped.get(k, 0)
-                       for k in {*summary.dropped, *tally.dropped}}
+    summary.dropped = {
+        k: summary.dropped.get(k, 0) + tally.dropped.get(k, 0)
+        for k in {*summary.dropped, *tally.dropped}
+    }
     for r in tally.rejects:
         for reason in r.column(C.REJECT_REASON).to_pylist():
             summary.reasons[reason] = summary.reasons.get(reason, 0) + 1

@@ -94,7 +94,7 @@ class _TarWriter:
     def _roll(self) -> None:
         self._finish()
         self.tmp = os.path.join(self.out, f".tmp-{self.count // self.shard_rows:05d}.tar")
-        self.tar = tarfile.open(self.tmp, "w")
+        self.tar = tarfile.open(self.tmp, "w")  # noqa: SIM115 (closed in _finish)
 
     def _finish(self) -> None:
         if self.tar is not None:
@@ -167,7 +167,7 @@ class _JsonlWriter(_FolderWriter):
         self.media_dir = os.path.join(out, "media")
         os.makedirs(self.media_dir, exist_ok=True)
         self.tmp = os.path.join(out, ".tmp-data.jsonl")
-        self.f = open(self.tmp, "w", encoding="utf-8")
+        self.f = open(self.tmp, "w", encoding="utf-8")  # noqa: SIM115 (closed in __exit__)
 
     def add(self, key: str, row: dict, media, meta: dict) -> int:
         name = self._write_media(key, media)

@@ -67,8 +67,7 @@ class ListingSource:
 
     def batches(self, columns=None, batch_size: int = 256, skip_rows: int = 0):
         """Listing rows in batches, after `skip_rows`."""
-        for batch in self.table.slice(skip_rows).to_batches(max_chunksize=batch_size):
-            yield batch
+        yield from self.table.slice(skip_rows).to_batches(max_chunksize=batch_size)
 
     def spool(self) -> None:
         """The listing is in memory already."""
@@ -145,8 +144,9 @@ class Ingest(Step):
                 items = [g.get(f.name) or (None, None) for g in good]
                 arr = C.media_array([i[0] for i in items], [i[1] for i in items])
                 mask = pa.array([g.get(f.name) is None for g in good], pa.bool_())
-                arrays.append(pa.StructArray.from_arrays(
-                    arr.flatten(), fields=list(C.MEDIA_TYPE), mask=mask))
+                arrays.append(
+                    pa.StructArray.from_arrays(arr.flatten(), fields=list(C.MEDIA_TYPE), mask=mask)
+                )
             else:
                 arrays.append(pa.array(cols[f.name], f.type))
         return Result(pa.RecordBatch.from_arrays(arrays, schema=schema), rejects)
@@ -177,12 +177,22 @@ class Ingest(Step):
         sha = hashlib.sha256(data).hexdigest()
         if kind == "image":
             info = probe_image(data, self.config.max_pixels, self.config.verify)
-            return {C.WIDTH: info.width, C.HEIGHT: info.height, C.IMAGE_FORMAT: info.format,
-                    C.IMAGE_NBYTES: len(data), C.IMAGE_SHA256: sha}
+            return {
+                C.WIDTH: info.width,
+                C.HEIGHT: info.height,
+                C.IMAGE_FORMAT: info.format,
+                C.IMAGE_NBYTES: len(data),
+                C.IMAGE_SHA256: sha,
+            }
         info = probe_audio(data)
-        return {C.SAMPLE_RATE: info.sample_rate, C.CHANNELS: info.channels,
-                C.DURATION: info.duration, C.AUDIO_FORMAT: info.format,
-                C.AUDIO_NBYTES: len(data), C.AUDIO_SHA256: sha}
+        return {
+            C.SAMPLE_RATE: info.sample_rate,
+            C.CHANNELS: info.channels,
+            C.DURATION: info.duration,
+            C.AUDIO_FORMAT: info.format,
+            C.AUDIO_NBYTES: len(data),
+            C.AUDIO_SHA256: sha,
+        }
 
 
 def source_name(row: dict) -> str:
@@ -208,8 +218,14 @@ def read_sidecar(path: str) -> str | None:
             meta = json.loads(text)
         except ValueError:
             raise MediaError("bad_caption", "caption JSON does not parse") from None
-        value = next((meta.get(k) for k in ("caption", "text") if isinstance(meta, dict)
-                      and meta.get(k) is not None), None)
+        value = next(
+            (
+                meta.get(k)
+                for k in ("caption", "text")
+                if isinstance(meta, dict) and meta.get(k) is not None
+            ),
+            None,
+        )
         return None if value is None else str(value)
     return text
 
@@ -242,7 +258,7 @@ def fetch_url(url: str, timeout: float, retries: int = 2) -> bytes:
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 return r.read()
         except urllib.error.HTTPError as e:
-            if e.code < 500 and e.code != 429 or attempt == retries:
+            if (e.code < 500 and e.code != 429) or attempt == retries:
                 raise MediaError("download_failed", f"HTTP {e.code} for {url}") from None
         except (urllib.error.URLError, TimeoutError, OSError) as e:
             if attempt == retries:

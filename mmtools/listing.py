@@ -74,8 +74,10 @@ def build_listing(inputs: list[str], opts: ListingOptions) -> pa.Table:
 
 def _rows_to_table(rows: list[tuple]) -> pa.Table:
     cols = list(zip(*rows, strict=True)) if rows else [[] for _ in LISTING_SCHEMA]
-    return pa.table([pa.array(c, f.type) for c, f in zip(cols, LISTING_SCHEMA, strict=True)],
-                    schema=LISTING_SCHEMA)
+    return pa.table(
+        [pa.array(c, f.type) for c, f in zip(cols, LISTING_SCHEMA, strict=True)],
+        schema=LISTING_SCHEMA,
+    )
 
 
 def _folder(root: str) -> pa.Table:
@@ -90,10 +92,17 @@ def _folder(root: str) -> pa.Table:
             path = os.path.join(dirpath, name)
             stem = os.path.splitext(name)[0]
             sidecar = next((s for s in (stem + ".txt", stem + ".json") if s in names), None)
-            rows.append((
-                os.path.relpath(path, root), kind, path, None, os.path.getsize(path), None,
-                os.path.join(dirpath, sidecar) if sidecar else None,
-            ))
+            rows.append(
+                (
+                    os.path.relpath(path, root),
+                    kind,
+                    path,
+                    None,
+                    os.path.getsize(path),
+                    None,
+                    os.path.join(dirpath, sidecar) if sidecar else None,
+                )
+            )
     return _rows_to_table(rows)
 
 
@@ -154,8 +163,11 @@ def _read_listing(path: str) -> pa.Table:
         if ext in (".jsonl", ".ndjson"):
             return pjson.read_json(path)
         delimiter = "\t" if ext == ".tsv" else ","
-        return pcsv.read_csv(path, parse_options=pcsv.ParseOptions(delimiter=delimiter),
-                             convert_options=pcsv.ConvertOptions(strings_can_be_null=False))
+        return pcsv.read_csv(
+            path,
+            parse_options=pcsv.ParseOptions(delimiter=delimiter),
+            convert_options=pcsv.ConvertOptions(strings_can_be_null=False),
+        )
     except (pa.ArrowException, OSError) as e:
         raise UsageError(f"cannot read listing {path}: {e}") from None
 
@@ -167,16 +179,27 @@ def _listing_file(path: str, opts: ListingOptions) -> pa.Table:
     caption_col = _pick(names, opts.caption_col, CAPTION_COLUMNS, "caption", path)
     base = os.path.dirname(os.path.abspath(path))
     locs = [None if p is None else str(p) for p in table.column(path_col).to_pylist()]
-    locs = [p if p is None or "://" in p or os.path.isabs(p) else os.path.join(base, p)
-            for p in locs]
+    locs = [
+        p if p is None or "://" in p or os.path.isabs(p) else os.path.join(base, p) for p in locs
+    ]
     if opts.id_col:
         ids = [str(v) for v in table.column(_pick(names, opts.id_col, (), "id", path)).to_pylist()]
     else:
         ids = [hashlib.sha1((p or f"row{i}").encode()).hexdigest()[:20] for i, p in enumerate(locs)]
     captions = [None if c is None else str(c) for c in table.column(caption_col).to_pylist()]
     kinds = [(media_kind(p.split("?")[0]) or "image") if p else "none" for p in locs]
-    rows = list(zip(ids, kinds, locs, [None] * len(ids), [None] * len(ids), captions,
-                    [None] * len(ids), strict=True))
+    rows = list(
+        zip(
+            ids,
+            kinds,
+            locs,
+            [None] * len(ids),
+            [None] * len(ids),
+            captions,
+            [None] * len(ids),
+            strict=True,
+        )
+    )
     return _rows_to_table(rows)
 
 
@@ -186,7 +209,8 @@ def listing_digest(table: pa.Table, inputs: list[str]) -> str:
     for spec in inputs:
         st = os.stat(spec)
         h.update(f"{os.path.abspath(spec)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    for key, size in zip(table.column("key").to_pylist(), table.column("size").to_pylist(),
-                         strict=True):
+    for key, size in zip(
+        table.column("key").to_pylist(), table.column("size").to_pylist(), strict=True
+    ):
         h.update(f"{key}:{size}\n".encode())
     return h.hexdigest()

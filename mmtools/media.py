@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 from dataclasses import dataclass
 
@@ -11,9 +12,17 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".
 AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".opus", ".aiff", ".aif"}
 
 
-_SIGNATURES = {b"\xff\xd8\xff": "jpeg", b"\x89PNG": "png", b"GIF8": "gif", b"BM": "bmp",
-               b"II*\x00": "tiff", b"MM\x00*": "tiff", b"fLaC": "flac", b"OggS": "ogg",
-               b"ID3": "mp3"}
+_SIGNATURES = {
+    b"\xff\xd8\xff": "jpeg",
+    b"\x89PNG": "png",
+    b"GIF8": "gif",
+    b"BM": "bmp",
+    b"II*\x00": "tiff",
+    b"MM\x00*": "tiff",
+    b"fLaC": "flac",
+    b"OggS": "ogg",
+    b"ID3": "mp3",
+}
 IMAGE_FORMATS = {"jpeg", "png", "gif", "bmp", "tiff", "webp"}
 
 
@@ -103,10 +112,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS):
 
     img = _open_image(data, max_pixels)
     _load(img)
-    try:
+    with contextlib.suppress(Exception):  # a broken EXIF block should not cost the image
         img = ImageOps.exif_transpose(img)
-    except Exception:
-        pass  # a broken EXIF block should not cost the image
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -133,8 +140,9 @@ def probe_audio(data: bytes) -> AudioInfo:
         raise MediaError("not_audio", str(e).splitlines()[0][:200]) from None
     if info.frames <= 0:
         raise MediaError("empty_audio", "the file holds no samples")
-    return AudioInfo(info.samplerate, info.channels, info.frames / info.samplerate,
-                     info.format.lower())
+    return AudioInfo(
+        info.samplerate, info.channels, info.frames / info.samplerate, info.format.lower()
+    )
 
 
 def decode_audio(data: bytes, sample_rate: int | None = None, mono: bool = True):

@@ -50,4 +50,3 @@ def render_table(rows: list[dict], names: list[str], width: int) -> str:
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
     return "\n".join(lines)
-

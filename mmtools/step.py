@@ -28,7 +28,9 @@ class Result:
 
     def check(self, rows_in: int, step: str) -> None:
         """Assert the row accounting: in = out - generated + rejected + dropped."""
-        accounted = self.batch.num_rows - self.generated + self.rejected + sum(self.dropped.values())
+        accounted = (
+            self.batch.num_rows - self.generated + self.rejected + sum(self.dropped.values())
+        )
         if accounted != rows_in:
             raise AssertionError(
                 f"{step}: row accounting broken: {rows_in} in, {self.batch.num_rows} out "
@@ -40,8 +42,12 @@ def reject_batch(step: str, ids: Iterable[str], reasons: Iterable[str], details:
     """Build reject rows (id, step, reason, detail) for `step`."""
     ids, reasons, details = list(ids), list(reasons), list(details)
     return pa.record_batch(
-        [pa.array(ids, pa.string()), pa.array([step] * len(ids), pa.string()),
-         pa.array(reasons, pa.string()), pa.array(details, pa.string())],
+        [
+            pa.array(ids, pa.string()),
+            pa.array([step] * len(ids), pa.string()),
+            pa.array(reasons, pa.string()),
+            pa.array(details, pa.string()),
+        ],
         schema=C.REJECT_SCHEMA,
     )
 
@@ -105,3 +111,10 @@ class GlobalStep(Step):
 
     def finish_scan(self) -> None:
         """Between the passes: decide (e.g. compute a threshold or the duplicate set)."""
+
+    def gather_columns(self) -> list[str] | None:
+        """Columns for an optional middle pass after `finish_scan()` (mixup: partner rows)."""
+        return None
+
+    def gather(self, batches: Iterable[pa.RecordBatch]) -> None:
+        """The middle pass over `gather_columns()`, when there is one."""

@@ -5,10 +5,10 @@ from __future__ import annotations
 import http.server
 import io
 import os
-import threading
-import time
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +25,22 @@ os.environ.setdefault("MMTOOLS_FSYNC", "0")
 MMTOOLS = [sys.executable, "-m", "mmtools"]
 
 
-def mmtools(*args, input: bytes | None = None, check: bool = True, env: dict | None = None,
-            cwd=None, timeout: float = 300) -> subprocess.CompletedProcess:
+def mmtools(
+    *args,
+    input: bytes | None = None,
+    check: bool = True,
+    env: dict | None = None,
+    cwd=None,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess:
     """Run the real `mmtools` command in a subprocess and return the completed process."""
     proc = subprocess.run(
-        [*MMTOOLS, *map(str, args)], input=input, capture_output=True, timeout=timeout,
-        env={**os.environ, **(env or {})}, cwd=cwd,
+        [*MMTOOLS, *map(str, args)],
+        input=input,
+        capture_output=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
     )
     if check and proc.returncode != 0:
         raise AssertionError(
@@ -51,8 +61,14 @@ def image_bytes(seed: int, size=(48, 32), fmt: str = "JPEG", **save) -> bytes:
     return buf.getvalue()
 
 
-def wav_bytes(seconds: float = 0.5, sr: int = 16000, channels: int = 1, freq: float = 440.0,
-              subtype: str = "PCM_16", fmt: str = "WAV") -> bytes:
+def wav_bytes(
+    seconds: float = 0.5,
+    sr: int = 16000,
+    channels: int = 1,
+    freq: float = 440.0,
+    subtype: str = "PCM_16",
+    fmt: str = "WAV",
+) -> bytes:
     """A sine tone encoded with soundfile."""
     import soundfile as sf
 

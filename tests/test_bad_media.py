@@ -1,4 +1,4 @@
-"""Every kind of bad or odd input file gives a reject row with a reason, or is handled; none lost."""
+"""Every bad or odd input file gives a reject row with a reason, or decodes; none is lost."""
 
 from __future__ import annotations
 
@@ -85,8 +85,12 @@ def test_bad_images_become_rejects(tmp_path):
     assert (rows["rotated.jpg"]["width"], rows["rotated.jpg"]["height"]) == (30, 40)
     assert rows["png_named.jpg"]["image_format"] == "png"
     # Nothing lost: every file is a row or a reject.
-    assert len(rows) + len(rejects) == len(list(d.glob("*.jpg")) + list(d.glob("*.png"))
-                                           + list(d.glob("*.gif")) + list(d.glob("*.webp")))
+    assert len(rows) + len(rejects) == len(
+        list(d.glob("*.jpg"))
+        + list(d.glob("*.png"))
+        + list(d.glob("*.gif"))
+        + list(d.glob("*.webp"))
+    )
 
 
 @pytest.mark.parametrize("name", sorted(_odd_but_valid()))
@@ -110,10 +114,14 @@ def test_decode_rejects_bomb_before_decoding():
 
 def test_missing_file_in_listing(tmp_path, image_folder):
     listing = tmp_path / "l.csv"
-    listing.write_text(f"path,caption\n{image_folder}/img00001.jpg,ok\n/nonexistent/x.jpg,gone\n"
-                       f"{image_folder}/img00001.jpg,twice\n")
+    listing.write_text(
+        f"path,caption\n{image_folder}/img00001.jpg,ok\n/nonexistent/x.jpg,gone\n"
+        f"{image_folder}/img00001.jpg,twice\n"
+    )
     out = tmp_path / "out"
     mmtools("ingest", listing, "-o", out)
     assert read_dataset(out).column("text").to_pylist() == ["ok"]
     assert sorted(r["reason"] for r in read_rejects(out).to_pylist()) == [
-        "duplicate_id", "missing_file"]
+        "duplicate_id",
+        "missing_file",
+    ]

@@ -19,11 +19,13 @@ COMMANDS = sorted(c.name for c in app.registered_commands)
 
 
 def test_help_is_fast_and_imports_nothing_heavy():
-    code = ("import sys, runpy; sys.argv=['mmtools','--help']\n"
-            "try: runpy.run_module('mmtools', run_name='__main__')\n"
-            "except SystemExit: pass\n"
-            "heavy = {'torch','open_clip','ray','PIL','polars','transformers','librosa'}\n"
-            "print(sorted(heavy & set(sys.modules)))")
+    code = (
+        "import sys, runpy; sys.argv=['mmtools','--help']\n"
+        "try: runpy.run_module('mmtools', run_name='__main__')\n"
+        "except SystemExit: pass\n"
+        "heavy = {'torch','open_clip','ray','PIL','polars','transformers','librosa'}\n"
+        "print(sorted(heavy & set(sys.modules)))"
+    )
     t0 = time.monotonic()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
     assert time.monotonic() - t0 < 5
@@ -51,8 +53,9 @@ def test_every_exit_code_is_in_the_readme():
 
 def test_python_dash_m_and_console_script_agree():
     via_module = mmtools("--help").stdout
-    via_script = subprocess.run([str(Path(sys.executable).parent / "mmtools"), "--help"],
-                                capture_output=True, timeout=60).stdout
+    via_script = subprocess.run(
+        [str(Path(sys.executable).parent / "mmtools"), "--help"], capture_output=True, timeout=60
+    ).stdout
     assert via_module == via_script
 
 

@@ -14,7 +14,7 @@ import pytest
 from conftest import MMTOOLS, make_image_folder, mmtools
 from test_ingest import read_dataset
 
-from mmtools.errors import EXIT_DATA, EXIT_DRIFT, EXIT_LOCKED
+from mmtools.errors import EXIT_DATA, EXIT_DRIFT, EXIT_LOCKED, DataContractError
 
 
 def _rows(path) -> list[tuple]:
@@ -77,8 +77,19 @@ def test_foreign_directory_is_refused(tmp_path, image_folder):
 
 def _start_slow_ingest(listing, out):
     return subprocess.Popen(
-        [*MMTOOLS, "ingest", str(listing), "-o", str(out), "--shard-rows", "20", "--workers", "4",
-         "-q"], stderr=subprocess.PIPE,
+        [
+            *MMTOOLS,
+            "ingest",
+            str(listing),
+            "-o",
+            str(out),
+            "--shard-rows",
+            "20",
+            "--workers",
+            "4",
+            "-q",
+        ],
+        stderr=subprocess.PIPE,
     )
 
 
@@ -100,10 +111,9 @@ def test_resume_after_sigkill(tmp_path, slow_listing):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert not (out / "_manifest.json").exists()
-    with pytest.raises(Exception):
+    with pytest.raises(DataContractError):
         read_dataset(out)  # an incomplete dataset is never read as done
-    proc = mmtools("ingest", slow_listing, "-o", out, "--shard-rows", 20, "--json",
-                   "--workers", 16)
+    proc = mmtools("ingest", slow_listing, "-o", out, "--shard-rows", 20, "--json", "--workers", 16)
     summary = json.loads(proc.stderr.decode().strip().splitlines()[-1])
     assert summary["resumed_from"] >= 120
     assert _rows(out) == _rows(reference)

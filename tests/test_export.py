@@ -36,7 +36,8 @@ def test_jsonl_and_folder(tmp_path, dataset):
     back = tmp_path / "back"
     mmtools("ingest", tmp_path / "f", "-o", back)
     assert sorted(read_dataset(back).column("text").to_pylist()) == sorted(
-        read_dataset(dataset).column("text").to_pylist())
+        read_dataset(dataset).column("text").to_pylist()
+    )
 
 
 def test_export_refuses_non_empty_output(tmp_path, dataset):

@@ -84,8 +84,9 @@ def test_audio_folder(tmp_path):
 @pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl", "parquet"])
 def test_listing_files(tmp_path, image_folder, fmt):
     paths = sorted(p.name for p in image_folder.glob("*.jpg"))[:5]
-    table = pa.table({"file": paths, "alt": [f"alt {p}" for p in paths], "uid": [f"u{i}" for i in
-                                                                               range(5)]})
+    table = pa.table(
+        {"file": paths, "alt": [f"alt {p}" for p in paths], "uid": [f"u{i}" for i in range(5)]}
+    )
     listing = image_folder / f"list.{fmt}"
     if fmt == "parquet":
         pq.write_table(table, listing)
@@ -96,8 +97,18 @@ def test_listing_files(tmp_path, image_folder, fmt):
         lines = [sep.join(table.column_names)] + [sep.join(r.values()) for r in table.to_pylist()]
         listing.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
-    mmtools("ingest", listing, "-o", out, "--path-col", "file", "--caption-col", "alt",
-            "--id-col", "uid")
+    mmtools(
+        "ingest",
+        listing,
+        "-o",
+        out,
+        "--path-col",
+        "file",
+        "--caption-col",
+        "alt",
+        "--id-col",
+        "uid",
+    )
     rows = read_dataset(out).to_pylist()
     assert [r["id"] for r in rows] == [f"u{i}" for i in range(5)]
     assert [r["text"] for r in rows] == [f"alt {p}" for p in paths]
@@ -158,5 +169,6 @@ def test_paths_only(tmp_path, image_folder):
     mmtools("ingest", image_folder, "-o", out, "--paths-only")
     row = read_dataset(out).to_pylist()[0]
     assert row["image"]["bytes"] is None
-    assert open(row["image"]["path"], "rb").read()[:3] == b"\xff\xd8\xff"
+    with open(row["image"]["path"], "rb") as f:
+        assert f.read(3) == b"\xff\xd8\xff"
     assert row["width"] == 48

@@ -18,8 +18,12 @@ def _pipe(*commands: list[str], timeout: float = 120) -> list[subprocess.Complet
     procs, prev = [], None
     for i, args in enumerate(commands):
         last = i == len(commands) - 1
-        p = subprocess.Popen(args, stdin=prev.stdout if prev else subprocess.DEVNULL,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        p = subprocess.Popen(
+            args,
+            stdin=prev.stdout if prev else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         if prev:
             prev.stdout.close()  # so the upstream sees SIGPIPE/EPIPE when we exit
         procs.append(p)
@@ -56,8 +60,9 @@ def test_head_closes_pipe_quietly_and_fast(tmp_path):
 
     folder = make_image_folder(tmp_path / "many", 3000)
     t0 = time.monotonic()
-    up, down = _pipe([*MMTOOLS, "ingest", str(folder), "--batch-size", "64"],
-                     [*MMTOOLS, "head", "-n", "1"])
+    up, down = _pipe(
+        [*MMTOOLS, "ingest", str(folder), "--batch-size", "64"], [*MMTOOLS, "head", "-n", "1"]
+    )
     assert down.returncode == 0 and len(down.stdout.decode().splitlines()) == 3
     assert up.returncode == 141  # stopped by the closed pipe, not finished
     assert up.stderr.count(b"\n") <= 2 and b"Traceback" not in up.stderr + down.stderr
@@ -67,7 +72,9 @@ def test_head_closes_pipe_quietly_and_fast(tmp_path):
 def test_shell_head_closes_pipe_quietly(image_folder):
     proc = subprocess.run(
         f"{' '.join(MMTOOLS)} ingest {image_folder} -q | head -c 10 > /dev/null",
-        shell=True, capture_output=True, timeout=60,
+        shell=True,
+        capture_output=True,
+        timeout=60,
     )
     assert proc.returncode == 0 and proc.stderr == b""
 
@@ -83,17 +90,29 @@ def test_upstream_killed_mid_stream_fails_downstream(tmp_path, image_folder):
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, reader.schema) as w:
         w.write_batch(reader.read_next_batch())
-    proc = mmtools("export", "-", "-o", tmp_path / "x", "--format", "jsonl", input=sink.getvalue().
-                   to_pybytes(), check=False)
+    proc = mmtools(
+        "export",
+        "-",
+        "-o",
+        tmp_path / "x",
+        "--format",
+        "jsonl",
+        input=sink.getvalue().to_pybytes(),
+        check=False,
+    )
     assert proc.returncode == EXIT_DATA and "end marker" in proc.stderr.decode()
     assert not (tmp_path / "x" / "data.jsonl").exists()
 
 
 def test_upstream_sigkill_fails_downstream(tmp_path, slow_listing):
-    up = subprocess.Popen([*MMTOOLS, "ingest", str(slow_listing), "--shard-rows", "5",
-                           "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    down = subprocess.Popen([*MMTOOLS, "info", "-"], stdin=up.stdout, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    up = subprocess.Popen(
+        [*MMTOOLS, "ingest", str(slow_listing), "--shard-rows", "5", "--workers", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    down = subprocess.Popen(
+        [*MMTOOLS, "info", "-"], stdin=up.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     up.stdout.close()
     time.sleep(5)  # well into the stream: 400 rows at 25 rows/s
     up.send_signal(signal.SIGKILL)
@@ -106,8 +125,9 @@ def test_refuses_to_write_binary_to_a_terminal(image_folder):
     import pty
 
     leader, follower = pty.openpty()
-    proc = subprocess.run([*MMTOOLS, "ingest", str(image_folder)], stdout=follower,
-                          stderr=subprocess.PIPE, timeout=60)
+    proc = subprocess.run(
+        [*MMTOOLS, "ingest", str(image_folder)], stdout=follower, stderr=subprocess.PIPE, timeout=60
+    )
     os.close(follower)
     os.close(leader)
     assert proc.returncode == 2 and b"terminal" in proc.stderr

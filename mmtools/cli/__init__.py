@@ -28,8 +28,20 @@ app = typer.Typer(
 )
 
 
-COMMANDS = ("ingest", "embed", "score", "filter", "dedup", "rewrite", "mixup", "info", "head",
-            "stats", "export", "demo")
+COMMANDS = (
+    "ingest",
+    "embed",
+    "score",
+    "filter",
+    "dedup",
+    "rewrite",
+    "mixup",
+    "info",
+    "head",
+    "stats",
+    "export",
+    "demo",
+)
 
 
 def _register() -> None:
@@ -75,7 +87,9 @@ def main() -> None:
     prefix = f"mmtools {cmd}" if cmd else "mmtools"
     verbose = any(a in ("-v", "--verbose") for a in sys.argv[1:])
     try:
-        app(prog_name="mmtools")  # Typer reports usage errors itself (exit 2) and exits through SystemExit.
+        app(
+            prog_name="mmtools"
+        )  # Typer reports usage errors itself (exit 2) and exits through SystemExit.
     except (BrokenPipeError, DownstreamClosed):
         sys.exit(_quiet_pipe())
     except MmtoolsError as e:
@@ -88,6 +102,7 @@ def main() -> None:
     except Exception as e:
         if verbose:
             raise
-        print(f"{prefix}: error: {type(e).__name__}: {e} (rerun with -v for details)",
-              file=sys.stderr)
+        print(
+            f"{prefix}: error: {type(e).__name__}: {e} (rerun with -v for details)", file=sys.stderr
+        )
         sys.exit(1)

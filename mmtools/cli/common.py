@@ -40,7 +40,9 @@ def stdin_inputs(inputs: list[str] | None) -> list[str]:
     if inputs:
         return inputs
     if sys.stdin is None or sys.stdin.isatty():
-        raise UsageError("no INPUT given; pass a dataset directory or Parquet file, or pipe a stream")
+        raise UsageError(
+            "no INPUT given; pass a dataset directory or Parquet file, or pipe a stream"
+        )
     return ["-"]
 
 
@@ -60,8 +62,14 @@ def open_sink(c: Common, argv: list[str]):
         raise UsageError("no -o/--output given and stdout is a terminal; pass -o DIR or pipe it")
     if c.output in (None, "-"):
         return StreamSink()
-    return DatasetSink(c.output, shard_rows=c.shard_rows, shard_bytes=c.shard_bytes,
-                       overwrite=c.overwrite, wait_lock=c.wait_lock, command=argv)
+    return DatasetSink(
+        c.output,
+        shard_rows=c.shard_rows,
+        shard_bytes=c.shard_bytes,
+        overwrite=c.overwrite,
+        wait_lock=c.wait_lock,
+        command=argv,
+    )
 
 
 def execute(command: str, source, steps: list, c: Common):
@@ -78,11 +86,13 @@ def execute(command: str, source, steps: list, c: Common):
     if c.engine == "ray":
         from mmtools.ray_engine import run as run_ray
 
-        summary, _ = run_ray(command, source, steps, sink, batch_size=batch_size,
-                             quiet=c.quiet, argv=argv)
+        summary, _ = run_ray(
+            command, source, steps, sink, batch_size=batch_size, quiet=c.quiet, argv=argv
+        )
     else:
-        summary, _ = engine.run(command, source, steps, sink, batch_size=batch_size,
-                                quiet=c.quiet, argv=argv)
+        summary, _ = engine.run(
+            command, source, steps, sink, batch_size=batch_size, quiet=c.quiet, argv=argv
+        )
     report(summary, c)
     return summary
 
@@ -102,4 +112,3 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"
-

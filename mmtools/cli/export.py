@@ -16,8 +16,13 @@ def export(
     inputs: O.Inputs = None,
     output: Annotated[str, typer.Option("-o", "--output", help="Output directory.")] = ...,
     fmt: Annotated[
-        str, typer.Option("--format", "-f", help="webdataset (tars), jsonl (data.jsonl + "
-                          "media/), or folder (media + .txt captions).")
+        str,
+        typer.Option(
+            "--format",
+            "-f",
+            help="webdataset (tars), jsonl (data.jsonl + "
+            "media/), or folder (media + .txt captions).",
+        ),
     ] = "webdataset",
     overwrite: O.Overwrite = False,
     shard_rows: O.ShardRows = 10_000,
@@ -41,9 +46,12 @@ def export(
     prepare_output(output, overwrite)
     stats = run_export(source, output, fmt, shard_rows)
     if not quiet:
-        print(f"mmtools export: {stats.rows} rows, {stats.files} files "
-              f"({stats.skipped_no_media} without media), {time.monotonic() - t0:.1f} s "
-              f"-> {output}", file=sys.stderr)
+        print(
+            f"mmtools export: {stats.rows} rows, {stats.files} files "
+            f"({stats.skipped_no_media} without media), {time.monotonic() - t0:.1f} s "
+            f"-> {output}",
+            file=sys.stderr,
+        )
 
 
 def register(app: typer.Typer) -> None:

@@ -50,8 +50,10 @@ def info(
         typer.echo("lineage:")
         for step in desc["lineage"]:
             cmd = " ".join(step.get("argv") or [f"mmtools {step.get('command')}"])
-            typer.echo(f"  {cmd}  ({step.get('rows_in')} in, {step.get('rows_out')} out, "
-                       f"{step.get('rejected')} rejected)")
+            typer.echo(
+                f"  {cmd}  ({step.get('rows_in')} in, {step.get('rows_out')} out, "
+                f"{step.get('rejected')} rejected)"
+            )
 
 
 def register(app: typer.Typer) -> None:

@@ -14,8 +14,11 @@ from mmtools.cli.common import Common, execute
 def ingest(
     inputs: Annotated[
         list[str],
-        typer.Argument(metavar="INPUT", help="Folders of media with sidecar captions, "
-                       "CSV/TSV/JSONL/Parquet listings, or WebDataset .tar shards."),
+        typer.Argument(
+            metavar="INPUT",
+            help="Folders of media with sidecar captions, "
+            "CSV/TSV/JSONL/Parquet listings, or WebDataset .tar shards.",
+        ),
     ],
     output: O.Output = None,
     path_col: Annotated[str | None, typer.Option(help="Listing column with paths or URLs.")] = None,
@@ -63,8 +66,18 @@ def ingest(
     config = IngestConfig(embed_media, max_pixels, verify, timeout, opts)
     source = ListingSource(inputs, opts)
     step = Ingest(config, source.kinds, workers=workers)
-    common = Common(output, overwrite, shard_rows, shard_bytes, batch_size, engine, quiet,
-                    verbose, json, wait_lock)
+    common = Common(
+        output,
+        overwrite,
+        shard_rows,
+        shard_bytes,
+        batch_size,
+        engine,
+        quiet,
+        verbose,
+        json,
+        wait_lock,
+    )
     execute("ingest", source, [step], common)
 
 

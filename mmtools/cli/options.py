@@ -18,7 +18,8 @@ Inputs = Annotated[
 Output = Annotated[
     str | None,
     typer.Option(
-        "-o", "--output",
+        "-o",
+        "--output",
         help="Output dataset directory; '-' writes an Arrow stream to stdout (the default when "
         "stdout is a pipe).",
         show_default=False,
@@ -49,12 +50,19 @@ WaitLock = Annotated[
     typer.Option("--wait-lock", help="Wait for another run writing the same output to finish."),
 ]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed; same seed, same output.")]
-Model = Annotated[str, typer.Option("--model", help="Model name (open_clip architecture, "
-                                    "'hf-hub:…', or 'mmtools-shapes').")]
+Model = Annotated[
+    str,
+    typer.Option(
+        "--model", help="Model name (open_clip architecture, 'hf-hub:…', or 'mmtools-shapes')."
+    ),
+]
 Pretrained = Annotated[
     str | None,
-    typer.Option("--pretrained", help="Pretrained tag (e.g. laion2b_s34b_b79k) or a local "
-                 "checkpoint file/directory.", show_default=False),
+    typer.Option(
+        "--pretrained",
+        help="Pretrained tag (e.g. laion2b_s34b_b79k) or a local checkpoint file/directory.",
+        show_default=False,
+    ),
 ]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 Precision = Annotated[str, typer.Option("--precision", help="fp32, fp16 or bf16.")]

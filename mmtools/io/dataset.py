@@ -10,7 +10,6 @@ input row; anything written after that (an orphaned shard, a temporary file) is 
 from __future__ import annotations
 
 import glob
-import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -99,8 +98,9 @@ class DatasetSink:
             return Position(manifest["position"]["rows"], manifest["position"]["upstream_rejects"])
         if run is None:
             self._refuse_foreign()
-            write_json_atomic(self._p(L.RUN_FILE), {"fingerprint": fingerprint,
-                                                     "command": self.command})
+            write_json_atomic(
+                self._p(L.RUN_FILE), {"fingerprint": fingerprint, "command": self.command}
+            )
         self.records = self._load_records()
         self._remove_orphans()
         last = self.records[-1]["position"] if self.records else {"rows": 0, "upstream_rejects": 0}
@@ -139,7 +139,9 @@ class DatasetSink:
         for p in glob.glob(self._p("part-*.parquet")) + glob.glob(self._p(L.REJECTS_DIR + "/*")):
             if os.path.relpath(p, self.path) not in keep:
                 os.unlink(p)
-        for p in glob.glob(self._p(L.TMP_PREFIX + "*")) + glob.glob(self._p("*/" + L.TMP_PREFIX + "*")):
+        for p in glob.glob(self._p(L.TMP_PREFIX + "*")) + glob.glob(
+            self._p("*/" + L.TMP_PREFIX + "*")
+        ):
             os.unlink(p)
         n = len(self.records)
         for p in glob.glob(self._p(f"{L.PROGRESS_DIR}/*.json")):
@@ -148,8 +150,14 @@ class DatasetSink:
 
     # -- writing ----------------------------------------------------------------------------
 
-    def write(self, batch: pa.RecordBatch | None, rejects, dropped: dict, consumed: Position,
-              generated: int = 0) -> None:
+    def write(
+        self,
+        batch: pa.RecordBatch | None,
+        rejects,
+        dropped: dict,
+        consumed: Position,
+        generated: int = 0,
+    ) -> None:
         """Add one processed input batch; commit the current shard when it is full."""
         unit = self._unit
         if batch is not None and batch.num_rows:
@@ -206,22 +214,31 @@ class DatasetSink:
             "dropped": unit.dropped,
             "generated": unit.generated,
             "inputs": self._locate(unit.start.rows, self.position.rows),
-            "position": {"rows": self.position.rows,
-                         "upstream_rejects": self.position.upstream_rejects},
+            "position": {
+                "rows": self.position.rows,
+                "upstream_rejects": self.position.upstream_rejects,
+            },
         }
         os.makedirs(self._p(L.PROGRESS_DIR), exist_ok=True)
         write_json_atomic(self._p(f"{L.PROGRESS_DIR}/{unit.index:05d}.json"), record)
         self.records.append(record)
-        self._unit = Unit(unit.index + 1, Position(self.position.rows,
-                                                   self.position.upstream_rejects))
+        self._unit = Unit(
+            unit.index + 1, Position(self.position.rows, self.position.upstream_rejects)
+        )
 
     def close(self, summary: dict, lineage: list[dict], column_info: dict) -> dict:
         """Commit the last shard and write the manifest: the dataset is complete."""
         if not self.complete:
             self._commit()
             self.manifest = build_manifest(
-                self.records, self.schema, self.fingerprint, self.command, summary, lineage,
-                column_info, self.position,
+                self.records,
+                self.schema,
+                self.fingerprint,
+                self.command,
+                summary,
+                lineage,
+                column_info,
+                self.position,
             )
             write_json_atomic(self._p(L.MANIFEST), self.manifest)
             shutil.rmtree(self._p(L.PROGRESS_DIR), ignore_errors=True)
@@ -262,9 +279,11 @@ def _first_difference(old, new) -> str:
     for key in ("command", "params", "inputs", "input_schema"):
         if old.get(key) != new.get(key):
             if key == "params" and isinstance(old.get(key), dict):
-                diff = sorted(k for k in set(old[key]) | set(new[key] or {})
-                              if old[key].get(k) != (new[key] or {}).get(k))
+                diff = sorted(
+                    k
+                    for k in set(old[key]) | set(new[key] or {})
+                    if old[key].get(k) != (new[key] or {}).get(k)
+                )
                 return f"options differ: {', '.join(diff)}"
             return f"{key} differs"
     return "fingerprint differs"
-

@@ -66,8 +66,9 @@ def schema_fields(schema: pa.Schema) -> list[dict]:
     return [{"name": f.name, "type": str(f.type)} for f in schema]
 
 
-def build_manifest(records, schema, fingerprint, command, summary, lineage, column_info,
-                   position) -> dict:
+def build_manifest(
+    records, schema, fingerprint, command, summary, lineage, column_info, position
+) -> dict:
     """Assemble the manifest from the committed progress records."""
     reasons: dict[str, int] = {}
     dropped: dict[str, int] = {}

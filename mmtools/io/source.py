@@ -1,4 +1,4 @@
-"""Dataset input: a dataset directory, Parquet files, a glob, or `-` for an Arrow stream on stdin."""
+"""Dataset input: a dataset directory, Parquet files, a glob, or `-` (an Arrow stream on stdin)."""
 
 from __future__ import annotations
 
@@ -148,7 +148,9 @@ class Source:
         for s in self.shards:
             a, b = max(start, offset), min(end, offset + s.rows)
             if a < b:
-                out.append({"shard": os.path.abspath(s.path), "start": a - offset, "end": b - offset})
+                out.append(
+                    {"shard": os.path.abspath(s.path), "start": a - offset, "end": b - offset}
+                )
             offset += s.rows
         return out
 

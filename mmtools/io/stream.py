@@ -89,7 +89,9 @@ def read_stream(
             except StopIteration:
                 break
             except (pa.ArrowInvalid, OSError) as e:
-                raise TruncatedStreamError(f"input stream broke off after {rows} rows: {e}") from None
+                raise TruncatedStreamError(
+                    f"input stream broke off after {rows} rows: {e}"
+                ) from None
             custom = dict(custom or {})
             if REJECTS_KEY in custom:
                 on_rejects(_rejects_from_json(custom[REJECTS_KEY]))
@@ -116,6 +118,4 @@ def read_stream(
 def _rejects_from_json(payload: bytes) -> pa.RecordBatch:
     rows = json.loads(payload)
     cols = list(zip(*rows, strict=True)) if rows else [[] for _ in C.REJECT_SCHEMA]
-    return pa.record_batch(
-        [pa.array(list(c), pa.string()) for c in cols], schema=C.REJECT_SCHEMA
-    )
+    return pa.record_batch([pa.array(list(c), pa.string()) for c in cols], schema=C.REJECT_SCHEMA)

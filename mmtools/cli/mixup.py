@@ -1,0 +1,123 @@
+"""`mmtools mixup`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Annotated
+
+import typer
+
+from mmtools.cli import options as O
+from mmtools.cli.common import Common, execute, open_source
+
+log = logging.getLogger("mmtools")
+
+
+def mixup(
+    inputs: O.Inputs = None,
+    output: O.Output = None,
+    mode: Annotated[
+        str, typer.Option(help="image-text (MixGen), audio-text, or embedding (geodesic).")
+    ] = "image-text",
+    alpha: Annotated[float, typer.Option(help="λ is drawn from Beta(α, α).")] = 0.2,
+    lam: Annotated[
+        float | None,
+        typer.Option(
+            "--lam",
+            help="Fixed λ (weight of the first parent) instead of Beta(α, α).",
+            show_default=False,
+        ),
+    ] = None,
+    fraction: Annotated[
+        float, typer.Option(help="Mixed rows to make, as a fraction of the pairable rows.")
+    ] = 1.0,
+    pairing: Annotated[
+        str,
+        typer.Option(
+            help="random, nearest[:COLUMN] (nearest neighbour in an embedding "
+            "column) or same:COLUMN (within a label or group)."
+        ),
+    ] = "random",
+    columns: Annotated[
+        str | None,
+        typer.Option(
+            help="Embedding mode: comma-separated columns to mix; A:B mixes the first "
+            "parent's A with the partner's B (cross-modal). Default: all embeddings.",
+            show_default=False,
+        ),
+    ] = None,
+    keep_originals: Annotated[
+        bool, typer.Option("--keep-originals", help="Write the input rows too, not only mixes.")
+    ] = False,
+    fmt: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            help="Encoding of mixed media: jpeg, png or webp (images; "
+            "default jpeg), wav or flac (audio; default wav).",
+            show_default=False,
+        ),
+    ] = None,
+    quality: Annotated[int, typer.Option(help="JPEG/WebP quality of mixed images.")] = 95,
+    sample_rate: Annotated[
+        int | None,
+        typer.Option(
+            help="Audio rate of the mix (default: the first parent's).", show_default=False
+        ),
+    ] = None,
+    seed: O.Seed = 0,
+    workers: Annotated[int, typer.Option(min=1, help="Decoding threads.")] = os.cpu_count() or 1,
+    overwrite: O.Overwrite = False,
+    shard_rows: O.ShardRows = 10_000,
+    shard_bytes: O.ShardBytes = 1 << 30,
+    batch_size: O.BatchSize = 256,
+    engine: O.Engine = "local",
+    quiet: O.Quiet = False,
+    verbose: O.Verbose = False,
+    json: O.Json = False,
+    wait_lock: O.WaitLock = False,
+) -> None:
+    """Write mixed rows (MixGen, audio or embedding mixup) with their provenance.
+
+    Example: mmtools mixup ds/ --lam 0.5 --fraction 0.3 --keep-originals -o mixed/
+
+    Each mixed row has a new id mixup:<first>+<second>, mixup_parents (the two ids),
+    mixup_lambda (λ, the weight of the first parent) and mixup_mode. image-text blends the
+    two images pixel-wise (the second resized, bilinear, to the first's size) and joins the
+    captions with a space. audio-text mixes the waveforms as mono at one rate (the shorter
+    zero-padded) and scales the mix down by its peak only if it would clip. embedding mixes
+    L2-normalised vectors by slerp on the unit hypersphere; mixed rows carry only the mixed
+    embeddings and provenance. Columns that would be stale for a mixed row are null; width,
+    height, format, size and sha256 are recomputed. Pairs are fixed from the sorted ids and
+    --seed, so the output is the same whatever the shard layout, batch size or resume. A
+    parent that cannot be decoded becomes a reject row and its pairs are skipped.
+    """
+    from mmtools.mixup import Mixup, MixupConfig
+
+    specs = [c.strip() for c in columns.split(",") if c.strip()] if columns else []
+    config = MixupConfig(
+        mode, alpha, lam, fraction, pairing, specs, keep_originals, fmt, quality, sample_rate, seed
+    )
+    source = open_source(inputs)
+    step = Mixup(config, workers=workers)
+    common = Common(
+        output,
+        overwrite,
+        shard_rows,
+        shard_bytes,
+        batch_size,
+        engine,
+        quiet,
+        verbose,
+        json,
+        wait_lock,
+    )
+    execute("mixup", source, [step], common)
+    if step.skipped:
+        log.warning("mixup: %d pair(s) not made because a parent was rejected", step.skipped)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the command to the app."""
+    app.command("mixup")(mixup)
