@@ -1,0 +1,29 @@
+# Tasks for mmtools. `just --list` shows them.
+
+python := env_var_or_default("PYTHON", ".venv/bin/python")
+
+# Create .venv and install mmtools with everything the tests need.
+setup:
+    python3 -m venv .venv
+    .venv/bin/pip install -e '.[test]'
+
+# The whole chain on generated sample data, offline.
+demo dir="demo-out":
+    {{python}} -m mmtools demo {{dir}}
+
+# The test suite (what CI runs).
+test *args:
+    {{python}} -m pytest -q {{args}}
+
+# Benchmarks: throughput and memory as ratios against baselines measured in the same run.
+bench *args:
+    for b in tests/bench/bench_*.py; do echo "== $b"; {{python}} "$b" {{args}} || exit 1; done
+
+# Long crash/resume soak (200 kills per step kind).
+soak:
+    MMTOOLS_SOAK=200 {{python}} -m pytest -q tests/reliability
+
+# Lint and format check.
+lint:
+    {{python}} -m ruff check mmtools tests
+    {{python}} -m ruff format --check mmtools tests
