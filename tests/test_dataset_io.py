@@ -173,3 +173,12 @@ def test_incomplete_dataset_is_not_read_as_done(tmp_path, dataset):
     os.rename(dataset / "_manifest.json", dataset / "_run.json")
     proc = mmtools("head", dataset, check=False)
     assert proc.returncode == EXIT_DATA and "incomplete" in proc.stderr.decode()
+
+
+def test_an_empty_result_is_still_a_dataset_with_a_schema(tmp_path, dataset):
+    out = tmp_path / "empty"
+    mmtools("filter", dataset, "--where", "width < 0", "-o", out)
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["rows"] == 0 and manifest["dropped"] == {"where": 30}
+    assert "rows:    0" in mmtools("info", out).stdout.decode()
+    assert read_dataset(out).schema.names == read_dataset(dataset).schema.names

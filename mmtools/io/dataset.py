@@ -120,7 +120,7 @@ class DatasetSink:
             shutil.rmtree(self._p(d), ignore_errors=True)
 
     def _refuse_foreign(self) -> None:
-        foreign = [n for n in os.listdir(self.path) if n != L.LOCK_FILE]
+        foreign = [n for n in os.listdir(self.path) if n not in (L.LOCK_FILE, L.CACHE_DIR)]
         if foreign:
             raise UsageError(
                 f"output {self.path} is not empty and holds no mmtools run "
@@ -230,6 +230,8 @@ class DatasetSink:
         """Commit the last shard and write the manifest: the dataset is complete."""
         if not self.complete:
             self._commit()
+            if not any(r["shard"] for r in self.records):
+                self._write_empty_shard()
             self.manifest = build_manifest(
                 self.records,
                 self.schema,
@@ -246,6 +248,18 @@ class DatasetSink:
             self.complete = True
         self._lock.release()
         return self.manifest
+
+    def _write_empty_shard(self) -> None:
+        """A dataset with no rows still gets one (empty) shard: it carries the schema."""
+        name = L.shard_name(len(self.records))
+        tmp = self._p(L.TMP_PREFIX + name)
+        pq.write_table(self.schema.empty_table(), tmp)
+        _fsync_rename(tmp, self._p(name))
+        self.records.append({"shard": name, "rows": 0, "bytes": os.path.getsize(self._p(name)),
+                             "rejects": None, "rejected": 0, "reject_reasons": {},
+                             "dropped": {}, "generated": 0, "inputs": [],
+                             "position": self.records[-1]["position"] if self.records else
+                             {"rows": 0, "upstream_rejects": 0}})
 
     def abort(self) -> None:
         """Drop the uncommitted shard and release the lock; committed work stays for resume."""

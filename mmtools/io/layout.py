@@ -5,6 +5,7 @@ RUN_FILE = "_run.json"
 PROGRESS_DIR = "_progress"
 REJECTS_DIR = "_rejects"
 LOCK_FILE = "_lock"
+CACHE_DIR = "_cache"  # step caches (e.g. rewrite's per-row cache) that outlive a run
 TMP_PREFIX = ".tmp-"
 
 

@@ -1,0 +1,162 @@
+"""`mmtools filter`."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from mmtools.cli import options as O
+from mmtools.cli.common import Common, execute, open_source
+from mmtools.errors import UsageError
+
+
+def filter_rows(
+    inputs: O.Inputs = None,
+    output: O.Output = None,
+    where: Annotated[
+        str | None,
+        typer.Option(
+            "--where",
+            help="SQL condition over any columns (polars SQL), e.g. "
+            '"clip_score >= 0.28 AND width >= 256".',
+            show_default=False,
+        ),
+    ] = None,
+    preset: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--preset",
+            help="Named rules: datacomp-basic, laion, audio-basic (repeatable).",
+            show_default=False,
+        ),
+    ] = None,
+    top_fraction: Annotated[
+        float | None,
+        typer.Option(
+            "--top-fraction",
+            help="Keep this fraction of the whole input with the highest --by (e.g. 0.3).",
+            show_default=False,
+        ),
+    ] = None,
+    top_k: Annotated[
+        int | None,
+        typer.Option(
+            "--top-k",
+            min=0,
+            help="Keep this many rows of the whole input with the highest --by.",
+            show_default=False,
+        ),
+    ] = None,
+    by: Annotated[
+        str | None,
+        typer.Option(
+            "--by", help="Numeric column to rank by (ties: smaller id first).", show_default=False
+        ),
+    ] = None,
+    min_duration: Annotated[
+        float | None, typer.Option(help="Audio: shortest clip kept, seconds.", show_default=False)
+    ] = None,
+    max_duration: Annotated[
+        float | None, typer.Option(help="Audio: longest clip kept, seconds.", show_default=False)
+    ] = None,
+    max_silence: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            max=1,
+            help="Audio: largest fraction of silent frames kept (decodes the audio).",
+            show_default=False,
+        ),
+    ] = None,
+    min_loudness: Annotated[
+        float | None,
+        typer.Option(
+            help="Audio: quietest overall RMS level kept, dBFS (e.g. -50; decodes the audio).",
+            show_default=False,
+        ),
+    ] = None,
+    silence_db: Annotated[
+        float, typer.Option(help="Audio: frames with RMS below this dBFS level count as silent.")
+    ] = -60.0,
+    invert: Annotated[
+        bool, typer.Option("--invert", help="Write the rows the rules would drop instead.")
+    ] = False,
+    overwrite: O.Overwrite = False,
+    shard_rows: O.ShardRows = 10_000,
+    shard_bytes: O.ShardBytes = 1 << 30,
+    batch_size: O.BatchSize = 8192,
+    engine: O.Engine = "local",
+    quiet: O.Quiet = False,
+    verbose: O.Verbose = False,
+    json: O.Json = False,
+    wait_lock: O.WaitLock = False,
+) -> None:
+    """Keep the rows that pass every rule; count the rest by the rule that dropped them.
+
+    Example: mmtools filter scored/ --where "clip_score >= 0.28 AND width >= 256" -o kept/
+
+    Rules: --where (any polars SQL condition; NaN counts as NULL, and a NULL result drops
+    the row), --top-fraction/--top-k --by COLUMN (the best rows of the whole input, exact,
+    in two passes that hold only the key and id columns; a pipe on stdin is spooled to a
+    temporary file; DataComp's CLIP-score baseline is --top-fraction 0.3 --by clip_score),
+    --preset, and the audio rules. The ranking covers the whole input and the other rules
+    are applied to the same rows, as DataComp intersects its baselines.
+
+    Presets: datacomp-basic (more than 2 words and 5 characters of caption, smaller side
+    >= 200 px, aspect ratio <= 3, English where a `language` column exists); laion
+    (clip_score >= 0.28, caption >= 5 characters, image >= 5 KB where image_nbytes
+    exists, English where a `language` column exists); audio-basic (>= 1 s, at most half
+    the frames below -60 dBFS, overall RMS >= -50 dBFS).
+
+    The summary counts dropped rows by rule (where, top_fraction, min_words, min_chars,
+    min_side, max_aspect, english, clip_score, min_bytes, duration, silence, loudness).
+    --invert writes exactly the rows that would be dropped; the kept ones are then counted
+    as dropped by 'inverted'.
+    """
+    from mmtools.filter import FilterConfig, make_filter
+
+    config = FilterConfig(
+        where,
+        tuple(preset or ()),
+        by,
+        top_fraction,
+        top_k,
+        min_duration,
+        max_duration,
+        max_silence,
+        min_loudness,
+        silence_db,
+        invert,
+    )
+    step = make_filter(config)
+    if not step.rules and step.top is None:
+        raise UsageError(
+            "give at least one rule: --where, --top-fraction/--top-k, --preset, or an audio option"
+        )
+    source = open_source(inputs)
+    common = Common(
+        output,
+        overwrite,
+        shard_rows,
+        shard_bytes,
+        batch_size,
+        engine,
+        quiet,
+        verbose,
+        json,
+        wait_lock,
+    )
+    execute("filter", source, [step], common)
+    if invert and not (quiet or json) and step.would_drop:
+        rules = ", ".join(f"{k} {v}" for k, v in sorted(step.would_drop.items()))
+        print(
+            f"mmtools filter: inverted rows by the rule that would drop them: {rules}",
+            file=sys.stderr,
+        )
+
+
+def register(app: typer.Typer) -> None:
+    """Add the command to the app."""
+    app.command("filter")(filter_rows)
