@@ -255,11 +255,22 @@ class DatasetSink:
         tmp = self._p(L.TMP_PREFIX + name)
         pq.write_table(self.schema.empty_table(), tmp)
         _fsync_rename(tmp, self._p(name))
-        self.records.append({"shard": name, "rows": 0, "bytes": os.path.getsize(self._p(name)),
-                             "rejects": None, "rejected": 0, "reject_reasons": {},
-                             "dropped": {}, "generated": 0, "inputs": [],
-                             "position": self.records[-1]["position"] if self.records else
-                             {"rows": 0, "upstream_rejects": 0}})
+        self.records.append(
+            {
+                "shard": name,
+                "rows": 0,
+                "bytes": os.path.getsize(self._p(name)),
+                "rejects": None,
+                "rejected": 0,
+                "reject_reasons": {},
+                "dropped": {},
+                "generated": 0,
+                "inputs": [],
+                "position": self.records[-1]["position"]
+                if self.records
+                else {"rows": 0, "upstream_rejects": 0},
+            }
+        )
 
     def abort(self) -> None:
         """Drop the uncommitted shard and release the lock; committed work stays for resume."""
