@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections import deque
@@ -77,12 +78,13 @@ def fingerprint(command: str, steps: list[Step], source) -> dict:
     params = {}
     for step in steps:
         params.update(step.params())
-    return {
+    fp = {
         "command": command,
         "params": params,
         "inputs": source.identity(),
         "input_schema": [[f.name, str(f.type)] for f in source.schema],
     }
+    return json.loads(json.dumps(fp, default=str))  # as it reads back from _run.json
 
 
 def _conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
@@ -138,6 +140,8 @@ def run(
             step.setup()
         if steps and isinstance(steps[0], GlobalStep):
             _scan(source, steps[0], batch_size)
+            if hasattr(steps[0], "seek"):  # tell pass 2 where a resumed run starts
+                steps[0].seek(start.rows)
         _stream(source, steps, sink, schema, start, incoming, summary, batch_size, quiet)
     except BaseException:
         sink.abort()

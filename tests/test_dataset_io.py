@@ -182,3 +182,20 @@ def test_an_empty_result_is_still_a_dataset_with_a_schema(tmp_path, dataset):
     assert manifest["rows"] == 0 and manifest["dropped"] == {"where": 30}
     assert "rows:    0" in mmtools("info", out).stdout.decode()
     assert read_dataset(out).schema.names == read_dataset(dataset).schema.names
+
+
+@pytest.mark.parametrize("skip", [0, 3, 7, 10, 11, 25, 40])
+def test_resume_offsets_read_exactly_the_remaining_rows(tmp_path, skip):
+    from mmtools.io.source import Source
+
+    path = tmp_path / "groups.parquet"
+    table = pa.table({"id": [f"r{i}" for i in range(40)]})
+    with pq.ParquetWriter(path, table.schema) as w:
+        for start, size in ((0, 10), (10, 2), (12, 3), (15, 20), (35, 5)):  # uneven row groups
+            w.write_table(table.slice(start, size))
+    got = [
+        v
+        for b in Source([str(path)]).batches(batch_size=4, skip_rows=skip)
+        for v in b.column("id").to_pylist()
+    ]
+    assert got == table.column("id").to_pylist()[skip:]

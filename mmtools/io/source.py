@@ -212,7 +212,7 @@ def _read_parquet(path: str, columns, batch_size: int, skip: int) -> Iterator[pa
         groups = []
         for i in range(pf.num_row_groups):
             n = pf.metadata.row_group(i).num_rows
-            if skip >= n:
+            if not groups and skip >= n:  # only whole groups before the resume point
                 skip -= n
             else:
                 groups.append(i)

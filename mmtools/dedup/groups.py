@@ -1,0 +1,133 @@
+"""Grouping helpers shared by the dedup methods: equal-key pairs, components, the keep rule."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mmtools.errors import UsageError
+
+KEEP_MODES = ("first", "highest", "lowest")
+
+
+def parse_keep(spec: str) -> tuple[str, str | None]:
+    """`first`, `highest:COLUMN` or `lowest:COLUMN` -> (mode, column)."""
+    mode, _, column = spec.partition(":")
+    if mode == "first" and not column:
+        return mode, None
+    if mode in ("highest", "lowest") and column:
+        return mode, column
+    raise UsageError(f"--keep must be 'first', 'highest:COLUMN' or 'lowest:COLUMN', not {spec!r}")
+
+
+def priority(ids: pa.ChunkedArray, values: pa.ChunkedArray | None, mode: str) -> np.ndarray:
+    """Rank of every row under the keep rule (0 = kept first); ties by id, then position."""
+    n = len(ids)
+    position = np.arange(n, dtype=np.int64)
+    if mode == "first":
+        return position
+    if pa.types.is_floating(values.type):
+        values = pc.if_else(pc.is_nan(values), None, values)  # NaN ranks with the nulls, last
+    order = "descending" if mode == "highest" else "ascending"
+    value_rank = pc.rank(values, sort_keys=order, tiebreaker="dense").to_numpy()
+    id_rank = pc.rank(ids, tiebreaker="dense").to_numpy()
+    ranked = np.lexsort((position, id_rank, value_rank))
+    prio = np.empty(n, dtype=np.int64)
+    prio[ranked] = position
+    return prio
+
+
+def equal_key_pairs(keys: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield slabs (i, j) of all index pairs whose keys are equal, without comparing all pairs.
+
+    Sorting puts equal keys in runs; slab g pairs each run member with the one g places on,
+    so a slab holds at most len(keys) pairs however large a run is.
+    """
+    order = np.argsort(keys, kind="stable")
+    sk = keys[order]
+    start = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
+    length = np.diff(np.r_[start, len(sk)])
+    start, length = start[length > 1], length[length > 1]
+    gap = 1
+    while len(start):
+        count = length - gap
+        within = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
+        first = np.repeat(start, count) + within
+        yield order[first], order[first + gap]
+        gap += 1
+        start, length = start[length > gap], length[length > gap]
+
+
+def components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Connected-component label of each of `n` nodes given edges (i, j)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    if len(i) == 0:
+        return np.arange(n, dtype=np.int64)
+    graph = coo_matrix((np.ones(len(i), dtype=np.int8), (i, j)), shape=(n, n)).tocsr()
+    _, labels = connected_components(graph, directed=False)
+    return labels.astype(np.int64)
+
+
+def edge_labels(n: int, edges: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Component labels of `n` nodes, -1 for a node without any edge."""
+    i = np.concatenate([e[0] for e in edges]) if edges else np.empty(0, np.int64)
+    j = np.concatenate([e[1] for e in edges]) if edges else np.empty(0, np.int64)
+    labels = components(n, i, j)
+    linked = np.zeros(n, dtype=bool)
+    linked[i] = linked[j] = True
+    return np.where(linked, labels, -1)
+
+
+def spanning_edges(i: np.ndarray, j: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fewer edges with the same components: each linked node to its component's first node."""
+    labels = components(n, i, j)
+    nodes = np.unique(np.r_[i, j])
+    first = np.full(n, n, dtype=np.int64)
+    np.minimum.at(first, labels[nodes], nodes)
+    root = first[labels[nodes]]
+    return nodes[nodes != root], root[nodes != root]
+
+
+@dataclass
+class Grouping:
+    """What the keep rule made of one method's groups."""
+
+    drop: np.ndarray  # bool per row: a duplicate of a better row in its group
+    members: np.ndarray  # rows in a group of two or more
+    keepers: np.ndarray  # the row kept from each member's group
+    groups: int  # number of groups of two or more
+
+
+def keep_best(labels: np.ndarray, prio: np.ndarray) -> Grouping:
+    """Within each group of equal label (>= 0), keep the row of lowest `prio`, drop the rest."""
+    idx = np.flatnonzero(labels >= 0)
+    order = idx[np.lexsort((prio[idx], labels[idx]))]
+    lab = labels[order]
+    start = np.r_[True, lab[1:] != lab[:-1]] if len(lab) else np.zeros(0, bool)
+    run = np.cumsum(start) - 1
+    size = np.bincount(run) if len(run) else np.zeros(0, np.int64)
+    grouped = size[run] > 1 if len(run) else np.zeros(0, bool)
+    drop = np.zeros(len(labels), dtype=bool)
+    drop[order[~start]] = True
+    keepers = order[start][run]
+    return Grouping(drop, order[grouped], keepers[grouped], int((size > 1).sum()))
+
+
+def cluster_ids(n: int, members: np.ndarray, keepers: np.ndarray) -> np.ndarray:
+    """Dense cluster id per row (-1 if in none), numbered by each cluster's first row."""
+    labels = edge_labels(n, [(members, keepers)])
+    out = np.full(n, -1, dtype=np.int64)
+    linked = np.flatnonzero(labels >= 0)
+    if len(linked):
+        # `linked` is ascending, so np.unique's first index is each cluster's first row.
+        uniq, first = np.unique(labels[linked], return_index=True)
+        rank = np.empty(len(uniq), dtype=np.int64)
+        rank[np.argsort(first, kind="stable")] = np.arange(len(uniq))
+        out[linked] = rank[np.searchsorted(uniq, labels[linked])]
+    return out

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# A cron-ready incremental job: curate only the input shards that arrived since the last run.
+#
+# Each new WebDataset tar (or folder) in INBOX becomes one curated dataset under
+# OUTPUT/curated/<name>: ingest | embed | score | filter. mmtools' own resume makes a killed
+# run pick up where it stopped, and its output lock (exit 5) plus the flock below make sure two
+# cron runs never overlap. One log line per run goes to OUTPUT/cron.log.
+#
+#   */30 * * * * /path/to/recipes/cron_incremental.sh /data/inbox /data/curated
+#
+# Usage: recipes/cron_incremental.sh INBOX OUTPUT
+# Environment: MODEL, PRETRAINED (default ViT-B-32 / laion2b_s34b_b79k), WHERE (default
+#   "clip_score >= 0.28", LAION's threshold for ViT-B/32), MMTOOLS (default: mmtools)
+set -euo pipefail
+
+if [ $# -ne 2 ]; then
+    echo "usage: $0 INBOX OUTPUT (see the comment at its top)" >&2
+    exit 2
+fi
+inbox=$1 output=$2
+MMTOOLS=${MMTOOLS:-mmtools}
+MODEL=${MODEL-ViT-B-32}
+PRETRAINED=${PRETRAINED-laion2b_s34b_b79k}
+WHERE=${WHERE:-clip_score >= 0.28}
+mkdir -p "$output/curated"
+exec 9>"$output/.cron.lock"
+if ! flock -n 9; then
+    echo "$(date -Is) skipped: the previous run is still going" >>"$output/cron.log"
+    exit 0
+fi
+start=$(date +%s) done=0 failed=0
+for shard in "$inbox"/*; do
+    name=$(basename "$shard")
+    name=${name%.tar}
+    target=$output/curated/$name
+    [ -f "$target/_manifest.json" ] && continue
+    if $MMTOOLS ingest "$shard" -q \
+        | $MMTOOLS embed --model "$MODEL" ${PRETRAINED:+--pretrained "$PRETRAINED"} -q \
+        | $MMTOOLS score -q \
+        | $MMTOOLS filter --where "$WHERE" -o "$target" -q; then
+        done=$((done + 1))
+    else
+        failed=$((failed + 1))
+    fi
+done
+echo "$(date -Is) curated $done new shard(s), $failed failed, $(( $(date +%s) - start )) s" \
+    >>"$output/cron.log"
+[ "$failed" -eq 0 ]

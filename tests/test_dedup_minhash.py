@@ -1,0 +1,113 @@
+"""`mmtools dedup --method minhash`: LSH candidates, Jaccard agreement, edited captions."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+from conftest import mmtools
+from datasketch import MinHash, MinHashLSH
+from test_dedup import (
+    found_groups,
+    group_pairs,
+    precision_recall,
+    read_dataset,
+    text_table,
+    write_dataset,
+)
+
+from mmtools import columns as C
+from mmtools.dedup.minhash import (
+    LSH_WEIGHTS,
+    candidate_pairs,
+    jaccard,
+    shingles,
+    signatures,
+    similar_pairs,
+)
+
+_VOCABULARY = (
+    "a the dog cat red blue green small large photo of on in at with and bench park tree house",
+    "car street beach sunset mountain river boat woman man child playing running old new wooden",
+    "white black yellow field flowers garden city night light window door table chair cup",
+    "coffee book reading sitting standing near under over two three happy bright",
+)
+WORDS = [word for line in _VOCABULARY for word in line.split()]
+
+
+def edit(words: list[str], rng: np.random.Generator) -> list[str]:
+    """One small edit: drop, insert, replace or swap a word, or change case and punctuation."""
+    w, k = list(words), int(rng.integers(1, len(words) - 1))
+    kind = rng.integers(0, 5)
+    if kind == 0:
+        del w[k]
+    elif kind == 1:
+        w.insert(k, str(rng.choice(WORDS)))
+    elif kind == 2:
+        w[k] = str(rng.choice(WORDS))
+    elif kind == 3:
+        w[k], w[k + 1] = w[k + 1], w[k]
+    else:
+        w = [x.upper() if i % 3 == 0 else x for i, x in enumerate(w)]
+        w[-1] += "!"
+    return w
+
+
+def edited_captions(n_groups: int, seed: int) -> tuple[list[str], list[str], list[list[str]]]:
+    """Captions of 14 to 22 words in groups of one to four edited copies; ids and true groups."""
+    rng = np.random.default_rng(seed)
+    texts, ids, groups = [], [], []
+    for g in range(n_groups):
+        base = [str(x) for x in rng.choice(WORDS, rng.integers(14, 23))]
+        members = [base] + [edit(base, rng) for _ in range(rng.integers(0, 4))]
+        groups.append([f"g{g:03d}-{m}" for m in range(len(members))])
+        ids += groups[-1]
+        texts += [" ".join(m) for m in members]
+    order = rng.permutation(len(texts))
+    return [texts[i] for i in order], [ids[i] for i in order], [g for g in groups if len(g) > 1]
+
+
+def test_lsh_candidates_equal_datasketch_minhashlsh():
+    texts, _, _ = edited_captions(60, seed=1)
+    sets = [shingles(t.lower(), 2) for t in texts]
+    sig = signatures(sets, 128, seed=3)
+    i, j = candidate_pairs(sig, 0.6)
+    lsh = MinHashLSH(threshold=0.6, num_perm=128, weights=LSH_WEIGHTS)
+    hashed = MinHash.bulk([[s.encode() for s in x] for x in sets], num_perm=128, seed=3)
+    for k, m in enumerate(hashed):
+        assert np.array_equal(m.hashvalues, sig[k])
+        lsh.insert(k, m)
+    expected = {
+        (min(k, q), max(k, q)) for k, m in enumerate(hashed) for q in lsh.query(m) if q != k
+    }
+    assert len(expected) > 50
+    assert set(zip(i.tolist(), j.tolist(), strict=True)) == expected
+
+
+def test_found_pairs_agree_with_brute_force_jaccard():
+    texts, _, _ = edited_captions(150, seed=2)
+    sets = [shingles(t.lower(), 2) for t in texts]
+    found = set(zip(*(a.tolist() for a in similar_pairs(sets, 0.7, 128, seed=1)), strict=True))
+    true = {
+        (a, b)
+        for a, b in itertools.combinations(range(len(sets)), 2)
+        if jaccard(sets[a], sets[b]) >= 0.7
+    }
+    precision, recall = precision_recall(found, true)
+    assert len(true) > 100 and precision == 1.0 and recall >= 0.95, (precision, recall)
+
+
+def test_minhash_finds_captions_with_small_edits(tmp_path):
+    texts, ids, true_groups = edited_captions(120, seed=3)
+    ds = write_dataset(tmp_path / "ds", text_table([*texts, None, ""], ids=[*ids, "n1", "n2"]), 4)
+    out = tmp_path / "out"
+    proc = mmtools("dedup", ds, "-o", out, "-m", "minhash", "--mark")
+    marked = read_dataset(out)
+    precision, recall = precision_recall(
+        group_pairs(found_groups(marked)), group_pairs(true_groups)
+    )
+    assert precision >= 0.95 and recall >= 0.9, (precision, recall)
+    assert "clusters: minhash" in proc.stderr.decode()
+    assert marked.num_rows == len(texts) + 2
+    clusters = dict(zip(marked[C.ID].to_pylist(), marked[C.DUP_CLUSTER].to_pylist(), strict=True))
+    assert clusters["n1"] is None and clusters["n2"] is None  # no caption, no duplicate
