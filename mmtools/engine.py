@@ -139,10 +139,10 @@ def run(
         for step in steps:
             step.setup()
         if steps and isinstance(steps[0], GlobalStep):
-            _scan(source, steps[0], batch_size)
+            scan(source, steps[0], batch_size)
             if hasattr(steps[0], "seek"):  # tell pass 2 where a resumed run starts
                 steps[0].seek(start.rows)
-        _stream(source, steps, sink, schema, start, incoming, summary, batch_size, quiet)
+        stream(source, steps, sink, schema, start, incoming, summary, batch_size, quiet)
     except BaseException:
         sink.abort()
         raise
@@ -156,7 +156,8 @@ def run(
     return summary, manifest
 
 
-def _scan(source, step: GlobalStep, batch_size: int) -> None:
+def scan(source, step: GlobalStep, batch_size: int) -> None:
+    """Pass 1 of a global step (and its middle pass, if any) over the source."""
     source.spool()
     for batch in source.batches(columns=list(step.scan_columns), batch_size=batch_size):
         step.scan(batch)
@@ -165,7 +166,8 @@ def _scan(source, step: GlobalStep, batch_size: int) -> None:
         step.gather(source.batches(columns=columns, batch_size=batch_size))
 
 
-def _stream(source, steps, sink, schema, start: Position, incoming, summary, batch_size, quiet):
+def stream(source, steps, sink, schema, start: Position, incoming, summary, batch_size, quiet):
+    """Pass 2: stream batches through the steps into the sink, from the resume point."""
     from tqdm import tqdm
 
     bar = tqdm(

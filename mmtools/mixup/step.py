@@ -136,6 +136,12 @@ class Mixup(GlobalStep):
         self._ids: list[pa.Array] = []
         self._keys: list[pa.Array] = []
 
+    def __getstate__(self) -> dict:
+        """Ship the plan and partners to workers, not the thread pool or the spool file."""
+        state = dict(self.__dict__)
+        state["_pool"] = state["_spool"] = None
+        return state
+
     def close(self) -> None:
         """Stop the threads and remove the partner spool."""
         if self._pool is not None:

@@ -1,0 +1,228 @@
+"""Benchmark: one pipeline on the local engine and on Ray (2 CPUs), and how Ray scales out.
+
+Run: python tests/bench/bench_ray.py [--quick]
+
+1. Overhead: ingest -> embed (a tiny random open_clip model) -> score -> filter --where ->
+   dedup exact -> mixup, each step reading the previous step's output, on N generated
+   captioned JPEGs (N = 2,000; --quick 300), by the local engine and by the Ray engine on
+   a local cluster of 2 CPUs, started once beforehand (its start-up time is printed apart).
+   Prints seconds per step and the ratio Ray / local; above 1 is Ray's overhead.
+2. Scaling, simulated: a model-like step that spends a fixed 0.5 s (--quick 0.2 s) per batch
+   waiting (as a model step waits on its accelerator or a rewrite step on its LLM server), in
+   an actor pool of 1, 2, 4 and 8 workers on a cluster of that many logical CPUs. Prints the
+   actors' start-up time and the steady-state batches/s (first to last output batch), with
+   the speed-up over 1 worker next to the ideal: how throughput grows when each worker has
+   its own core or GPU, which this 2-core machine cannot show with real compute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mmtools.step import Result, Step
+
+BATCH = 64
+SHARD = 1000
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def make_images(root: Path, n: int) -> Path:
+    """`n` random 64x48 JPEGs with captions; every 20th is a copy of another."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    for i in range(n):
+        seed = i - 1 if i % 20 == 19 else i
+        arr = np.random.default_rng(seed).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, "JPEG")
+        (root / f"img{i:06d}.jpg").write_bytes(buf.getvalue())
+        words = " ".join(rng.choice(["a", "red", "photo", "of", "cat", "dog", "sky"], 6))
+        (root / f"img{i:06d}.txt").write_text(words)
+    return root
+
+
+def pipeline(work: Path, images: Path) -> list[tuple[str, object, object]]:
+    """(command, make_source, make_steps) for each step; each reads the previous output."""
+    from mmtools.dedup import Dedup, DedupConfig
+    from mmtools.embed import ClipEmbed, EmbedConfig, ModelOptions
+    from mmtools.filter import FilterConfig, make_filter
+    from mmtools.ingest import Ingest, IngestConfig, ListingSource
+    from mmtools.io.source import Source
+    from mmtools.listing import ListingOptions
+    from mmtools.mixup import Mixup, MixupConfig
+    from mmtools.score import score_steps
+
+    work.mkdir(exist_ok=True)
+    model = work / "tiny-clip.json"
+    model.write_text(json.dumps(TINY_CLIP))
+    embed = EmbedConfig(["image", "text"], str(model), "none", "cpu", batch_size=BATCH, workers=2)
+    opts = ModelOptions(str(model), "none", device="cpu", batch_size=BATCH, workers=2)
+
+    def src(name):
+        return lambda: Source([str(work / name)])
+
+    return [
+        (
+            "ingest",
+            lambda: ListingSource([str(images)], ListingOptions()),
+            lambda s: [Ingest(IngestConfig(), s.kinds, workers=2)],
+        ),
+        ("embed", src("ingest"), lambda s: [ClipEmbed(embed)]),
+        ("score", src("embed"), lambda s: score_steps(s.schema, None, opts)),
+        ("filter", src("score"), lambda s: [make_filter(FilterConfig(where="clip_score > -1"))]),
+        ("dedup", src("filter"), lambda s: [Dedup(DedupConfig(("exact",)))]),
+        ("mixup", src("dedup"), lambda s: [Mixup(MixupConfig(fraction=0.3, seed=1))]),
+    ]
+
+
+def run_once(eng, out: Path, command: str, make_source, make_steps, **kw) -> float:
+    """Seconds for one step run into a fresh output directory."""
+    from mmtools.io.dataset import DatasetSink
+
+    source = make_source()
+    steps = make_steps(source)
+    t0 = time.perf_counter()
+    eng.run(
+        command,
+        source,
+        steps,
+        DatasetSink(str(out), shard_rows=SHARD, overwrite=True),
+        batch_size=BATCH,
+        quiet=True,
+        **kw,
+    )
+    return time.perf_counter() - t0
+
+
+def bench_overhead(n: int, tmp: Path) -> None:
+    import ray
+
+    from mmtools import engine, ray_engine
+
+    images = make_images(tmp / "images", n)
+    t0 = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    print(f"Ray local cluster (2 CPUs) start: {time.perf_counter() - t0:.1f} s (not counted)")
+    t0 = time.perf_counter()
+    warm = pipeline(tmp / "warm", images)[0]
+    run_once(ray_engine, tmp / "warm" / "ingest", *warm)
+    print(f"first Ray job (worker processes start): {time.perf_counter() - t0:.1f} s (not counted)")
+    totals = {"local": 0.0, "ray": 0.0}
+    print(f"{'step':8} {'local s':>8} {'ray s':>8} {'ray/local':>9}   ({n:,} images)")
+    for name, eng in (("local", engine), ("ray", ray_engine)):
+        work = tmp / name
+        for command, make_source, make_steps in pipeline(work, images):
+            seconds = run_once(eng, work / command, command, make_source, make_steps)
+            totals[name] += seconds
+            totals[(name, command)] = seconds
+    for command, *_ in pipeline(tmp / "local", images):
+        a, b = totals[("local", command)], totals[("ray", command)]
+        print(f"{command:8} {a:8.2f} {b:8.2f} {b / a:9.2f}")
+    a, b = totals["local"], totals["ray"]
+    print(
+        f"{'total':8} {a:8.2f} {b:8.2f} {b / a:9.2f}   "
+        f"({n / a:,.0f} vs {n / b:,.0f} images/s end to end)"
+    )
+    ray.shutdown()
+
+
+class Waiting(Step):
+    """A model-like step: a fixed wait per batch, rows unchanged; one per actor."""
+
+    name = "waiting"
+    loads_model = True
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+
+    def process(self, batch):
+        """The batch, after the wait."""
+        time.sleep(self.seconds)
+        return Result(batch)
+
+
+def bench_scaling(quick: bool, tmp: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    from mmtools import ray_engine
+    from mmtools.io.dataset import DatasetSink
+    from mmtools.io.source import Source
+
+    class TimedSink(DatasetSink):
+        """Notes when each batch arrives, to time the steady state apart from start-up."""
+
+        def write(self, batch, *args, **kw):
+            if batch is not None:
+                self.arrivals.append(time.perf_counter())
+            return super().write(batch, *args, **kw)
+
+    wait, batches = (0.2, 32) if quick else (0.5, 64)
+    path = tmp / "rows.parquet"
+    pq.write_table(pa.table({"id": [f"{i:08d}" for i in range(batches * BATCH)]}), path)
+    print(f"\nsimulated scaling: {batches} batches of {BATCH} rows, {wait} s of work per batch")
+    print(f"{'workers':>7} {'start-up s':>10} {'batches/s':>9} {'speed-up':>8} {'ideal':>6}")
+    base = None
+    for k in (1, 2, 4, 8):
+        ray.init(
+            num_cpus=k + 1,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.ERROR,
+        )
+        sink = TimedSink(str(tmp / f"scale{k}"), shard_rows=SHARD)
+        sink.arrivals = []
+        t0 = time.perf_counter()
+        options = ray_engine.RayOptions(concurrency=k)
+        steps = [Waiting(wait)]
+        ray_engine.run(
+            "waiting",
+            Source([str(path)]),
+            steps,
+            sink,
+            batch_size=BATCH,
+            quiet=True,
+            options=options,
+        )
+        ray.shutdown()
+        first, last = sink.arrivals[0], sink.arrivals[-1]
+        rate = (batches - 1) / (last - first)
+        base = base or rate
+        print(f"{k:7d} {first - t0:10.1f} {rate:9.2f} {rate / base:8.2f} {k:6d}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a small run (CI smoke test)")
+    args = parser.parse_args()
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+    os.environ.setdefault("MMTOOLS_FSYNC", "0")
+    import torch
+
+    torch.set_num_threads(2)  # the local engine gets the same 2 CPUs as the Ray cluster
+    n = 300 if args.quick else 2000
+    with tempfile.TemporaryDirectory(prefix="bench-ray-") as d:
+        bench_overhead(n, Path(d))
+        bench_scaling(args.quick, Path(d))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

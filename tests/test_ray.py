@@ -1,0 +1,398 @@
+"""`--engine ray`: the same rows, rejects, manifest and resume as the local engine; retries.
+
+One local Ray cluster (2 CPUs) serves the whole module. Each step runs under both engines,
+in process, on the same input, and the two output datasets must be the same: rows and
+values, shard layout, reject rows and manifest counts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import MMTOOLS, image_bytes, make_image_folder, mmtools
+from test_embed import tiny_clip
+
+from mmtools import columns as C
+from mmtools import engine, ray_engine
+from mmtools.errors import PartialError, UsageError
+from mmtools.io.dataset import DatasetSink
+from mmtools.io.layout import REJECTS_DIR
+from mmtools.io.source import Source
+from mmtools.step import Result, Step
+
+BATCH, SHARD = 8, 12
+SUMMARY_KEYS = "rows_in rows_out rejected reasons dropped generated upstream_rejected resumed_from"
+MANIFEST_KEYS = "fingerprint schema columns rows rejects dropped generated position"
+# Model outputs may differ in the last bits: the workers run torch with other thread counts.
+MODEL_COLUMNS = (C.IMAGE_EMBEDDING, C.TEXT_EMBEDDING, C.CLIP_SCORE)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local Ray cluster of 2 CPUs, joined by this process; its address."""
+    ray = pytest.importorskip("ray")
+    from ray import cloudpickle
+
+    # Workers cannot import this test module: the test steps below travel by value.
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ctx.address_info["gcs_address"]
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """30 captioned JPEGs, two exact duplicates, a blank caption and a corrupt file."""
+    root = make_image_folder(tmp_path_factory.mktemp("ray") / "imgs", 30)
+    for name, seed in (("dup_a", 1), ("dup_b", 2)):
+        (root / f"{name}.jpg").write_bytes(image_bytes(seed))
+        (root / f"{name}.txt").write_text(f"a copy of photo {seed}")
+    (root / "blank.jpg").write_bytes(image_bytes(99))
+    (root / "blank.txt").write_text("   ")
+    (root / "bad.jpg").write_bytes(b"not a jpeg at all")
+    (root / "bad.txt").write_text("a broken file")
+    return root
+
+
+@pytest.fixture(scope="module")
+def ingested(folder) -> Path:
+    """The folder ingested by the local engine, in shards of about SHARD rows."""
+    out = folder.parent / "ingested"
+    mmtools("ingest", folder, "-o", out, "--shard-rows", SHARD, "-q")
+    return out
+
+
+@pytest.fixture(scope="module")
+def clip_json(folder) -> Path:
+    """A tiny random open_clip model config."""
+    return tiny_clip(folder.parent)
+
+
+def run_both(tmp: Path, command: str, make_steps, make_source) -> dict:
+    """Run the same steps with each engine into tmp/local and tmp/ray; their manifests."""
+    manifests = {}
+    for name, eng in (("local", engine), ("ray", ray_engine)):
+        source = make_source()
+        sink = DatasetSink(str(tmp / name), shard_rows=SHARD)
+        _, manifests[name] = eng.run(
+            command, source, make_steps(source), sink, batch_size=BATCH, quiet=True
+        )
+    return manifests
+
+
+def read(path: Path, sub: str = "") -> pa.Table | None:
+    """All shards (or reject shards) of a dataset, in shard order."""
+    files = sorted((path / sub).glob("part-*.parquet"))
+    return pa.concat_tables([pq.read_table(f) for f in files]) if files else None
+
+
+def assert_same(tmp: Path, manifests: dict) -> pa.Table:
+    """The local and Ray outputs hold the same rows, rejects, shards and counts."""
+    local, ray = tmp / "local", tmp / "ray"
+    a, b = read(local), read(ray)
+    assert a.schema.equals(b.schema, check_metadata=True)
+    for name in a.schema.names:
+        if name in MODEL_COLUMNS:
+            np.testing.assert_allclose(floats(a[name]), floats(b[name]), atol=2e-3)
+        else:
+            assert a[name].equals(b[name]), name
+    ra, rb = read(local, REJECTS_DIR), read(ray, REJECTS_DIR)
+    assert (ra is None and rb is None) or ra.equals(rb)
+    ma, mb = manifests["local"], manifests["ray"]
+    for key in MANIFEST_KEYS.split():
+        assert ma[key] == mb[key], key
+    shards = [[(s["name"], s["rows"], s["inputs"]) for s in m["shards"]] for m in (ma, mb)]
+    assert shards[0] == shards[1]
+    summaries = [{k: m["summary"][k] for k in SUMMARY_KEYS.split()} for m in (ma, mb)]
+    assert summaries[0] == summaries[1]
+    return a
+
+
+def floats(column: pa.ChunkedArray) -> np.ndarray:
+    """A float or embedding column as a float32 array."""
+    array = column.combine_chunks()
+    if pa.types.is_fixed_size_list(array.type):
+        return np.asarray(array.flatten(), np.float32).reshape(len(array), -1)
+    return np.asarray(array, np.float32)
+
+
+def dataset_source(path: Path):
+    """A factory of sources reading the dataset at `path`."""
+    return lambda: Source([str(path)])
+
+
+# -- each step kind under both engines -----------------------------------------------------
+
+
+@pytest.mark.ray
+def test_ingest_on_ray_equals_local_with_the_same_rejects(cluster, folder, tmp_path):
+    from mmtools.ingest import Ingest, IngestConfig, ListingSource
+    from mmtools.listing import ListingOptions
+
+    manifests = run_both(
+        tmp_path,
+        "ingest",
+        lambda src: [Ingest(IngestConfig(), src.kinds, workers=2)],
+        lambda: ListingSource([str(folder)], ListingOptions()),
+    )
+    rows = assert_same(tmp_path, manifests)
+    assert rows.num_rows == 33
+    assert manifests["ray"]["rejects"]["by_reason"] == {"not_image": 1}
+
+
+@pytest.fixture(scope="module")
+def scored(cluster, ingested, clip_json) -> tuple[Path, dict]:
+    """embed (an actor pool, tiny model) then score (tasks), by both engines."""
+    from mmtools.embed import ModelOptions
+    from mmtools.score import score_steps
+
+    opts = ModelOptions(str(clip_json), "none", device="cpu", batch_size=BATCH, workers=1)
+    tmp = ingested.parent / "scored"
+    manifests = run_both(
+        tmp, "score", lambda src: score_steps(src.schema, None, opts), dataset_source(ingested)
+    )
+    return tmp, manifests
+
+
+@pytest.mark.ray
+def test_embed_and_score_on_ray_equal_local(scored):
+    tmp, manifests = scored
+    rows = assert_same(tmp, manifests)
+    assert {C.IMAGE_EMBEDDING, C.TEXT_EMBEDDING, C.CLIP_SCORE} <= set(rows.schema.names)
+    assert manifests["ray"]["rejects"]["by_reason"] == {"no_text": 1}
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize(
+    "config",
+    [{"where": "clip_score > 0 AND width >= 32"}, {"top_fraction": 0.3, "by": C.CLIP_SCORE}],
+    ids=["where", "top-fraction"],
+)
+def test_filter_on_ray_equals_local(scored, tmp_path, config):
+    from mmtools.filter import FilterConfig, make_filter
+
+    manifests = run_both(
+        tmp_path,
+        "filter",
+        lambda src: [make_filter(FilterConfig(**config))],
+        dataset_source(scored[0] / "local"),
+    )
+    assert_same(tmp_path, manifests)
+    assert sum(manifests["ray"]["dropped"].values()) > 0
+
+
+@pytest.mark.ray
+def test_dedup_on_ray_equals_local(scored, tmp_path):
+    from mmtools.dedup import Dedup, DedupConfig
+
+    config = DedupConfig(("exact",), keep=f"highest:{C.CLIP_SCORE}")
+    manifests = run_both(
+        tmp_path, "dedup", lambda src: [Dedup(config)], dataset_source(scored[0] / "local")
+    )
+    assert_same(tmp_path, manifests)
+    assert manifests["ray"]["dropped"] == {"exact": 2}
+
+
+@pytest.mark.ray
+def test_mixup_on_ray_equals_local(cluster, ingested, tmp_path):
+    from mmtools.mixup import Mixup, MixupConfig
+
+    manifests = run_both(
+        tmp_path,
+        "mixup",
+        lambda src: [Mixup(MixupConfig(fraction=0.5, keep_originals=True, seed=3))],
+        dataset_source(ingested),
+    )
+    rows = assert_same(tmp_path, manifests)
+    assert manifests["ray"]["generated"] > 0
+    mixed = rows.num_rows - rows.column(C.MIXUP_PARENTS).null_count
+    assert mixed == manifests["ray"]["generated"]
+
+
+# -- failures: retried, reported, resumed ---------------------------------------------------
+
+
+class Flaky(Step):
+    """Passes rows through; at the batch holding `target` it fails while `marker` says so.
+
+    Every attempt at that batch appends a byte to `marker`. `how`: "raise" fails on the first
+    attempt, "kill" SIGKILLs its own worker process on the first attempt, "kill-always" on
+    every attempt, "usage" raises a usage error while the file `marker + '.fail'` exists.
+    """
+
+    name = "flaky"
+
+    def __init__(self, marker: str, target: str, how: str, loads_model: bool = False):
+        super().__init__()
+        self.marker, self.target, self.how = marker, target, how
+        self.loads_model = loads_model
+
+    def process(self, batch: pa.RecordBatch) -> Result:
+        """The batch, unchanged, unless this is the attempt that fails."""
+        if self.target in batch.column(C.ID).to_pylist():
+            with open(self.marker, "ab") as f:
+                f.write(b".")
+            first = os.path.getsize(self.marker) == 1
+            if (self.how == "kill" and first) or self.how == "kill-always":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if self.how == "raise" and first:
+                raise RuntimeError("injected failure")
+            if self.how == "usage" and os.path.exists(self.marker + ".fail"):
+                raise UsageError("injected usage error")
+        return Result(batch)
+
+
+def attempts(marker: Path) -> int:
+    """How many times the target batch was attempted."""
+    return marker.stat().st_size
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize(
+    ("how", "actor"), [("raise", False), ("kill", True)], ids=["task-raises", "actor-killed"]
+)
+def test_failed_or_killed_worker_is_retried_and_no_row_is_lost(
+    cluster, ingested, tmp_path, how, actor
+):
+    marker = tmp_path / "attempts"
+    target = read(ingested).column(C.ID)[17].as_py()
+    sink = DatasetSink(str(tmp_path / "out"), shard_rows=SHARD)
+    steps = [Flaky(str(marker), target, how, actor)]
+    summary, manifest = ray_engine.run(
+        "flaky", Source([str(ingested)]), steps, sink, batch_size=BATCH, quiet=True
+    )
+    assert attempts(marker) == 2
+    assert read(tmp_path / "out").equals(read(ingested))
+    assert summary.rows_out == manifest["rows"] == 33
+
+
+@pytest.mark.ray
+def test_worker_that_always_dies_stops_the_run_after_bounded_retries(cluster, ingested, tmp_path):
+    marker = tmp_path / "attempts"
+    target = read(ingested).column(C.ID)[17].as_py()
+    sink = DatasetSink(str(tmp_path / "out"), shard_rows=SHARD)
+    steps = [Flaky(str(marker), target, "kill-always")]
+    with pytest.raises(PartialError, match="a Ray worker kept dying on one batch"):
+        ray_engine.run("flaky", Source([str(ingested)]), steps, sink, batch_size=BATCH)
+    assert attempts(marker) == ray_engine.RETRIES + 1
+    assert not (tmp_path / "out" / "_manifest.json").exists()
+
+
+@pytest.mark.ray
+def test_step_error_is_not_retried_and_a_rerun_resumes(cluster, ingested, tmp_path):
+    marker = tmp_path / "attempts"
+    Path(str(marker) + ".fail").touch()
+    ids = read(ingested).column(C.ID)
+    target = ids[len(ids) - 1].as_py()  # in the last batch: earlier shards get committed
+    out = tmp_path / "out"
+
+    def run():
+        sink = DatasetSink(str(out), shard_rows=SHARD)
+        return ray_engine.run(
+            "flaky",
+            Source([str(ingested)]),
+            [Flaky(str(marker), target, "usage")],
+            sink,
+            batch_size=BATCH,
+            quiet=True,
+        )
+
+    with pytest.raises(UsageError, match="injected usage error"):
+        run()
+    assert attempts(marker) == 1  # a data or usage error is reported, not retried
+    assert not (out / "_manifest.json").exists()
+    committed = read(out).num_rows
+    assert committed >= 2 * SHARD
+    os.unlink(str(marker) + ".fail")
+    summary, manifest = run()
+    assert summary.resumed_from == committed
+    assert read(out).equals(read(ingested))
+    assert manifest["summary"]["rows_in"] == 33 - summary.resumed_from
+
+
+# -- the command line -------------------------------------------------------------------------
+
+
+def _stream(data: bytes) -> tuple[pa.Table, list]:
+    """Rows and reject side-records of an mmtools Arrow stream."""
+    reader = pa.ipc.open_stream(data)
+    batches, rejects = [], []
+    while True:
+        try:
+            batch, meta = reader.read_next_batch_with_custom_metadata()
+        except StopIteration:
+            break
+        if meta is not None and b"mmtools.rejects" in meta:
+            rejects += json.loads(meta[b"mmtools.rejects"])
+        batches.append(batch)
+    return pa.Table.from_batches(batches, reader.schema).combine_chunks(), rejects
+
+
+@pytest.mark.ray
+def test_pipe_through_ray_gives_the_local_stream_and_nothing_else_on_stdout(cluster, folder):
+    ingest = subprocess.run([*MMTOOLS, "ingest", str(folder)], capture_output=True, check=True)
+    where = ["filter", "--where", "width >= 32 AND text LIKE '%photo%'", "-q"]
+    local = mmtools(*where, input=ingest.stdout)
+    ray = mmtools(
+        *where, "--engine", "ray", input=ingest.stdout, env={ray_engine.ENV_ADDRESS: cluster}
+    )
+    assert ray.stderr == b""
+    rows, rejects = _stream(ray.stdout)
+    assert rows.num_rows == 32  # not the blank caption
+    assert _stream(ray.stdout) == _stream(local.stdout)
+    assert [r[2] for r in rejects] == ["not_image"]  # upstream rejects travel on
+
+
+@pytest.mark.ray
+def test_unreachable_cluster_is_one_clear_line(cluster, ingested, tmp_path):
+    proc = mmtools(
+        "filter",
+        ingested,
+        "--where",
+        "width > 0",
+        "-o",
+        tmp_path / "out",
+        "--engine",
+        "ray",
+        check=False,
+        env={ray_engine.ENV_ADDRESS: "127.0.0.1:1"},
+    )
+    assert proc.returncode == 75
+    err = proc.stderr.decode()
+    assert err.startswith("mmtools filter: error: cannot reach the Ray cluster at 127.0.0.1:1")
+    assert err.count("\n") == 1
+
+
+def test_local_engine_never_imports_ray(ingested, tmp_path):
+    code = (
+        "import sys; from mmtools.cli import main; sys.argv = ['mmtools', 'filter', "
+        f"{str(ingested)!r}, '--where', 'width > 0', '-o', {str(tmp_path / 'out')!r}, '-q']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "assert 'ray' not in sys.modules, 'ray was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    assert (tmp_path / "out" / "_manifest.json").exists()
+
+
+def test_missing_ray_says_how_to_install_it(ingested, tmp_path):
+    code = (
+        "import sys; sys.modules['ray'] = None\nfrom mmtools.cli import main\n"
+        f"sys.argv = ['mmtools', 'filter', {str(ingested)!r}, '--where', 'width > 0', "
+        f"'--engine', 'ray', '-o', {str(tmp_path / 'out')!r}]\nmain()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.decode().strip() == (
+        "mmtools filter: error: this needs the optional package 'ray'; install it with "
+        "pip install 'mmtools[ray]'"
+    )
+    assert not (tmp_path / "out").exists()  # refused before the output is touched
