@@ -1,0 +1,415 @@
+"""`mmtools embed`: normalised, stable embeddings with provenance; rejects; offline errors; CLAP."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import image_bytes, mmtools, wav_bytes
+
+from mmtools import columns as C
+from mmtools.embed import ClapEmbed, ClipEmbed, EmbedConfig
+
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def tiny_clip(directory: Path, name: str = "tiny-clip", layers: int = 2) -> Path:
+    """An open_clip model config (random init with --pretrained none), small enough for tests."""
+    cfg = json.loads(json.dumps(TINY_CLIP))
+    cfg["vision_cfg"]["layers"] = layers
+    path = directory / f"{name}.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def _byte_vocab() -> dict[str, int]:
+    """GPT-2's byte-to-unicode alphabet: a byte-level BPE vocabulary with no merges."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    extra = iter(range(256, 512))
+    chars = {b: chr(b) if b in keep else chr(next(extra)) for b in range(256)}
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "<mask>": 4}
+    for ch in chars.values():
+        vocab[ch] = len(vocab)
+    return vocab
+
+
+def tiny_clap(directory: Path) -> Path:
+    """A random tiny CLAP model + processor saved with save_pretrained (16 kHz, 1 s window)."""
+    import torch
+    from transformers import (
+        ClapAudioConfig,
+        ClapConfig,
+        ClapFeatureExtractor,
+        ClapModel,
+        ClapProcessor,
+        ClapTextConfig,
+        RobertaTokenizer,
+    )
+
+    directory.mkdir(parents=True, exist_ok=True)
+    audio = ClapAudioConfig(
+        spec_size=64,
+        num_mel_bins=16,
+        window_size=4,
+        hidden_size=32,
+        patch_embeds_hidden_size=16,
+        depths=[1, 1],
+        num_attention_heads=[2, 2],
+        projection_dim=24,
+        num_hidden_layers=2,
+    )
+    text = ClapTextConfig(
+        vocab_size=300,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=70,
+        projection_dim=24,
+    )
+    config = ClapConfig(text_config=text.to_dict(), audio_config=audio.to_dict(), projection_dim=24)
+    torch.manual_seed(0)
+    ClapModel(config).save_pretrained(directory)
+    (directory / "vocab.json").write_text(json.dumps(_byte_vocab()))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = RobertaTokenizer(
+        str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=64
+    )
+    features = ClapFeatureExtractor(
+        feature_size=16,
+        sampling_rate=16000,
+        hop_length=160,
+        max_length_s=1,
+        fft_window_size=256,
+        frequency_max=8000,
+        truncation="rand_trunc",
+    )
+    ClapProcessor(feature_extractor=features, tokenizer=tokenizer).save_pretrained(directory)
+    return directory
+
+
+def media_table(
+    images: list, texts: list, paths: list | None = None, column: str = C.IMAGE
+) -> pa.Table:
+    """A plain Parquet-ready table of id, media and text."""
+    n = len(images)
+    media = C.media_array(images, paths or [None] * n)
+    return pa.table(
+        {C.ID: [f"r{i:03d}" for i in range(n)], column: media, C.TEXT: pa.array(texts, pa.string())}
+    )
+
+
+def read_dataset(path: Path) -> pa.Table:
+    """The rows of an mmtools dataset directory, in shard order, with the first shard's schema."""
+    manifest = json.loads((path / "_manifest.json").read_text())
+    tables = [pq.read_table(path / s["name"]) for s in manifest["shards"]]
+    return pa.concat_tables(tables)
+
+
+def read_rejects(path: Path) -> dict[str, str]:
+    """id -> reason of the reject rows of a dataset."""
+    files = sorted((path / "_rejects").glob("*.parquet"))
+    rows = pa.concat_tables([pq.read_table(f) for f in files]).to_pylist() if files else []
+    return {r[C.ID]: r[C.REJECT_REASON] for r in rows}
+
+
+def matrix(table: pa.Table, column: str) -> np.ndarray:
+    """An embedding column as a float32 matrix."""
+    return np.array(table.column(column).to_pylist(), dtype=np.float32)
+
+
+def by_id(table: pa.Table, column: str) -> dict[str, np.ndarray]:
+    return dict(zip(table.column(C.ID).to_pylist(), matrix(table, column), strict=True))
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="module")
+def clip_json(models_dir) -> Path:
+    return tiny_clip(models_dir)
+
+
+def _config(clip_json, **kw) -> EmbedConfig:
+    kw = {"model": str(clip_json), "pretrained": "none", "device": "cpu", "workers": 2, **kw}
+    return EmbedConfig(**kw)
+
+
+def _run(step, table: pa.Table, batch_rows: int) -> pa.Table:
+    step.setup()
+    results = list(step.run(table.to_batches(max_chunksize=batch_rows)))
+    assert len(results) == len(table.to_batches(max_chunksize=batch_rows))
+    return pa.Table.from_batches([r.batch for r in results])
+
+
+@pytest.fixture(scope="module")
+def good_table() -> pa.Table:
+    return media_table(
+        [image_bytes(i, (40 + i, 30)) for i in range(20)],
+        [f"a photo number {i}" for i in range(20)],
+    )
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory, clip_json) -> tuple[Path, Path, object]:
+    """One CLI run over good rows and every kind of bad row; (input dir, output, process)."""
+    root = tmp_path_factory.mktemp("mixed")
+    on_disk = root / "on_disk.jpg"
+    on_disk.write_bytes(image_bytes(99))
+    good = [image_bytes(i) for i in range(12)]
+    rgba = io.BytesIO()
+    from PIL import Image
+
+    Image.new("RGBA", (20, 20), (255, 0, 0, 128)).save(rgba, "PNG")
+    truncated = image_bytes(50, (64, 64))
+    images = [
+        *good,
+        truncated[: len(truncated) // 2],
+        b"not an image",
+        b"",
+        None,
+        good[0],
+        rgba.getvalue(),
+        None,
+        None,
+    ]
+    texts = [
+        *(f"caption {i}" for i in range(12)),
+        "t",
+        "g",
+        "z",
+        "n",
+        "   ",
+        "alpha",
+        "disk",
+        "gone",
+    ]
+    paths = [None] * 18 + [str(on_disk), str(root / "missing.jpg")]
+    (root / "in").mkdir()
+    pq.write_table(media_table(images, texts, paths), root / "in" / "part-0.parquet")
+    out = root / "out"
+    proc = mmtools(
+        "embed",
+        root / "in",
+        "--model",
+        clip_json,
+        "--pretrained",
+        "none",
+        "--batch-size",
+        5,
+        "-o",
+        out,
+    )
+    return root / "in", out, proc
+
+
+def test_embed_writes_unit_float16_vectors_with_provenance(mixed):
+    _, out, _ = mixed
+    table = read_dataset(out)
+    for column in (C.IMAGE_EMBEDDING, C.TEXT_EMBEDDING):
+        assert table.schema.field(column).type.list_size == 32
+        assert table.schema.field(column).type.value_type == pa.float16()
+        norms = np.linalg.norm(matrix(table, column), axis=1)
+        assert np.allclose(norms, 1.0, atol=2e-3)
+        info = C.column_info(table.schema)[column]
+        assert info["model"].endswith("tiny-clip.json") and info["pretrained"] == "none"
+        assert info["dim"] == 32 and info["normalized"] is True and info["precision"] == "fp32"
+        assert info["library"].startswith("open_clip ")
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert "tiny-clip.json" in json.dumps(manifest)
+
+
+def test_bad_rows_become_rejects_and_good_rows_all_come_out(mixed):
+    _, out, proc = mixed
+    kept = read_dataset(out).column(C.ID).to_pylist()
+    assert kept == [f"r{i:03d}" for i in (*range(12), 17, 18)]  # in order; RGBA and on-disk ok
+    assert read_rejects(out) == {
+        "r012": "truncated",
+        "r013": "not_image",
+        "r014": "zero_byte",
+        "r015": "no_image",
+        "r016": "no_text",
+        "r019": "missing_file",
+    }
+    assert "20 in, 14 out, 6 rejected" in proc.stderr.decode()
+
+
+def test_embeddings_stable_across_batch_sizes_and_dtypes(clip_json, good_table):
+    small = _run(ClipEmbed(_config(clip_json, batch_size=3, dtype="float32")), good_table, 7)
+    large = _run(
+        ClipEmbed(_config(clip_json, batch_size=64, dtype="float32", workers=1)), good_table, 20
+    )
+    half = _run(ClipEmbed(_config(clip_json, batch_size=8)), good_table, 20)
+    for column in (C.IMAGE_EMBEDDING, C.TEXT_EMBEDDING):
+        assert np.allclose(matrix(small, column), matrix(large, column), atol=1e-5)
+        assert half.schema.field(column).type.value_type == pa.float16()
+        assert np.allclose(matrix(half, column), matrix(large, column), atol=1e-3)
+
+
+def test_bf16_autocast_on_cpu_agrees_with_fp32(clip_json, good_table):
+    fp32 = _run(ClipEmbed(_config(clip_json, dtype="float32")), good_table, 20)
+    bf16 = _run(ClipEmbed(_config(clip_json, dtype="float32", precision="bf16")), good_table, 20)
+    for column in (C.IMAGE_EMBEDDING, C.TEXT_EMBEDDING):
+        cosine = np.sum(matrix(fp32, column) * matrix(bf16, column), axis=1)
+        assert cosine.min() > 0.98
+
+
+def test_local_checkpoint_loads_and_nan_weights_are_rejected(clip_json, good_table, tmp_path):
+    import torch
+
+    step = ClipEmbed(_config(clip_json, dtype="float32"))
+    reference = _run(step, good_table, 20)
+    state = step._towers["image"].encoder.model.state_dict()
+    torch.save(state, tmp_path / "ckpt.pt")
+    loaded = _run(
+        ClipEmbed(_config(clip_json, pretrained=str(tmp_path / "ckpt.pt"), dtype="float32")),
+        good_table,
+        20,
+    )
+    assert np.allclose(matrix(loaded, C.IMAGE_EMBEDDING), matrix(reference, C.IMAGE_EMBEDDING))
+    (tmp_path / "dir").mkdir()
+    torch.save(state, tmp_path / "dir" / "open_clip_pytorch_model.bin")
+    from_dir = ClipEmbed(_config(clip_json, pretrained=str(tmp_path / "dir")))
+    assert from_dir.column_info()[C.IMAGE_EMBEDDING]["pretrained"].endswith(
+        "open_clip_pytorch_model.bin"
+    )
+    state["visual.proj"] = torch.full_like(state["visual.proj"], float("nan"))
+    torch.save(state, tmp_path / "nan.pt")
+    broken = ClipEmbed(_config(clip_json, pretrained=str(tmp_path / "nan.pt")))
+    broken.setup()
+    result = broken.process(good_table.to_batches()[0])
+    assert result.batch.num_rows == 0
+    assert set(result.rejects.column(C.REJECT_REASON).to_pylist()) == {"bad_embedding"}
+
+
+def test_offline_default_model_fails_with_one_line(tmp_path):
+    pq.write_table(media_table([image_bytes(0)], ["a photo"]), tmp_path / "in.parquet")
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    proc = mmtools("embed", tmp_path / "in.parquet", "-o", tmp_path / "out", check=False, env=env)
+    lines = proc.stderr.decode().strip().splitlines()
+    assert proc.returncode == 75
+    assert lines == [
+        "mmtools embed: error: cannot load ViT-B-32 weights 'laion2b_s34b_b79k' (no network?); "
+        "pass a local checkpoint with --pretrained /path/to/open_clip_pytorch_model.bin, or "
+        "--model mmtools-shapes for the bundled offline model"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+def test_offline_default_clap_fails_with_one_line(tmp_path):
+    pq.write_table(media_table([wav_bytes()], ["a tone"], column=C.AUDIO), tmp_path / "a.parquet")
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    proc = mmtools("embed", tmp_path / "a.parquet", "-o", tmp_path / "out", check=False, env=env)
+    lines = proc.stderr.decode().strip().splitlines()
+    assert proc.returncode == 75 and len(lines) == 1
+    assert "cannot load CLAP model 'laion/clap-htsat-unfused' (no network?)" in lines[0]
+    assert "--audio-model /path/to/" in lines[0]
+
+
+@pytest.fixture(scope="module")
+def clap_dir(models_dir) -> Path:
+    return tiny_clap(models_dir / "tiny-clap")
+
+
+def audio_table() -> pa.Table:
+    """The same tone at several rates and channel counts, plus bytes that are not audio."""
+    clips = [
+        wav_bytes(sr=16000),
+        wav_bytes(sr=44100, channels=2),
+        wav_bytes(sr=8000),
+        wav_bytes(sr=48000, channels=2, subtype="FLOAT"),
+        wav_bytes(sr=22050, fmt="FLAC"),
+        wav_bytes(seconds=3.0, sr=16000, freq=880.0),
+        b"RIFF but not audio",
+        b"",
+    ]
+    return media_table(clips, ["a tone"] * 8, column=C.AUDIO)
+
+
+def test_clap_embeds_audio_at_any_rate_and_channel_count(clap_dir, tmp_path):
+    pq.write_table(audio_table(), tmp_path / "a.parquet")
+    out = tmp_path / "out"
+    mmtools(
+        "embed",
+        tmp_path / "a.parquet",
+        "--audio-model",
+        clap_dir,
+        "--dtype",
+        "float32",
+        "--batch-size",
+        3,
+        "-o",
+        out,
+    )
+    table = read_dataset(out)
+    audio = by_id(table, C.AUDIO_EMBEDDING)
+    assert sorted(audio) == [f"r{i:03d}" for i in range(6)]
+    assert read_rejects(out) == {"r006": "not_audio", "r007": "zero_byte"}
+    for i in range(1, 5):  # resampled and mixed down: close to the 16 kHz mono original
+        assert float(audio["r000"] @ audio[f"r{i:03d}"]) > 0.99
+    assert float(audio["r000"] @ audio["r005"]) < 0.999  # a different tone differs
+    info = C.column_info(table.schema)
+    assert info[C.AUDIO_EMBEDDING]["model"] == str(clap_dir)
+    assert info[C.TEXT_EMBEDDING]["dim"] == 24  # text went through CLAP, not open_clip
+    assert np.allclose(np.linalg.norm(matrix(table, C.TEXT_EMBEDDING), axis=1), 1, atol=1e-5)
+
+
+def test_clap_embeddings_stable_across_batch_sizes(clap_dir):
+    table = audio_table().slice(0, 6)
+    config = {
+        "model": str(clap_dir),
+        "modalities": ["audio", "text"],
+        "device": "cpu",
+        "dtype": "float32",
+    }
+    one = _run(ClapEmbed(EmbedConfig(**config, batch_size=1)), table, 2)
+    all_ = _run(ClapEmbed(EmbedConfig(**config, batch_size=6)), table, 6)
+    assert np.allclose(matrix(one, C.AUDIO_EMBEDDING), matrix(all_, C.AUDIO_EMBEDDING), atol=1e-5)
+
+
+def test_embed_refuses_unknown_modality_and_bad_device(clip_json, tmp_path):
+    from mmtools.errors import UsageError
+
+    with pytest.raises(UsageError, match="embeds image and text, not audio"):
+        ClipEmbed(_config(clip_json, modalities=["audio"]))
+    schema = media_table([b"x"], ["t"]).schema
+    with pytest.raises(UsageError, match="fp16 is not supported on CPU"):
+        ClipEmbed(_config(clip_json, precision="fp16")).output_schema(schema)
+    with pytest.raises(UsageError, match="no CUDA device"):
+        ClipEmbed(_config(clip_json, device="cuda")).output_schema(schema)
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == ""
+
+
+def test_embedding_equals_open_clip_own_preprocess_and_forward(clip_json, good_table):
+    import torch
+    from PIL import Image
+
+    step = ClipEmbed(_config(clip_json, dtype="float32"))
+    table = _run(step, good_table, 20)
+    encoder = step._towers["image"].encoder
+    images = [Image.open(io.BytesIO(image_bytes(i, (40 + i, 30)))) for i in range(20)]
+    with torch.no_grad():
+        expected = encoder.model.encode_image(
+            torch.stack([encoder.preprocess(im) for im in images])
+        )
+    expected = torch.nn.functional.normalize(expected, dim=-1).numpy()
+    assert np.allclose(matrix(table, C.IMAGE_EMBEDDING), expected, atol=1e-5)
+
+
+def test_resume_fingerprint_is_json_stable_and_ignores_device_and_batching(clip_json):
+    one = ClipEmbed(_config(clip_json, batch_size=8, workers=1, device="cpu"))
+    other = ClipEmbed(_config(clip_json, batch_size=64, workers=4, device="auto"))
+    assert json.loads(json.dumps(one.params())) == one.params() == other.params()
+    assert ClipEmbed(_config(clip_json, dtype="float32")).params() != one.params()
