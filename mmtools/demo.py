@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from mmtools.errors import MmtoolsError
+
 
 @dataclass
 class DemoConfig:
@@ -151,5 +153,183 @@ def run_pipe(commands: list[list[str]], log) -> float:
     codes = [p.wait() for p in procs]
     if any(codes):
         failed = " | ".join("mmtools " + " ".join(c) for c in commands)
-        raise RuntimeError(f"{failed} exited {codes}; see the log")
+        raise MmtoolsError(f"{failed} exited {codes}; the log has the details")
     return time.monotonic() - t0
+
+
+def calibrate_threshold(n: int = 400, seed: int = 12345) -> float:
+    """The clip_score cut for mmtools-shapes, calibrated on fresh pairs (not the demo's data).
+
+    Scores matched and shuffled captions of newly generated scenes and takes the cut that
+    best separates them (Youden's J), as one calibrates a threshold for any new model.
+    """
+    import numpy as np
+
+    from mmtools import shapes_model, synth
+    from mmtools.shapes_model.train import embed
+
+    model, preprocess, tokenizer = shapes_model.create()
+    image_emb, text_emb = embed(model, preprocess, tokenizer, list(synth.generate(n, seed)))
+    matched = (image_emb * text_emb).sum(axis=1)
+    shuffled = (image_emb * np.roll(text_emb, 1, axis=0)).sum(axis=1)
+    cuts = np.sort(np.concatenate([matched, shuffled]))
+    j = [(matched >= c).mean() - (shuffled >= c).mean() for c in cuts]
+    return round(float(cuts[int(np.argmax(j))]), 3)
+
+
+def run_demo(out: Path, cfg: DemoConfig, threshold: float, log) -> dict:
+    """Make the sample, run the chain, and measure what it removed against the truth."""
+    out.mkdir(parents=True, exist_ok=True)
+    images = out / "sample" / "images"
+    truth = make_sample(images, cfg)
+    seed = str(cfg.seed)
+    stages = [
+        (
+            "ingest | embed | score",
+            [
+                ["ingest", str(images), "-q"],
+                ["embed", "--model", "mmtools-shapes", "-q"],
+                ["score", "-o", str(out / "scored"), "--json"],
+            ],
+        ),
+        (
+            f"filter clip_score >= {threshold}",
+            [
+                [
+                    "filter",
+                    str(out / "scored"),
+                    "--where",
+                    f"clip_score >= {threshold}",
+                    "-o",
+                    str(out / "filtered"),
+                    "--json",
+                ]
+            ],
+        ),
+        (
+            "dedup exact + phash",
+            [
+                [
+                    "dedup",
+                    str(out / "filtered"),
+                    "-m",
+                    "exact",
+                    "-m",
+                    "phash",
+                    "--keep",
+                    "highest:clip_score",
+                    "-o",
+                    str(out / "deduped"),
+                    "--json",
+                ]
+            ],
+        ),
+        (
+            "rewrite (template) | mixup",
+            [
+                [
+                    "rewrite",
+                    str(out / "deduped"),
+                    "--backend",
+                    "template",
+                    "--mix",
+                    "0.5",
+                    "--seed",
+                    seed,
+                    "-q",
+                ],
+                [
+                    "mixup",
+                    "--mode",
+                    "image-text",
+                    "--fraction",
+                    "0.2",
+                    "--keep-originals",
+                    "--seed",
+                    seed,
+                    "-o",
+                    str(out / "final"),
+                    "--json",
+                ],
+            ],
+        ),
+        ("stats --plot", [["stats", str(out / "final"), "--plot", str(out / "plots")]]),
+    ]
+    timings = [(name, run_pipe(cmds, log)) for name, cmds in stages]
+    return _report(out, truth, timings, threshold)
+
+
+def _report(out: Path, truth: Truth, timings, threshold: float) -> dict:
+    scored, filtered = _ids(out / "scored"), _ids(out / "filtered")
+    deduped, final = _ids(out / "deduped"), _ids(out / "final")
+    dropped = scored - filtered
+    p, r = precision_recall(dropped, set(truth.mismatched))
+    rejects = _rejects(out / "scored")
+    reasons: dict[str, int] = {}
+    rejected_ids: set[str] = set()
+    if rejects is not None:
+        for rid, reason in zip(
+            rejects.column("id").to_pylist(), rejects.column("reason").to_pylist(), strict=True
+        ):
+            reasons[reason] = reasons.get(reason, 0) + 1
+            rejected_ids.add(rid)
+
+    def collapsed(pairs):  # a pair is resolved when at most one of the two survives
+        return sum(1 for a, b in pairs if not (a in deduped and b in deduped))
+
+    return {
+        "rows": {
+            "sample": len(scored) + len(rejected_ids),
+            "scored": len(scored),
+            "filtered": len(filtered),
+            "deduped": len(deduped),
+            "final": len(final),
+        },
+        "threshold": threshold,
+        "mismatched": {
+            "planted": len(truth.mismatched),
+            "removed": len(dropped),
+            "precision": round(p, 4),
+            "recall": round(r, 4),
+        },
+        "exact_duplicates": {
+            "planted": len(truth.exact_pairs),
+            "removed": collapsed(truth.exact_pairs),
+        },
+        "near_duplicates": {
+            "planted": len(truth.near_pairs),
+            "removed": collapsed(truth.near_pairs),
+        },
+        "corrupt": {
+            "planted": len(truth.corrupt),
+            "rejected": len(set(truth.corrupt) & rejected_ids),
+        },
+        "rejects": reasons,
+        "seconds": {name: round(t, 2) for name, t in timings},
+        "outputs": {
+            "dataset": str(out / "final"),
+            "plots": str(out / "plots"),
+            "log": str(out / "demo.log"),
+        },
+    }
+
+
+def format_report(rep: dict) -> str:
+    """The report as a few readable lines."""
+    rows, mis = rep["rows"], rep["mismatched"]
+    ex, near, bad = rep["exact_duplicates"], rep["near_duplicates"], rep["corrupt"]
+    lines = [
+        "rows: " + " -> ".join(f"{k} {v}" for k, v in rows.items()),
+        f"mismatched captions removed by clip_score >= {rep['threshold']}: {mis['removed']} "
+        f"rows dropped, {mis['planted']} planted; precision {mis['precision']:.2f}, "
+        f"recall {mis['recall']:.2f}",
+        f"exact duplicates removed: {ex['removed']}/{ex['planted']}; near-duplicates removed: "
+        f"{near['removed']}/{near['planted']}",
+        f"corrupt files rejected: {bad['rejected']}/{bad['planted']} ("
+        + ", ".join(f"{k} {v}" for k, v in sorted(rep["rejects"].items()))
+        + ")",
+        "time: " + ", ".join(f"{k} {v:.1f} s" for k, v in rep["seconds"].items()),
+        f"output: {rep['outputs']['dataset']}  plots: {rep['outputs']['plots']}  "
+        f"log: {rep['outputs']['log']}",
+    ]
+    return "\n".join(lines)

@@ -113,3 +113,28 @@ def test_recipes_print_usage_without_arguments():
     ):
         proc = run_recipe(name)
         assert proc.returncode == 2 and b"usage:" in proc.stderr
+
+
+def test_audio_curation_recipe_with_a_local_clap(tmp_path):
+    from conftest import wav_bytes
+    from test_embed import tiny_clap
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for i in range(4):
+        (clips / f"tone{i}.wav").write_bytes(wav_bytes(2.0, freq=300 + 100 * i))
+        (clips / f"tone{i}.txt").write_text(f"a tone number {i}")
+    (clips / "short.wav").write_bytes(wav_bytes(0.3))
+    (clips / "short.txt").write_text("too short")
+    (clips / "silent.wav").write_bytes(wav_bytes(2.0, freq=0.0))
+    (clips / "silent.txt").write_text("silence")
+    model = tiny_clap(tmp_path / "clap")
+    proc = run_recipe(
+        "audio_curation.sh", clips, tmp_path / "out", AUDIO_MODEL=str(model), MIN_SCORE="-1"
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    rows = read_dataset(tmp_path / "out").to_pylist()
+    assert sorted(r["id"] for r in rows) == [f"tone{i}.wav" for i in range(4)]
+    assert all(-1 <= r["audio_text_score"] <= 1 for r in rows)
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["lineage"][1]["dropped"] == {"duration": 1, "silence": 1}

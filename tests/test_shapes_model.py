@@ -44,6 +44,8 @@ def shapes():
     pytest.importorskip("open_clip")
     from mmtools import shapes_model
 
+    if not shapes_model.weights_path().exists():
+        pytest.skip("mmtools-shapes weights not built: python -m mmtools.shapes_model.train")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HF_HUB_OFFLINE", "1")
         patch.setattr(socket.socket, "connect", _no_network)

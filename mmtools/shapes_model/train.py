@@ -124,7 +124,10 @@ def save(model: Any, path: Path) -> None:
     """Write the weights as fp16 safetensors, via a temporary file and a rename."""
     from safetensors.torch import save_file
 
-    state = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
+    state = {
+        k: (v.half() if v.is_floating_point() else v).detach().contiguous()
+        for k, v in model.state_dict().items()
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata={"model": shapes_model.MODEL_NAME})
@@ -160,15 +163,17 @@ def evaluate(model: Any, preprocess: Any, tokenizer: Any, n: int, seed: int) -> 
     matched = np.diag(sims)
     # Samples are i.i.d., so the next sample's caption is a random mismatched one.
     shuffled = sims[np.arange(n), np.roll(np.arange(n), -1)]
-    scene = [_scene_key(s.attrs) for s in samples]
+    keys = [_scene_key(s.attrs) for s in samples]
+    scene = np.array([keys.index(k) for k in keys])  # one id per distinct scene description
     i2t, t2i = sims.argmax(axis=1), sims.argmax(axis=0)
     return {
         "auc_matched_vs_shuffled": roc_auc(matched, shuffled),
+        "best_threshold": best_threshold(matched, shuffled),
         "recall@1_image_to_text": float(np.mean(i2t == np.arange(n))),
         "recall@1_text_to_image": float(np.mean(t2i == np.arange(n))),
         # Distinct scenes share captions, so also count a hit on an identical scene description.
-        "recall@1_i2t_same_scene": float(np.mean([scene[j] == scene[i] for i, j in enumerate(i2t)])),
-        "recall@1_t2i_same_scene": float(np.mean([scene[j] == scene[i] for i, j in enumerate(t2i)])),
+        "recall@1_i2t_same_scene": float(np.mean(scene[i2t] == scene)),
+        "recall@1_t2i_same_scene": float(np.mean(scene[t2i] == scene)),
     }
 
 
@@ -186,6 +191,16 @@ def roc_auc(positive: Any, negative: Any) -> float:
     n_pos, n_neg = len(positive), len(negative)
     u = ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2
     return float(u / (n_pos * n_neg))
+
+
+def best_threshold(positive: Any, negative: Any) -> float:
+    """The score cut that best separates `positive` from `negative` (max TPR − FPR)."""
+    import numpy as np
+
+    cuts = np.sort(np.concatenate([positive, negative]))
+    tpr = 1 - np.searchsorted(np.sort(positive), cuts, side="left") / len(positive)
+    fpr = 1 - np.searchsorted(np.sort(negative), cuts, side="left") / len(negative)
+    return float(cuts[np.argmax(tpr - fpr)])
 
 
 if __name__ == "__main__":
