@@ -16,7 +16,7 @@
 #           (e.g. --overwrite, --invert)
 # Environment:
 #   MODEL       open_clip model for scoring (default ViT-B-32)
-#   PRETRAINED  its checkpoint tag or file (default laion2b_s34b_b79k; set it empty to use the
+#   PRETRAINED  its checkpoint tag or file (default openai, as LAION used; set it empty to use the
 #               model's own weights, e.g. MODEL=mmtools-shapes PRETRAINED= for the offline one)
 #   MMTOOLS     the mmtools command line (default: mmtools)
 set -euo pipefail
@@ -29,7 +29,7 @@ input=$1 output=$2
 shift 2
 MMTOOLS=${MMTOOLS:-mmtools}
 MODEL=${MODEL-ViT-B-32}
-PRETRAINED=${PRETRAINED-laion2b_s34b_b79k}
+PRETRAINED=${PRETRAINED-openai}
 
 if $MMTOOLS info "$input" --json | grep -q '"name": "clip_score"'; then
     $MMTOOLS filter "$input" --preset laion -o "$output" "$@"

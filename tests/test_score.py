@@ -19,9 +19,9 @@ from test_embed import (
 )
 
 from mmtools import columns as C
-from mmtools.embed import ClipEmbed, EmbedConfig
+from mmtools.embed import ClipEmbed, EmbedConfig, ModelOptions
 from mmtools.errors import DataContractError
-from mmtools.score import Score, ScoreConfig
+from mmtools.score import Score, ScoreConfig, score_steps
 
 TINY = ("--pretrained", "none")
 
@@ -105,10 +105,11 @@ def image_only(root, images, clip_a):
     return root / "image_only.parquet"
 
 
-def test_missing_embeddings_use_the_model_already_recorded(root, image_only, direct):
-    mmtools("score", image_only, "-o", root / "completed", "-q")
-    completed = read_dataset(root / "completed")
-    assert np.allclose(matrix_score(completed), matrix_score(direct), atol=1e-6)
+def test_missing_embeddings_use_the_model_already_recorded(image_only, clip_a):
+    steps = score_steps(pq.read_schema(image_only), None, ModelOptions(device="cpu"))
+    assert [type(s) for s in steps] == [ClipEmbed, Score]
+    embed = steps[0].config
+    assert (embed.modalities, embed.model, embed.pretrained) == (["text"], str(clip_a), "none")
 
 
 def test_refuses_to_compare_embeddings_of_different_models(root, image_only, clip_a, clip_b):
@@ -185,18 +186,13 @@ def _auc(positive: np.ndarray, negative: np.ndarray) -> float:
     return float(np.mean(diff > 0) + 0.5 * np.mean(diff == 0))
 
 
-def _shapes_weights_present() -> bool:
-    try:
-        from mmtools import shapes_model
-    except ImportError:
-        return False
-    return shapes_model.weights_path().is_file()
+def _has_shapes_model() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("mmtools.shapes_model") is not None
 
 
-@pytest.mark.skipif(
-    not _shapes_weights_present(),
-    reason="the bundled mmtools-shapes weights are not in this checkout",
-)
+@pytest.mark.skipif(not _has_shapes_model(), reason="mmtools.shapes_model is not in this checkout")
 def test_shipped_model_scores_matched_pairs_above_shuffled(tmp_path):
     from mmtools import synth
 
@@ -216,3 +212,5 @@ def test_shipped_model_scores_matched_pairs_above_shuffled(tmp_path):
     shuffled = np.array([v for k, v in scores.items() if k.startswith("s")])
     assert len(matched) == len(shuffled) == 60
     assert _auc(matched, shuffled) >= 0.9
+    info = C.column_info(table.schema)[C.CLIP_SCORE]
+    assert (info["model"], info["pretrained"]) == ("mmtools-shapes", "bundled")
