@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
 from mmtools import columns as C
+from mmtools.io.fs import store
 from mmtools.io.layout import MANIFEST, RUN_FILE
-from mmtools.io.manifest import read_json, schema_fields
+from mmtools.io.manifest import schema_fields
 
 
 def describe(source, inputs: list[str]) -> dict:
@@ -22,8 +21,9 @@ def describe(source, inputs: list[str]) -> dict:
         bytes=sum(s.size for s in source.shards),
         lineage=source.upstream,
     )
-    if len(inputs) == 1 and os.path.isdir(inputs[0]):
-        manifest = read_json(os.path.join(inputs[0], MANIFEST))
+    if len(inputs) == 1 and source.dataset_dir:
+        st = store(inputs[0])
+        manifest = st.read_json(MANIFEST)
         desc["complete"] = manifest is not None
         if manifest:
             desc["rejects"] = manifest["rejects"]
@@ -31,6 +31,6 @@ def describe(source, inputs: list[str]) -> dict:
             desc["columns"] = {**desc["columns"], **manifest.get("columns", {})}
             desc["created"] = manifest["created"]
             desc["versions"] = manifest["versions"]
-        elif os.path.exists(os.path.join(inputs[0], RUN_FILE)):
+        elif st.exists(RUN_FILE):
             desc["complete"] = False
     return desc

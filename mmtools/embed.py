@@ -58,6 +58,7 @@ class _Embed(Step):
 
     media: str = ""  # the media column this family embeds
     allowed: tuple[str, ...] = ()
+    loads_model = True
 
     def __init__(self, config: EmbedConfig):
         super().__init__(config)
@@ -98,6 +99,7 @@ class _Embed(Step):
                 "precision": c.precision,
                 "dtype": c.dtype,
                 "max_pixels": c.max_pixels,
+                "model_files": spec.files(),
             }
         }
 
@@ -123,6 +125,7 @@ class _Embed(Step):
     def setup(self) -> None:
         """Load the model on the chosen device (once; later calls keep it)."""
         if not self._towers:
+            self.device = None  # resolved again where it runs: a Ray worker may have a GPU
             self._towers = self._load(self._device())
 
     def _device(self):
@@ -287,14 +290,14 @@ class _ImageTower:
         return {"pixels": torch.empty((n, *self.shape), pin_memory=pin)}
 
     def fill(self, bufs: dict, offset: int, values: list) -> list[Reason]:
-        from mmtools.media import decode_image
+        from mmtools.media import decoded_image
 
         pixels = bufs["pixels"].numpy()
         reasons: list[Reason] = []
         for i, value in enumerate(values):
             try:
-                img = decode_image(_media_bytes(value, "image"), self.max_pixels)
-                pixels[offset + i] = self._pixels(img)
+                with decoded_image(_media_bytes(value, "image"), self.max_pixels) as img:
+                    pixels[offset + i] = self._pixels(img)
                 reasons.append(None)
             except MediaError as e:
                 reasons.append((e.reason, e.detail))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 import time
 from collections import deque
@@ -12,6 +14,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from mmtools import columns as C
+from mmtools.errors import PartialError
 from mmtools.io.dataset import Position
 from mmtools.step import GlobalStep, Step
 
@@ -30,6 +33,7 @@ class Summary:
     generated: int = 0
     upstream_rejected: int = 0
     resumed_from: int = 0
+    notes: dict[str, int] = field(default_factory=dict)  # the steps' own counters
     already_complete: bool = False
     seconds: float = 0.0
 
@@ -46,6 +50,7 @@ class Summary:
         parts.append(f"{sum(self.dropped.values())} dropped" + (f" ({drop})" if drop else ""))
         if self.resumed_from:
             parts.append(f"resumed after {self.resumed_from} rows")
+        parts += [f"{k.replace('_', ' ')} {v}" for k, v in sorted(self.notes.items())]
         rate = self.rows_in / self.seconds if self.seconds > 0 else 0.0
         parts.append(f"{self.seconds:.1f} s ({rate:.0f} rows/s)")
         return f"mmtools {self.command}: " + ", ".join(parts) + f" -> {self.output}"
@@ -62,6 +67,7 @@ class _Tally:
     dropped: dict[str, int] = field(default_factory=dict)
     generated: int = 0
     forwarded: list[pa.RecordBatch] = field(default_factory=list)
+    notes: dict[str, int] = field(default_factory=dict)
 
 
 def output_schema(source_schema: pa.Schema, steps: list[Step]) -> tuple[pa.Schema, dict]:
@@ -94,6 +100,13 @@ def _conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(cols, schema=schema)
 
 
+def add_counts(total: dict[str, int], more: dict[str, int]) -> None:
+    """Add the counters of `more` into `total`."""
+    for k, n in more.items():
+        if n:
+            total[k] = total.get(k, 0) + n
+
+
 def _apply(step: Step, items: Iterator[tuple[pa.RecordBatch, _Tally]]):
     """Run `step` over the batches of `items`, carrying each batch's tally alongside."""
     pending: deque = deque()
@@ -108,9 +121,9 @@ def _apply(step: Step, items: Iterator[tuple[pa.RecordBatch, _Tally]]):
         res.check(rows_in, step.name)
         if res.rejects is not None and res.rejects.num_rows:
             tally.rejects.append(res.rejects)
-        for rule, n in res.dropped.items():
-            tally.dropped[rule] = tally.dropped.get(rule, 0) + n
+        add_counts(tally.dropped, res.dropped)
         tally.generated += res.generated
+        add_counts(tally.notes, res.notes)
         yield res.batch, tally
 
 
@@ -143,8 +156,9 @@ def run(
             if hasattr(steps[0], "seek"):  # tell pass 2 where a resumed run starts
                 steps[0].seek(start.rows)
         stream(source, steps, sink, schema, start, incoming, summary, batch_size, quiet)
-    except BaseException:
+    except BaseException as e:
         sink.abort()
+        raise_for_storage(e, sink)
         raise
     finally:
         for step in steps:
@@ -152,15 +166,43 @@ def run(
         source.close()
     summary.seconds = time.monotonic() - t0
     lineage = [*getattr(source, "upstream", []), {"argv": argv or [], **summary.as_dict()}]
-    manifest = sink.close(summary.as_dict(), lineage, info)
-    return summary, manifest
+    return summary, close(sink, summary, lineage, info)
+
+
+NO_SPACE = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+NO_SPACE_TEXT = tuple(os.strerror(n) for n in NO_SPACE)  # Arrow's errors may carry no errno
+
+
+def raise_for_storage(e: BaseException, sink) -> None:
+    """A full disk, a file-size limit or a lost object store: a partial run; rerun resumes."""
+    if isinstance(e, OSError) and (e.errno in NO_SPACE or any(t in str(e) for t in NO_SPACE_TEXT)):
+        detail = e.strerror or " ".join(str(e).split())
+        raise PartialError(
+            f"out of space writing {getattr(sink, 'path', 'the output')} ({detail}); "
+            "the committed shards are kept: free space and rerun the same command to resume"
+        ) from None
+    if isinstance(e, OSError) and getattr(getattr(sink, "store", None), "remote", False):
+        raise PartialError(
+            f"writing {sink.path} failed ({' '.join(str(e).split())}); the committed shards "
+            "are kept: rerun the same command to resume"
+        ) from None
+
+
+def close(sink, summary: Summary, lineage: list[dict], info: dict) -> dict:
+    """Commit the last shard and write the manifest; a full disk there too is a partial run."""
+    try:
+        return sink.close(summary.as_dict(), lineage, info)
+    except BaseException as e:
+        sink.abort()
+        raise_for_storage(e, sink)
+        raise
 
 
 def scan(source, step: GlobalStep, batch_size: int) -> None:
     """Pass 1 of a global step (and its middle pass, if any) over the source."""
     source.spool()
     for batch in source.batches(columns=list(step.scan_columns), batch_size=batch_size):
-        step.scan(batch)
+        step.scan(step.keys(batch))
     step.finish_scan()
     if columns := step.gather_columns():
         step.gather(source.batches(columns=columns, batch_size=batch_size))
@@ -231,10 +273,8 @@ def _count(summary: Summary, tally: _Tally, out) -> None:
     summary.rows_out += 0 if out is None else out.num_rows
     summary.rows_in = tally.consumed.rows - summary.resumed_from
     summary.generated += tally.generated
-    summary.dropped = {
-        k: summary.dropped.get(k, 0) + tally.dropped.get(k, 0)
-        for k in {*summary.dropped, *tally.dropped}
-    }
+    add_counts(summary.dropped, tally.dropped)
+    add_counts(summary.notes, tally.notes)
     for r in tally.rejects:
         for reason in r.column(C.REJECT_REASON).to_pylist():
             summary.reasons[reason] = summary.reasons.get(reason, 0) + 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -81,6 +83,34 @@ class Interrupted(MmtoolsError):
 
         super().__init__(f"stopped by {signal.Signals(signum).name}; rerun the command to resume")
         self.exit_code = 128 + signum
+
+
+_critical = 0  # depth of `uninterrupted()` sections
+_pending: int | None = None  # a signal that arrived inside one
+
+
+def on_signal(signum: int, frame=None) -> None:
+    """SIGTERM/SIGINT handler: stop now, or right after the commit in progress."""
+    global _pending
+    if _critical:
+        _pending = signum
+        return
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def uninterrupted():
+    """A section a signal must not cut in two (a commit: rename, record, manifest); a signal
+    that arrives meanwhile stops the command when it ends."""
+    global _critical, _pending
+    _critical += 1
+    try:
+        yield
+    finally:
+        _critical -= 1
+        if not _critical and _pending is not None:
+            signum, _pending = _pending, None
+            raise Interrupted(signum)
 
 
 class DownstreamClosed(MmtoolsError):

@@ -13,16 +13,16 @@ import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from fractions import Fraction
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from mmtools import columns as C
 from mmtools.errors import UsageError
+from mmtools.rank import TopFraction, TopFractionConfig
 from mmtools.step import GlobalStep, Result, Step, reject_batch
 
+INVERTED_NOTE = "would_drop_"  # with --invert: rows each rule matched, as summary notes
 ENGLISH = r"(?i)^(en|eng|english)([-_].*)?$"
 FRAME_LENGTH, HOP_LENGTH = 2048, 512
 
@@ -151,15 +151,6 @@ class FilterConfig:
     invert: bool = False
 
 
-@dataclass
-class TopFractionConfig:
-    """Keep the `fraction` (or `k`) rows with the highest `by`; ties go to the smaller id."""
-
-    by: str
-    fraction: float | None = None
-    k: int | None = None
-
-
 def build_rules(config: FilterConfig) -> list[Rule | AudioRule]:
     """The expression and audio rules of `config`, in the order they are counted."""
     rules: list = []
@@ -234,92 +225,6 @@ def _parse_error(expression: str) -> str:
 # -- the global top fraction ----------------------------------------------------------------
 
 
-def _keys(array) -> np.ndarray:
-    """A numeric key column as float64, null and NaN as NaN (they rank last)."""
-    return pc.fill_null(array.cast(pa.float64()), np.nan).to_numpy(zero_copy_only=False)
-
-
-class TopFraction(GlobalStep):
-    """Keep the best rows of the whole input by one column, exactly, in two passes.
-
-    Pass 1 holds only the key column (8 bytes a row) and the ids; between the passes the
-    k-th best (key, id) pair becomes the cut, ordered by key descending, then id ascending.
-    Pass 2 keeps a row when key > cut key, or key == cut key and id <= cut id, so it needs
-    no state and a resumed run keeps exactly the same rows.
-    """
-
-    name = "top_fraction"
-
-    def __init__(self, config: TopFractionConfig):
-        super().__init__(config)
-        self.scan_columns = (C.ID, config.by)
-        self.requires = (C.ID, config.by)
-        self._keys: list[np.ndarray] = []
-        self._ids: list[pa.Array] = []
-        self._cut: tuple | None = None  # (key or None for the null keys, id), "all" or "none"
-
-    def output_schema(self, schema: pa.Schema) -> pa.Schema:
-        """The input schema; the key column must exist and be numeric."""
-        by = self.config.by
-        if by not in schema.names:
-            raise UsageError(f"--by {by}: unknown column; the input has {', '.join(schema.names)}")
-        kind = schema.field(by).type
-        if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
-            raise UsageError(f"--by {by} must be a numeric column, not {kind}")
-        C.require(schema, (C.ID,), self.name)
-        return schema
-
-    def wanted(self, n: int) -> int:
-        """How many of `n` rows to keep: floor(fraction × n) or k."""
-        if self.config.k is not None:
-            return min(self.config.k, n)
-        return int(Fraction(str(self.config.fraction)) * n)
-
-    def scan(self, batch: pa.RecordBatch) -> None:
-        """Pass 1: remember the keys and ids."""
-        self._keys.append(_keys(batch.column(self.config.by)))
-        self._ids.append(batch.column(C.ID))
-
-    def finish_scan(self) -> None:
-        """Find the cut: the k-th best (key, id) pair."""
-        keys = np.concatenate(self._keys) if self._keys else np.empty(0)
-        ids = pa.chunked_array(self._ids, pa.string())
-        self._keys, self._ids = [], []
-        n, k = len(keys), self.wanted(len(keys))
-        if k in (0, n):
-            self._cut = "none" if k == 0 else "all"
-            return
-        valid = ~np.isnan(keys)
-        n_valid = int(valid.sum())
-        if k <= n_valid:
-            t = float(np.partition(keys[valid], n_valid - k)[n_valid - k])
-            tied, m = keys == t, k - int((keys > t).sum())
-        else:
-            t, tied, m = None, ~valid, k - n_valid
-        tied_ids = ids.filter(pa.array(tied))
-        self._cut = (t, tied_ids[pc.sort_indices(tied_ids)[m - 1].as_py()].as_py())
-
-    def keep(self, batch: pa.RecordBatch) -> np.ndarray:
-        """Pass 2: which rows of `batch` are among the best."""
-        if self._cut is None:
-            raise RuntimeError("TopFraction.keep() before finish_scan()")
-        if isinstance(self._cut, str):
-            return np.full(batch.num_rows, self._cut == "all")
-        t, cut_id = self._cut
-        key = _keys(batch.column(self.config.by))
-        id_ok = pc.fill_null(pc.less_equal(batch.column(C.ID), cut_id), False).to_numpy(
-            zero_copy_only=False
-        )
-        if t is None:
-            return ~np.isnan(key) | id_ok
-        return (key > t) | ((key == t) & id_ok)
-
-    def process(self, batch: pa.RecordBatch) -> Result:
-        """Keep the rows above the cut."""
-        keep = self.keep(batch)
-        return Result(batch.filter(pa.array(keep)), dropped={self.name: int((~keep).sum())})
-
-
 # -- the filter step -------------------------------------------------------------------------
 
 
@@ -350,7 +255,6 @@ class Filter(Step):
         self._active: list | None = None
         self._exprs = None
         self._pool: ThreadPoolExecutor | None = None
-        self.would_drop: dict[str, int] = {}  # with invert: what each rule matched
 
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
         """The input schema, after checking every rule against it (before any row is read)."""
@@ -443,11 +347,12 @@ class Filter(Step):
         rejected[[i for i, _, _ in v.rejects]] = True
         if not self.config.invert:
             return Result(batch.filter(pa.array(v.alive)), rejects, v.dropped)
-        for name, n in v.dropped.items():
-            self.would_drop[name] = self.would_drop.get(name, 0) + n
         out = ~v.alive & ~rejected
         kept = int(v.alive.sum())
-        return Result(batch.filter(pa.array(out)), rejects, {"inverted": kept} if kept else {})
+        notes = {f"{INVERTED_NOTE}{name}": n for name, n in v.dropped.items()}
+        return Result(
+            batch.filter(pa.array(out)), rejects, {"inverted": kept} if kept else {}, notes=notes
+        )
 
 
 class RankedFilter(Filter, GlobalStep):
@@ -458,6 +363,10 @@ class RankedFilter(Filter, GlobalStep):
         """The id and key columns."""
         return self.top.scan_columns
 
+    def keys(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """Pass 1 where the batch is: ids and keys."""
+        return self.top.keys(batch)
+
     def scan(self, batch: pa.RecordBatch) -> None:
         """Pass 1: remember keys and ids."""
         self.top.scan(batch)
@@ -465,6 +374,10 @@ class RankedFilter(Filter, GlobalStep):
     def finish_scan(self) -> None:
         """Find the cut."""
         self.top.finish_scan()
+
+    def finish_on_ray(self, keys, in_order) -> bool:
+        """Find the cut with Ray's sort."""
+        return self.top.finish_on_ray(keys)
 
 
 def make_filter(config: FilterConfig) -> Filter:

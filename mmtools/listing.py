@@ -209,8 +209,18 @@ def listing_digest(table: pa.Table, inputs: list[str]) -> str:
     for spec in inputs:
         st = os.stat(spec)
         h.update(f"{os.path.abspath(spec)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    for key, size in zip(
-        table.column("key").to_pylist(), table.column("size").to_pylist(), strict=True
-    ):
-        h.update(f"{key}:{size}\n".encode())
+    cols = (table.column(n).to_pylist() for n in ("key", "location", "size", "sidecar"))
+    for key, location, size, sidecar in zip(*cols, strict=True):
+        h.update(f"{key}:{size}:{_stat(location)}:{_stat(sidecar)}\n".encode())
     return h.hexdigest()
+
+
+def _stat(path: str | None) -> str:
+    """A local file's size and mtime, so that an edit behind the same name is seen; else ''."""
+    if not path or "://" in path:
+        return ""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ""  # missing: ingest rejects the row itself
+    return f"{st.st_size}/{st.st_mtime_ns}"

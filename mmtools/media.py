@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit (about 0.25 GiB RGBA).
+MAX_JPEG_SCANS = 100  # progressive JPEGs have ~10; thousands take minutes to decode
+ENV_DECODE_TIMEOUT = "MMTOOLS_DECODE_TIMEOUT"  # seconds one image may take to decode
+DEFAULT_DECODE_TIMEOUT = 60.0
+ENV_DECODE_PIXELS = "MMTOOLS_DECODE_PIXELS"  # pixels all decoding threads may hold at once
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".opus", ".aiff", ".aif"}
@@ -80,12 +87,18 @@ def _open_image(data: bytes, max_pixels: int):
             "decompression_bomb",
             f"{img.width}x{img.height} exceeds the limit of {max_pixels} pixels",
         )
+    if img.format == "JPEG" and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+        # Entropy-coded data stuffs 0xFF with 0x00, so each FFDA is a start-of-scan marker.
+        raise MediaError("decompression_bomb", f"{scans} JPEG scans (at most {MAX_JPEG_SCANS})")
     return img
 
 
 def _load(img) -> None:
+    """Decode the pixels, within the decode time limit."""
     try:
-        img.load()
+        _within_time_limit(img.load)
+    except MediaError:
+        raise
     except OSError as e:
         reason = "truncated" if "truncated" in str(e) else "corrupt"
         raise MediaError(reason, str(e)) from None
@@ -93,12 +106,84 @@ def _load(img) -> None:
         raise MediaError("corrupt", f"{type(e).__name__}: {e}") from None
 
 
+def _decode_timeout() -> float:
+    try:
+        return float(os.environ.get(ENV_DECODE_TIMEOUT) or DEFAULT_DECODE_TIMEOUT)
+    except ValueError:
+        return DEFAULT_DECODE_TIMEOUT
+
+
+def _within_time_limit(fn) -> None:
+    """Run `fn` in a daemon thread; past the limit, reject the item and leave the thread.
+
+    A decoder stuck in C cannot be stopped from Python; the abandoned thread finishes (or
+    dies with the process) on its own, and the row becomes a `decode_timeout` reject.
+    """
+    limit = _decode_timeout()
+    if limit <= 0:
+        fn()
+        return
+    outcome: list[BaseException | None] = []
+
+    def target():
+        try:
+            fn()
+            outcome.append(None)
+        except BaseException as e:  # handed to the caller's thread
+            outcome.append(e)
+
+    worker = threading.Thread(target=target, daemon=True, name="mmtools-decode")
+    worker.start()
+    worker.join(limit)
+    if worker.is_alive():
+        raise MediaError("decode_timeout", f"decoding took more than {limit:g} s")
+    if outcome[0] is not None:
+        raise outcome[0]
+
+
+class _PixelBudget:
+    """Pixels that the decoding threads of a process may hold at once.
+
+    One image at the size limit takes the whole budget, so a few legal but huge images
+    decode one after another instead of together; ordinary images share it freely.
+    """
+
+    def __init__(self, total: int):
+        self.total, self.free = total, total
+        self.cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        """Wait until `pixels` (at most the whole budget) are free; hold them meanwhile."""
+        n = min(pixels, self.total)
+        with self.cond:
+            self.cond.wait_for(lambda: self.free >= n)
+            self.free -= n
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.free += n
+                self.cond.notify_all()
+
+
+def _budget_pixels() -> int:
+    try:
+        return int(os.environ.get(ENV_DECODE_PIXELS) or DEFAULT_MAX_PIXELS)
+    except ValueError:
+        return DEFAULT_MAX_PIXELS
+
+
+PIXEL_BUDGET = _PixelBudget(_budget_pixels())
+
+
 def probe_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, verify: bool = True):
     """Check an image fully decodes; return its size and format."""
     img = _open_image(data, max_pixels)
     fmt = (img.format or "unknown").lower()
     if verify:
-        _load(img)
+        with PIXEL_BUDGET.hold(img.width * img.height):
+            _load(img)
     width, height = img.size
     orientation = img.getexif().get(0x0112, 1) if hasattr(img, "getexif") else 1
     if orientation in (5, 6, 7, 8):  # EXIF-rotated by 90°: report the displayed size
@@ -108,16 +193,31 @@ def probe_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, verify: bool 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS):
     """Decode to an upright RGB PIL image (EXIF orientation applied, alpha over white)."""
+    with decoded_image(data, max_pixels) as img:
+        return img
+
+
+@contextlib.contextmanager
+def decoded_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator:
+    """`decode_image` as a context: the image's pixels count against the shared decoding
+    budget (`MMTOOLS_DECODE_PIXELS`) until the caller is done with it."""
+    img = _open_image(data, max_pixels)
+    with PIXEL_BUDGET.hold(img.width * img.height):
+        yield _upright_rgb(img)
+
+
+def _upright_rgb(img):
     from PIL import Image, ImageOps
 
-    img = _open_image(data, max_pixels)
     _load(img)
     with contextlib.suppress(Exception):  # a broken EXIF block should not cost the image
-        img = ImageOps.exif_transpose(img)
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        ImageOps.exif_transpose(img, in_place=True)
+    if img.mode in ("LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":  # over white, with one full-size copy (the RGB result)
+        rgb = Image.new("RGB", img.size, (255, 255, 255))
+        rgb.paste(img, mask=img)
+        return rgb
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16/32-bit greyscale: scale to 8 bits instead of clipping.
         import numpy as np

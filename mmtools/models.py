@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import glob
 import logging
 import os
 from dataclasses import dataclass
@@ -47,6 +48,21 @@ class ModelDownloadError(TemporaryError):
     """Weights that had to be fetched from a hub could not be (no network, hub down)."""
 
 
+def file_stamps(*paths: str | None) -> list[str]:
+    """Size and mtime of each local model file (every file of a directory), so that a model
+    replaced behind the same path changes a run's fingerprint; names and tags give nothing."""
+    stamps = []
+    for path in paths:
+        if not path or not os.path.exists(path):
+            continue
+        files = [path] if os.path.isfile(path) else sorted(glob.glob(f"{path}/**", recursive=True))
+        for f in files:
+            if os.path.isfile(f):
+                st = os.stat(f)
+                stamps.append(f"{os.path.relpath(f, path)}:{st.st_size}:{st.st_mtime_ns}")
+    return stamps
+
+
 @dataclass(frozen=True)
 class ClipSpec:
     """A resolved open_clip model: what to build, what to record, and its embedding size."""
@@ -58,6 +74,10 @@ class ClipSpec:
     dim: int
     config_file: str | None = None
     quick_gelu: bool = False  # weights trained with QuickGELU (OpenAI's) on a GELU config
+
+    def files(self) -> list[str]:
+        """Stamps of the local config and checkpoint files (see `file_stamps`)."""
+        return file_stamps(self.config_file, self.weights)
 
     def info(self, precision: str) -> dict:
         """Provenance of an embedding made with this model."""
@@ -79,6 +99,10 @@ class ClapSpec:
 
     name: str
     dim: int
+
+    def files(self) -> list[str]:
+        """Stamps of the files of a local model directory (see `file_stamps`)."""
+        return file_stamps(self.name)
 
     def info(self, precision: str) -> dict:
         """Provenance of an embedding made with this model."""

@@ -12,8 +12,10 @@ accounting and writes rows, rejects and progress records.
 Parquet inputs are read by Ray tasks, one per input shard, batched as the local engine
 batches them, one envelope per block so that a shard's batches spread over the workers;
 other inputs (a stdin stream, an ingest listing) are read by the driver into Ray's object
-store first. A global step's first pass (keys only) runs on the driver as in the local
-engine; its second pass runs on the workers, which receive the step with its scan state.
+store first. A global step's first pass computes its keys on the workers (`keys`); the step
+decides with Ray Data's own sort or groupby where it can (`finish_on_ray`), else the driver
+scans the keys in input order. Its second pass runs on the workers, which receive the step
+with its decision.
 
 A step that raises on a batch is run again on it (Ray Data's `max_map_retries`); a worker
 process that dies has its task re-run elsewhere, or its actor restarted and the batch re-run,
@@ -23,198 +25,28 @@ contract) is not retried: the driver raises it as the local engine would.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import json
 import logging
 import os
 import pickle
-import signal
-import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
-from mmtools import columns as C
 from mmtools import engine
-from mmtools.errors import MmtoolsError, PartialError, TemporaryError, UsageError, require_module
-from mmtools.step import GlobalStep, Result, Step
+from mmtools.errors import MmtoolsError, PartialError, TemporaryError, require_module
+from mmtools.io.fs import is_remote
+from mmtools.ray_cluster import ENV_ADDRESS, RETRIES, RayOptions, connect
+from mmtools.ray_envelope import Envelope, pack, unpack, wrap
+from mmtools.step import POSITION, GlobalStep, Result, Step
+
+__all__ = ["ENV_ADDRESS", "RETRIES", "RayOptions", "portable", "run"]
 
 log = logging.getLogger("mmtools")
-
-ENV_ADDRESS = "MMTOOLS_RAY_ADDRESS"
-ENV_CONCURRENCY = "MMTOOLS_RAY_CONCURRENCY"
-ENV_GPUS = "MMTOOLS_RAY_GPUS_PER_WORKER"
-RETRIES = 3
-CONNECT_TIMEOUT = 5.0
-MODEL_STEPS = ("clip_embed", "clap_embed", "rewrite")  # steps may say so with `loads_model`
-ENVELOPE = pa.schema(
-    [
-        pa.field("start", pa.int64()),  # input rows before this batch
-        pa.field("rows", pa.int64()),  # input rows in this batch
-        pa.field("data", pa.large_binary()),  # the batch, Arrow IPC stream
-        pa.field("rejects", pa.large_binary()),  # reject rows so far, Arrow IPC stream
-        pa.field("dropped", pa.string()),  # JSON {rule: count}
-        pa.field("generated", pa.int64()),
-        pa.field("error", pa.large_binary()),  # a pickled mmtools error, not to be retried
-    ]
-)
-BINARY = ("data", "rejects", "error")
 _PICKLES = (np.ndarray, pa.Array, pa.ChunkedArray, pa.Table, pa.RecordBatch, str, bytes, int)
-
-
-@dataclass
-class RayOptions:
-    """Where and how wide to run: cluster address, actors per model step, GPUs per actor."""
-
-    address: str | None = None  # None: start a local cluster; "auto": join the running one
-    concurrency: int | None = None  # actors per model step; None: 1 up to the cluster's size
-    gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
-    retries: int = RETRIES
-
-    @classmethod
-    def from_env(cls) -> RayOptions:
-        """Options from the MMTOOLS_RAY_* environment variables."""
-        try:
-            concurrency, gpus = os.environ.get(ENV_CONCURRENCY), os.environ.get(ENV_GPUS)
-            opts = cls(
-                address=os.environ.get(ENV_ADDRESS) or None,
-                concurrency=int(concurrency) if concurrency else None,
-                gpus_per_worker=float(gpus) if gpus else None,
-            )
-        except ValueError as e:
-            raise UsageError(f"bad {ENV_CONCURRENCY} or {ENV_GPUS}: {e}") from None
-        if (opts.concurrency or 1) < 1 or (opts.gpus_per_worker or 0) < 0:
-            raise UsageError(f"{ENV_CONCURRENCY} must be >= 1 and {ENV_GPUS} >= 0")
-        return opts
-
-
-def connect(options: RayOptions, actors: bool = False):
-    """Join the cluster at `options.address`, or start a local one; nothing on stdout."""
-    ray = require_module("ray", "ray")
-    require_module("ray.data", "ray")
-    verbose = log.isEnabledFor(logging.DEBUG)
-    level = logging.INFO if verbose else logging.CRITICAL  # mmtools reports errors itself
-    for name in ("ray", "ray.data"):
-        logging.getLogger(name).setLevel(level)
-    if not ray.is_initialized():
-        if actors and not verbose:
-            # Ray's core logs an error line for every Ray Data actor it starts (ray#53727).
-            os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
-        if options.address:
-            _check_reachable(options.address)
-        # Worker output is not forwarded: stdout may carry the Arrow stream.
-        kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=level)
-        with _own_signals():
-            try:
-                ray.init(address=options.address, ignore_reinit_error=True, **kwargs)
-            except ConnectionError as e:
-                raise _unreachable(options.address, e) from None
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = False
-    ctx.retried_map_errors = True  # a step that raises on a batch: the batch is run again
-    ctx.max_map_retries = options.retries
-    return ray
-
-
-@contextlib.contextmanager
-def _own_signals():
-    """Keep mmtools' SIGTERM/SIGINT handlers: Ray's core would dump a stack and abort."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for signum, handler in saved.items():
-            if handler is not None:
-                signal.signal(signum, handler)
-
-
-def _check_reachable(address: str) -> None:
-    """Fail fast where Ray would wait minutes: a host:port that does not answer."""
-    import socket
-
-    host, sep, port = address.rpartition(":")
-    if "://" in address or not sep or not port.isdigit():
-        return  # "auto" and ray:// addresses: Ray reports those itself
-    try:
-        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT).close()
-    except OSError as e:
-        raise _unreachable(address, e) from None
-
-
-def _unreachable(address: str, e: Exception) -> TemporaryError:
-    return TemporaryError(
-        f"cannot reach the Ray cluster at {address} ({str(e).splitlines()[0]}); start it "
-        f"(ray start --head) or unset {ENV_ADDRESS} to run a local one"
-    )
-
-
-# -- envelopes ---------------------------------------------------------------------------
-
-
-@dataclass
-class Envelope:
-    """One input batch on its way through the steps, with its row accounting so far."""
-
-    start: int
-    rows: int
-    data: pa.Buffer | bytes
-    rejects: pa.Buffer | bytes | None = None
-    dropped: dict[str, int] = field(default_factory=dict)
-    generated: int = 0
-    error: pa.Buffer | bytes | None = None
-
-    def batch(self) -> pa.RecordBatch:
-        """The current batch."""
-        return pa.ipc.open_stream(self.data).read_next_batch()
-
-    def reject_rows(self) -> list[pa.RecordBatch]:
-        """The reject rows so far."""
-        return (
-            [] if self.rejects is None else pa.ipc.open_stream(self.rejects).read_all().to_batches()
-        )
-
-    def add(self, res: Result) -> None:
-        """Take the result of one more step."""
-        self.data = _ipc([res.batch], res.batch.schema)
-        if res.rejected:
-            self.rejects = _ipc([*self.reject_rows(), res.rejects], C.REJECT_SCHEMA)
-        for rule, n in res.dropped.items():
-            self.dropped[rule] = self.dropped.get(rule, 0) + n
-        self.generated += res.generated
-
-
-def _ipc(batches: list[pa.RecordBatch], schema: pa.Schema) -> pa.Buffer:
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, schema) as writer:
-        for batch in batches:
-            writer.write_batch(batch)
-    return sink.getvalue()
-
-
-def pack(envelopes: list[Envelope]) -> pa.Table:
-    """Envelopes as a table of ENVELOPE rows."""
-    cols = {n: [getattr(e, n) for e in envelopes] for n in ENVELOPE.names}
-    cols["dropped"] = [json.dumps(d) for d in cols["dropped"]]
-    for n in BINARY:  # pyarrow takes a memoryview of a Buffer, not the Buffer itself
-        cols[n] = [memoryview(v) if isinstance(v, pa.Buffer) else v for v in cols[n]]
-    return pa.table([pa.array(cols[f.name], f.type) for f in ENVELOPE], schema=ENVELOPE)
-
-
-def unpack(table: pa.Table) -> list[Envelope]:
-    """The envelopes of a table of ENVELOPE rows (binary columns zero-copy)."""
-    cols = {n: table.column(n).to_pylist() for n in ENVELOPE.names if n not in BINARY}
-    cols |= {n: [v.as_buffer() if v.is_valid else None for v in table.column(n)] for n in BINARY}
-    cols["dropped"] = [json.loads(d) for d in cols["dropped"]]
-    return [Envelope(**{n: cols[n][i] for n in ENVELOPE.names}) for i in range(table.num_rows)]
 
 
 # -- what runs on the workers -------------------------------------------------------------
@@ -273,8 +105,8 @@ class _StepFn:
 class _ShardReader:
     """Read input Parquet shards into envelopes, batched as the local engine batches them."""
 
-    def __init__(self, batch_size: int):
-        self.batch_size = batch_size
+    def __init__(self, batch_size: int, columns: list[str] | None = None):
+        self.batch_size, self.columns = batch_size, columns
 
     def __call__(self, table: pa.Table) -> Iterator[pa.Table]:
         from mmtools.io.source import Source
@@ -283,8 +115,9 @@ class _ShardReader:
             *(table.column(n).to_pylist() for n in ("path", "start", "skip")), strict=True
         ):
             skip = max(0, skip)
-            for batch in Source([path]).batches(batch_size=self.batch_size, skip_rows=skip):
-                yield pack([Envelope(start, batch.num_rows, _ipc([batch], batch.schema))])
+            shard = Source([path])
+            for batch in shard.batches(self.columns, batch_size=self.batch_size, skip_rows=skip):
+                yield wrap(start, batch)
                 start += batch.num_rows
 
 
@@ -311,32 +144,31 @@ def portable(step: Step) -> Step:
 
 def loads_model(step: Step) -> bool:
     """Whether `step` runs in an actor pool (a model loaded once per actor), not in tasks."""
-    hint = getattr(step, "loads_model", None)
-    if hint is not None:
-        return bool(hint)
-    return step.num_gpus > 0 or step.name in MODEL_STEPS
+    return step.loads_model or step.num_gpus > 0
 
 
-def _input(ray, source, batch_size: int, skip: int):
-    """A dataset of one envelope per input batch, starting after `skip` rows; None if empty."""
+def _input(ray, source, batch_size: int, skip: int, columns: list[str] | None = None):
+    """A dataset of one envelope per input batch (of `columns`, default all), starting after
+    `skip` rows; None if empty."""
     from mmtools.io.source import Source
 
     if isinstance(source, Source) and source.shards is not None:
         items, offset = [], 0
         for shard in source.shards:
             if offset + shard.rows > skip:
-                path = os.path.abspath(shard.path)
+                path = shard.path if is_remote(shard.path) else os.path.abspath(shard.path)
                 items.append({"path": path, "start": max(offset, skip), "skip": skip - offset})
             offset += shard.rows
         if not items:
             return None
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.map_batches(_ShardReader(batch_size), batch_format="pyarrow", batch_size=1)
+        reader = _ShardReader(batch_size, columns)
+        ds = ds.map_batches(reader, batch_format="pyarrow", batch_size=1)
         # One envelope per block, so that one input shard's batches spread over the workers.
         return ds.repartition(target_num_rows_per_block=1)
     refs, start = [], skip
-    for batch in source.batches(batch_size=batch_size, skip_rows=skip):
-        refs.append(ray.put(pack([Envelope(start, batch.num_rows, _ipc([batch], batch.schema))])))
+    for batch in source.batches(columns, batch_size=batch_size, skip_rows=skip):
+        refs.append(ray.put(wrap(start, batch)))
         start += batch.num_rows
     return ray.data.from_arrow_refs(refs) if refs else None
 
@@ -377,9 +209,14 @@ def _map(ds, fn, **kwargs):
 
 def _envelopes(ds) -> Iterator[Envelope]:
     """The envelopes coming out of `ds`, in input order; a worker's failure re-raised as such."""
+    for table in _tables(ds):
+        yield from unpack(table)
+
+
+def _tables(ds) -> Iterator[pa.Table]:
+    """The blocks of `ds`, in input order; a worker's failure re-raised as such."""
     try:
-        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
-            yield from unpack(table)
+        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
     except Exception as e:
         log.debug("the Ray pipeline failed: %s", e)
         cause = _cause(e)
@@ -446,8 +283,7 @@ def run(
     try:
         ray = connect(options, any(loads_model(s) for s in steps))
         if scanned:
-            steps[0].setup()
-            engine.scan(source, steps[0], batch_size)
+            _scan(ray, source, steps[0], batch_size, options)
         ds = _input(ray, source, batch_size, start.rows)
         for i, step in enumerate(steps):
             seek = i == 0 and scanned and hasattr(step, "seek")
@@ -455,8 +291,9 @@ def run(
         arrivals = _Arrivals(ds, source.total_rows)
         results = [_Results(arrivals.pending)]
         engine.stream(arrivals, results, sink, schema, start, incoming, summary, batch_size, quiet)
-    except BaseException:
+    except BaseException as e:
         sink.abort()
+        engine.raise_for_storage(e, sink)
         raise
     finally:
         if scanned:
@@ -464,7 +301,50 @@ def run(
         source.close()
     summary.seconds = time.monotonic() - t0
     lineage = [*getattr(source, "upstream", []), {"argv": argv or [], **summary.as_dict()}]
-    return summary, sink.close(summary.as_dict(), lineage, info)
+    return summary, engine.close(sink, summary, lineage, info)
+
+
+def _scan(ray, source, step: GlobalStep, batch_size: int, options: RayOptions) -> None:
+    """Pass 1 of a global step: the workers compute the keys of their batches (`step.keys`:
+    hashes, scores; never media); the step decides with Ray Data's own operations where it
+    can (`finish_on_ray`: a sort for --top-fraction), else the driver scans the keys in
+    input order. A middle pass (mixup's partner rows) reads on the driver."""
+    step.setup()
+    source.spool()  # a stream on stdin is read twice
+    ds = _input(ray, source, batch_size, 0, list(step.scan_columns))
+    if ds is not None:
+        common = dict(batch_format="pyarrow", batch_size=1, zero_copy_batch=True)
+        keys = _map(ds, _KeysFn(portable(step)), max_retries=options.retries, **common)
+        if not step.finish_on_ray(keys, _in_order):
+            for batch in _in_order(keys):
+                step.scan(batch)
+            step.finish_scan()
+    else:
+        step.finish_scan()
+    if columns := step.gather_columns():
+        step.gather(source.batches(columns=columns, batch_size=batch_size))
+
+
+def _in_order(ds) -> Iterator[pa.RecordBatch]:
+    """The batches of `ds` in input order (the pipeline preserves it)."""
+    for table in _tables(ds):
+        yield from table.to_batches()
+
+
+class _KeysFn:
+    """A global step's `keys` as Ray's map function: envelopes in, key rows (with their input
+    position) out."""
+
+    def __init__(self, step: GlobalStep):
+        self.step = step
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        batches = []
+        for env in unpack(table):
+            keys = self.step.keys(env.batch())
+            at = pa.array(np.arange(env.start, env.start + keys.num_rows, dtype=np.int64))
+            batches.append(keys.append_column(POSITION, at))
+        return pa.Table.from_batches(batches)
 
 
 class _Arrivals:
@@ -508,4 +388,4 @@ class _Results(Step):
             env = self.pending.popleft()
             rejects = env.reject_rows()
             merged = pa.concat_batches(rejects) if rejects else None
-            yield Result(env.batch(), merged, env.dropped, env.generated)
+            yield Result(env.batch(), merged, env.dropped, env.generated, env.notes)

@@ -20,6 +20,9 @@ class Result:
     rejects: pa.RecordBatch | None = None
     dropped: dict[str, int] = field(default_factory=dict)
     generated: int = 0
+    # Counters beside the row accounting (e.g. mixup's pairs skipped); they travel with the
+    # result, so they add up the same way on every engine.
+    notes: dict[str, int] = field(default_factory=dict)
 
     @property
     def rejected(self) -> int:
@@ -65,6 +68,9 @@ class Step:
     requires: tuple[str, ...] = ()
     produces: tuple[str, ...] = ()
     num_gpus: float = 0.0
+    # Loads something heavy in `setup()` (a model): on Ray it runs in an actor pool, loaded
+    # once per actor, not in tasks that would load it per batch.
+    loads_model: ClassVar[bool] = False
 
     def __init__(self, config: Any = None):
         self.config = config
@@ -100,17 +106,32 @@ class Step:
         """Release resources."""
 
 
+POSITION = "_pos"  # on Ray, each key row's input position
+
+
 class GlobalStep(Step):
     """A step that must see every row first: pass 1 scans small keys, pass 2 streams."""
 
     scan_columns: tuple[str, ...] = ()
 
+    def keys(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """Pass 1, where the batch is (a Ray worker): what `scan` needs of a batch of the
+        `scan_columns` (hashes, not media). A pure function of the batch."""
+        return batch
+
     def scan(self, batch: pa.RecordBatch) -> None:
-        """Pass 1: remember what is needed of `batch` (keys only, never media)."""
+        """Pass 1, in order, in one place: remember the output of `keys` for one batch."""
         raise NotImplementedError
 
     def finish_scan(self) -> None:
         """Between the passes: decide (e.g. compute a threshold or the duplicate set)."""
+
+    def finish_on_ray(self, keys, in_order) -> bool:
+        """Pass 1 on Ray: decide from `keys` (a Ray Dataset of `keys()` rows plus their input
+        position, POSITION) with Ray Data's own operations, instead of `scan` +
+        `finish_scan`; `in_order(ds)` yields a dataset's batches in input order. False: not
+        done this way, so the driver scans the keys in order and calls `finish_scan`."""
+        return False
 
     def gather_columns(self) -> list[str] | None:
         """Columns for an optional middle pass after `finish_scan()` (mixup: partner rows)."""

@@ -46,7 +46,7 @@ def read_stream(data: bytes) -> pa.Table:
     """The data rows of an mmtools Arrow stream (reject side-records skipped)."""
     from mmtools.io.stream import read_stream as parse
 
-    schema, batches = parse(io.BytesIO(data), lambda r: None, lambda t: None)
+    schema, batches, _ = parse(io.BytesIO(data), lambda r: None, lambda t: None)
     return pa.Table.from_batches(list(batches), schema)
 
 
@@ -316,7 +316,7 @@ def test_pass_two_finds_its_place_with_repeated_ids():
     def scanned() -> Dedup:
         step = Dedup(DedupConfig(("exact",), exact_key="text"))
         step.output_schema(table.schema)
-        step.scan(batch)
+        step.scan(step.keys(batch))
         step.finish_scan()
         return step
 
@@ -351,7 +351,7 @@ def test_dedup_is_idempotent_and_accounts_for_every_row(texts, batch_size, metho
         step.output_schema(t.schema)
         batches = t.to_batches(max_chunksize=batch_size)
         for b in batches:
-            step.scan(b)
+            step.scan(step.keys(b))
         step.finish_scan()
         outs = []
         for b in batches:

@@ -30,7 +30,9 @@ from mmtools.io.source import Source
 from mmtools.step import Result, Step
 
 BATCH, SHARD = 8, 12
-SUMMARY_KEYS = "rows_in rows_out rejected reasons dropped generated upstream_rejected resumed_from"
+SUMMARY_KEYS = (
+    "rows_in rows_out rejected reasons dropped generated upstream_rejected resumed_from notes"
+)
 MANIFEST_KEYS = "fingerprint schema columns rows rejects dropped generated position"
 # Model outputs may differ in the last bits: the workers run torch with other thread counts.
 MODEL_COLUMNS = (C.IMAGE_EMBEDDING, C.TEXT_EMBEDDING, C.CLIP_SCORE)
@@ -103,6 +105,8 @@ def assert_same(tmp: Path, manifests: dict) -> pa.Table:
     for name in a.schema.names:
         if name in MODEL_COLUMNS:
             np.testing.assert_allclose(floats(a[name]), floats(b[name]), atol=2e-3)
+        elif pa.types.is_floating(a.schema.field(name).type):  # NaN equals NaN here
+            np.testing.assert_array_equal(a[name].to_numpy(), b[name].to_numpy())
         else:
             assert a[name].equals(b[name]), name
     ra, rb = read(local, REJECTS_DIR), read(ray, REJECTS_DIR)
@@ -191,15 +195,53 @@ def test_filter_on_ray_equals_local(scored, tmp_path, config):
 
 
 @pytest.mark.ray
-def test_dedup_on_ray_equals_local(scored, tmp_path):
+@pytest.mark.parametrize("fraction", [0.3, 0.55, 0.9])
+def test_top_fraction_cut_by_rays_sort_equals_local_with_ties_and_bad_keys(
+    cluster, tmp_path, fraction
+):
+    """Ties across shards, NaN, null and infinite keys; at 0.9 the cut falls among the bad."""
+    from mmtools.filter import FilterConfig, make_filter
+
+    rng = np.random.default_rng(3)
+    for k in range(4):
+        n = 10
+        keys = rng.choice([0.1, 0.2, 0.2, 0.3, np.nan, np.inf, -np.inf], size=n).tolist()
+        keys[0] = None
+        ids = [f"r{i:03d}" for i in rng.permutation(100)[:n] + 100 * k]
+        table = pa.table({C.ID: ids, "key": pa.array(keys, pa.float64())})
+        pq.write_table(table, tmp_path / f"in-{k}.parquet")
+    config = FilterConfig(top_fraction=fraction, by="key")
+    manifests = run_both(
+        tmp_path,
+        "filter",
+        lambda src: [make_filter(config)],
+        lambda: Source([str(tmp_path / "in-*.parquet")]),
+    )
+    assert_same(tmp_path, manifests)
+    assert manifests["ray"]["rows"] == int(40 * fraction)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize(
+    ("methods", "keep", "mark", "dropped"),
+    [
+        (("exact",), f"highest:{C.CLIP_SCORE}", False, {"exact": 2}),  # Ray's groupby
+        (("exact", "phash"), "first", True, {}),  # then pHashes made on the workers
+        (("phash", "minhash"), "first", False, {"phash": 2, "minhash": 1}),  # keys on workers
+    ],
+    ids=["exact", "exact-phash-mark", "phash-minhash"],
+)
+def test_dedup_on_ray_equals_local(scored, tmp_path, methods, keep, mark, dropped):
     from mmtools.dedup import Dedup, DedupConfig
 
-    config = DedupConfig(("exact",), keep=f"highest:{C.CLIP_SCORE}")
+    config = DedupConfig(methods, keep=keep, mark=mark)
     manifests = run_both(
         tmp_path, "dedup", lambda src: [Dedup(config)], dataset_source(scored[0] / "local")
     )
-    assert_same(tmp_path, manifests)
-    assert manifests["ray"]["dropped"] == {"exact": 2}
+    out = assert_same(tmp_path, manifests)
+    assert manifests["ray"]["dropped"] == dropped
+    if mark:
+        assert out[C.IS_DUPLICATE].to_pylist().count(True) == 2
 
 
 @pytest.mark.ray
@@ -342,9 +384,7 @@ def test_pipe_through_ray_gives_the_local_stream_and_nothing_else_on_stdout(clus
     ingest = subprocess.run([*MMTOOLS, "ingest", str(folder)], capture_output=True, check=True)
     where = ["filter", "--where", "width >= 32 AND text LIKE '%photo%'", "-q"]
     local = mmtools(*where, input=ingest.stdout)
-    ray = mmtools(
-        *where, "--engine", "ray", input=ingest.stdout, env={ray_engine.ENV_ADDRESS: cluster}
-    )
+    ray = mmtools(*where, "--engine", "ray", "--ray-address", cluster, input=ingest.stdout)
     assert ray.stderr == b""
     rows, rejects = _stream(ray.stdout)
     assert rows.num_rows == 32  # not the blank caption

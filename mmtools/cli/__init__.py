@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from mmtools.errors import EXIT_CODES, DownstreamClosed, Interrupted, MmtoolsError
+from mmtools.errors import EXIT_CODES, DownstreamClosed, MmtoolsError, on_signal
 
 EXIT_PIPE = 141  # 128 + SIGPIPE: the reader downstream closed the pipe (e.g. `| head`)
 
@@ -65,10 +65,6 @@ def _command_name() -> str:
     return next((a for a in sys.argv[1:] if a in names), "")
 
 
-def _on_signal(signum, frame):
-    raise Interrupted(signum)
-
-
 def _quiet_pipe() -> int:
     # Point stdout at /dev/null so the interpreter's final flush does not fail again.
     try:
@@ -81,8 +77,8 @@ def _quiet_pipe() -> int:
 
 def main() -> None:
     """Entry point: run the app; map errors, signals and closed pipes to exit codes."""
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     cmd = _command_name()
     prefix = f"mmtools {cmd}" if cmd else "mmtools"
     verbose = any(a in ("-v", "--verbose") for a in sys.argv[1:])
@@ -91,18 +87,27 @@ def main() -> None:
             prog_name="mmtools"
         )  # Typer reports usage errors itself (exit 2) and exits through SystemExit.
     except (BrokenPipeError, DownstreamClosed):
-        sys.exit(_quiet_pipe())
+        # Leave at once: the reader is gone, and tearing down torch/Ray can take seconds.
+        code = _quiet_pipe()
+        sys.stderr.flush()
+        os._exit(code)
     except MmtoolsError as e:
         if verbose:
             import traceback
 
             traceback.print_exc()
-        print(f"{prefix}: error: {e}", file=sys.stderr)
+        print(f"{prefix}: error: {_one_line(e)}", file=sys.stderr)
         sys.exit(e.exit_code)
     except Exception as e:
         if verbose:
             raise
         print(
-            f"{prefix}: error: {type(e).__name__}: {e} (rerun with -v for details)", file=sys.stderr
+            f"{prefix}: error: {type(e).__name__}: {_one_line(e)} (rerun with -v for details)",
+            file=sys.stderr,
         )
         sys.exit(1)
+
+
+def _one_line(e: BaseException) -> str:
+    """An error message on one line (Arrow's and OS messages may span several)."""
+    return " ".join(str(e).split())

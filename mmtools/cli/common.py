@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from mmtools.errors import UsageError
 
@@ -26,6 +26,14 @@ class Common:
     verbose: bool = False
     json: bool = False
     wait_lock: bool = False
+    ray_address: str | None = None
+    ray_concurrency: int | None = None
+    num_gpus_per_worker: float | None = None
+
+    @classmethod
+    def of(cls, options: dict) -> Common:
+        """The shared options out of a command's arguments (its `locals()`)."""
+        return cls(**{f.name: options[f.name] for f in fields(cls) if f.name in options})
 
 
 def setup_logging(verbose: bool, quiet: bool) -> None:
@@ -79,15 +87,28 @@ def execute(command: str, source, steps: list, c: Common):
     setup_logging(c.verbose, c.quiet)
     if c.engine not in ("local", "ray"):
         raise UsageError(f"--engine must be 'local' or 'ray', not {c.engine!r}")
+    ray_only = {"--ray-address": c.ray_address, "--concurrency": c.ray_concurrency}
+    ray_only["--num-gpus-per-worker"] = c.num_gpus_per_worker
+    if c.engine == "local" and (given := [k for k, v in ray_only.items() if v is not None]):
+        log.warning("%s applies to --engine ray only; ignored", ", ".join(given))
     argv = ["mmtools", *sys.argv[1:]]
     sink = open_sink(c, argv)
     # Batches no larger than a shard, so that shards come out close to --shard-rows.
     batch_size = min(c.batch_size, c.shard_rows)
     if c.engine == "ray":
+        from mmtools.ray_engine import RayOptions
         from mmtools.ray_engine import run as run_ray
 
+        options = RayOptions(c.ray_address or None, c.ray_concurrency, c.num_gpus_per_worker)
         summary, _ = run_ray(
-            command, source, steps, sink, batch_size=batch_size, quiet=c.quiet, argv=argv
+            command,
+            source,
+            steps,
+            sink,
+            batch_size=batch_size,
+            quiet=c.quiet,
+            argv=argv,
+            options=options,
         )
     else:
         summary, _ = engine.run(

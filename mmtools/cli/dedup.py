@@ -71,6 +71,9 @@ def dedup(
     shard_bytes: O.ShardBytes = 1 << 30,
     batch_size: O.BatchSize = 1024,
     engine: O.Engine = "local",
+    ray_address: O.RayAddress = None,
+    ray_concurrency: O.Concurrency = None,
+    num_gpus_per_worker: O.GpusPerWorker = None,
     quiet: O.Quiet = False,
     verbose: O.Verbose = False,
     json: O.Json = False,
@@ -109,18 +112,7 @@ def dedup(
         seed,
     )
     step = Dedup(config)
-    common = Common(
-        output,
-        overwrite,
-        shard_rows,
-        shard_bytes,
-        batch_size,
-        engine,
-        quiet,
-        verbose,
-        json,
-        wait_lock,
-    )
+    common = Common.of(locals())
     execute("dedup", open_source(inputs), [step], common)
     if step.stats and not quiet and not json:
         found = ", ".join(

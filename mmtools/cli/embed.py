@@ -57,6 +57,9 @@ def embed(
     shard_bytes: O.ShardBytes = 1 << 30,
     batch_size: O.BatchSize = 256,
     engine: O.Engine = "local",
+    ray_address: O.RayAddress = None,
+    ray_concurrency: O.Concurrency = None,
+    num_gpus_per_worker: O.GpusPerWorker = None,
     quiet: O.Quiet = False,
     verbose: O.Verbose = False,
     json: O.Json = False,
@@ -83,18 +86,7 @@ def embed(
         model, pretrained, audio_model, device, precision, dtype, batch_size, workers
     )
     steps = embed_steps(source.schema.names, split_modalities(modalities), opts)
-    common = Common(
-        output,
-        overwrite,
-        shard_rows,
-        shard_bytes,
-        batch_size,
-        engine,
-        quiet,
-        verbose,
-        json,
-        wait_lock,
-    )
+    common = Common.of(locals())
     execute("embed", source, steps, common)
 
 

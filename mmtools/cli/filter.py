@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Annotated
 
 import typer
@@ -88,6 +87,9 @@ def filter_rows(
     shard_bytes: O.ShardBytes = 1 << 30,
     batch_size: O.BatchSize = 8192,
     engine: O.Engine = "local",
+    ray_address: O.RayAddress = None,
+    ray_concurrency: O.Concurrency = None,
+    num_gpus_per_worker: O.GpusPerWorker = None,
     quiet: O.Quiet = False,
     verbose: O.Verbose = False,
     json: O.Json = False,
@@ -136,25 +138,8 @@ def filter_rows(
             "give at least one rule: --where, --top-fraction/--top-k, --preset, or an audio option"
         )
     source = open_source(inputs)
-    common = Common(
-        output,
-        overwrite,
-        shard_rows,
-        shard_bytes,
-        batch_size,
-        engine,
-        quiet,
-        verbose,
-        json,
-        wait_lock,
-    )
+    common = Common.of(locals())
     execute("filter", source, [step], common)
-    if invert and not (quiet or json) and step.would_drop:
-        rules = ", ".join(f"{k} {v}" for k, v in sorted(step.would_drop.items()))
-        print(
-            f"mmtools filter: inverted rows by the rule that would drop them: {rules}",
-            file=sys.stderr,
-        )
 
 
 def register(app: typer.Typer) -> None:

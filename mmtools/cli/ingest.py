@@ -42,6 +42,9 @@ def ingest(
     shard_bytes: O.ShardBytes = 1 << 30,
     batch_size: O.BatchSize = 256,
     engine: O.Engine = "local",
+    ray_address: O.RayAddress = None,
+    ray_concurrency: O.Concurrency = None,
+    num_gpus_per_worker: O.GpusPerWorker = None,
     quiet: O.Quiet = False,
     verbose: O.Verbose = False,
     json: O.Json = False,
@@ -66,18 +69,7 @@ def ingest(
     config = IngestConfig(embed_media, max_pixels, verify, timeout, opts)
     source = ListingSource(inputs, opts)
     step = Ingest(config, source.kinds, workers=workers)
-    common = Common(
-        output,
-        overwrite,
-        shard_rows,
-        shard_bytes,
-        batch_size,
-        engine,
-        quiet,
-        verbose,
-        json,
-        wait_lock,
-    )
+    common = Common.of(locals())
     execute("ingest", source, [step], common)
 
 

@@ -73,6 +73,9 @@ def mixup(
     shard_bytes: O.ShardBytes = 1 << 30,
     batch_size: O.BatchSize = 256,
     engine: O.Engine = "local",
+    ray_address: O.RayAddress = None,
+    ray_concurrency: O.Concurrency = None,
+    num_gpus_per_worker: O.GpusPerWorker = None,
     quiet: O.Quiet = False,
     verbose: O.Verbose = False,
     json: O.Json = False,
@@ -101,21 +104,8 @@ def mixup(
     )
     source = open_source(inputs)
     step = Mixup(config, workers=workers)
-    common = Common(
-        output,
-        overwrite,
-        shard_rows,
-        shard_bytes,
-        batch_size,
-        engine,
-        quiet,
-        verbose,
-        json,
-        wait_lock,
-    )
+    common = Common.of(locals())
     execute("mixup", source, [step], common)
-    if step.skipped:
-        log.warning("mixup: %d pair(s) not made because a parent was rejected", step.skipped)
 
 
 def register(app: typer.Typer) -> None:

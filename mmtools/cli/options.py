@@ -38,6 +38,39 @@ BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Rows per pr
 Engine = Annotated[
     str, typer.Option("--engine", help="Where to run: 'local' (this process) or 'ray'.")
 ]
+RayAddress = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address",
+        envvar="MMTOOLS_RAY_ADDRESS",
+        help="With --engine ray: the cluster to join ('auto': the one running here, or "
+        "HOST:PORT, ray://HOST:PORT); default: start a local cluster for this run.",
+        show_default=False,
+    ),
+]
+_RAY_CONCURRENCY = dict(
+    envvar="MMTOOLS_RAY_CONCURRENCY",
+    min=1,
+    help="With --engine ray: model-loading workers (actors) per model step; default: "
+    "from 1 up to what the cluster's CPUs or GPUs allow.",
+    show_default=False,
+)
+Concurrency = Annotated[
+    int | None, typer.Option("--concurrency", "--ray-concurrency", **_RAY_CONCURRENCY)
+]
+# rewrite's own --concurrency is its requests in flight
+RayConcurrency = Annotated[int | None, typer.Option("--ray-concurrency", **_RAY_CONCURRENCY)]
+GpusPerWorker = Annotated[
+    float | None,
+    typer.Option(
+        "--num-gpus-per-worker",
+        envvar="MMTOOLS_RAY_GPUS_PER_WORKER",
+        min=0,
+        help="With --engine ray: GPUs each model worker reserves (0.5: two share a GPU); "
+        "default: 1 when the cluster has GPUs, else 0.",
+        show_default=False,
+    ),
+]
 Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar or summary line.")]
 Verbose = Annotated[
     bool, typer.Option("-v", "--verbose", help="More logging; full tracebacks on errors.")

@@ -121,6 +121,9 @@ def rewrite(
     shard_bytes: O.ShardBytes = 1 << 30,
     batch_size: O.BatchSize = 256,
     engine: O.Engine = "local",
+    ray_address: O.RayAddress = None,
+    ray_concurrency: O.RayConcurrency = None,
+    num_gpus_per_worker: O.GpusPerWorker = None,
     quiet: O.Quiet = False,
     verbose: O.Verbose = False,
     json: O.Json = False,
@@ -170,18 +173,7 @@ def rewrite(
         cache=cache_path and os.path.abspath(cache_path),
     )
     step = Rewrite(config)
-    common = Common(
-        output,
-        overwrite,
-        shard_rows,
-        shard_bytes,
-        batch_size,
-        engine,
-        quiet,
-        verbose,
-        json,
-        wait_lock,
-    )
+    common = Common.of(locals())
     execute("rewrite", open_source(inputs), [step], common)
 
 

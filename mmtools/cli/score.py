@@ -55,6 +55,9 @@ def score(
     shard_bytes: O.ShardBytes = 1 << 30,
     batch_size: O.BatchSize = 256,
     engine: O.Engine = "local",
+    ray_address: O.RayAddress = None,
+    ray_concurrency: O.Concurrency = None,
+    num_gpus_per_worker: O.GpusPerWorker = None,
     quiet: O.Quiet = False,
     verbose: O.Verbose = False,
     json: O.Json = False,
@@ -80,18 +83,7 @@ def score(
         model, pretrained, audio_model, device, precision, dtype, batch_size, workers
     )
     steps = score_steps(source.schema, media, opts)
-    common = Common(
-        output,
-        overwrite,
-        shard_rows,
-        shard_bytes,
-        batch_size,
-        engine,
-        quiet,
-        verbose,
-        json,
-        wait_lock,
-    )
+    common = Common.of(locals())
     execute("score", source, steps, common)
 
 

@@ -13,6 +13,7 @@ from mmtools.errors import DataContractError, UsageError
 
 FIELDS = {C.IMAGE: C.IMAGE_SHA256, C.AUDIO: C.AUDIO_SHA256, C.TEXT: None}
 _SEP = "\x1f"
+KEY = "_key_exact"
 
 
 def normalize_text(text: pa.Array) -> pa.Array:
@@ -58,6 +59,7 @@ class Exact:
         self.fields: list[str] = []
         self.failures: dict[int, tuple[str, str]] = {}
         self._keys: list[pa.Array] = []
+        self._groups: np.ndarray | None = None  # labels found by Ray's groupby, if any
 
     def bind(self, schema: pa.Schema) -> list[str]:
         """Resolve the key fields; return the columns pass 1 must read."""
@@ -71,11 +73,21 @@ class Exact:
                 )
         return self._columns
 
-    def scan(self, batch: pa.RecordBatch, offset: int) -> None:
-        """Keep one string key per row (null: no key)."""
+    def keys(self, batch: pa.RecordBatch) -> dict[str, pa.Array]:
+        """One string key per row (null: no key); media bytes are hashed here."""
         parts = [self._part(batch.column(col), col) for col in self._columns]
         key = parts[0] if len(parts) == 1 else pc.binary_join_element_wise(*parts, _SEP)
-        self._keys.append(key)
+        return {KEY: key}
+
+    def scan(self, keys: pa.RecordBatch, offset: int) -> None:
+        """Keep the keys (absent when Ray's groupby groups them: `set_groups`)."""
+        if KEY in keys.schema.names:
+            self._keys.append(keys.column(KEY))
+
+    def set_groups(self, n: int, positions: np.ndarray, labels: np.ndarray) -> None:
+        """The groups of two or more rows, found elsewhere (Ray's groupby); others: none."""
+        self._groups = np.full(n, -1, dtype=np.int64)
+        self._groups[positions] = labels
 
     @staticmethod
     def _part(array: pa.Array, column: str) -> pa.Array:
@@ -90,10 +102,12 @@ class Exact:
 
     def labels(self, active: np.ndarray) -> np.ndarray:
         """Group label per active row: equal keys, equal label; -1 for no key."""
+        if self._groups is not None:
+            return self._groups[active]
         keys = pa.chunked_array(self._keys, pa.string()).cast(pa.large_string())
         codes = keys.take(active).combine_chunks().dictionary_encode().indices
         return pc.fill_null(codes, -1).to_numpy().astype(np.int64)
 
     def release(self) -> None:
         """Drop the keys."""
-        self._keys = []
+        self._keys, self._groups = [], None

@@ -82,6 +82,9 @@ def similar_pairs(sets: list[set[str]], threshold: float, num_perm: int, seed: i
     return np.concatenate(keep_i), np.concatenate(keep_j)
 
 
+KEY = "_key_minhash"
+
+
 class MinHashText:
     """Captions with word-shingle Jaccard similarity >= threshold are duplicates."""
 
@@ -99,9 +102,13 @@ class MinHashText:
         require_module("datasketch", "dedup")
         return [C.TEXT]
 
-    def scan(self, batch: pa.RecordBatch, offset: int) -> None:
-        """Keep the normalised caption of each row."""
-        self._texts.append(normalize_text(batch.column(C.TEXT)))
+    def keys(self, batch: pa.RecordBatch) -> dict[str, pa.Array]:
+        """The normalised caption of each row."""
+        return {KEY: normalize_text(batch.column(C.TEXT))}
+
+    def scan(self, keys: pa.RecordBatch, offset: int) -> None:
+        """Keep the normalised captions."""
+        self._texts.append(keys.column(KEY))
 
     def labels(self, active: np.ndarray) -> np.ndarray:
         """Group label per active row; identical normalised captions share a label."""

@@ -13,6 +13,8 @@ from mmtools.errors import DataContractError, require_module
 from mmtools.media import DEFAULT_MAX_PIXELS, MediaError, decode_image
 
 BITS = 64
+KEY, ERROR = "_key_phash", "_key_phash_error"
+_SEP = "\x1f"  # between reason and detail in ERROR
 
 
 def image_phash(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
@@ -83,17 +85,26 @@ class PHash:
         require_module("imagehash", "dedup")
         return [C.IMAGE]
 
-    def scan(self, batch: pa.RecordBatch, offset: int) -> None:
-        """Hash each image and forget its bytes; undecodable images become failures."""
+    def keys(self, batch: pa.RecordBatch) -> dict[str, pa.Array]:
+        """The pHash of each image, and why an image could not be hashed (else null)."""
         images = batch.column(C.IMAGE)
         data, paths = images.field("bytes").to_pylist(), images.field("path").to_pylist()
         out = np.zeros(len(data), dtype=np.uint64)
+        errors: list[str | None] = [None] * len(data)
         for i, (blob, path) in enumerate(zip(data, paths, strict=True)):
             try:
                 out[i] = image_phash(_image_bytes(blob, path), self.max_pixels)
             except MediaError as e:
-                self.failures[offset + i] = (e.reason, e.detail)
-        self._hashes.append(out)
+                errors[i] = f"{e.reason}{_SEP}{e.detail}"
+        return {KEY: pa.array(out, pa.uint64()), ERROR: pa.array(errors, pa.string())}
+
+    def scan(self, keys: pa.RecordBatch, offset: int) -> None:
+        """Keep the hashes; images that could not be hashed become failures."""
+        errors = keys.column(ERROR)
+        for i in np.flatnonzero(errors.is_valid().to_numpy(zero_copy_only=False)):
+            reason, _, detail = errors[int(i)].as_py().partition(_SEP)
+            self.failures[offset + int(i)] = (reason, detail)
+        self._hashes.append(keys.column(KEY).to_numpy(zero_copy_only=False))
 
     def labels(self, active: np.ndarray) -> np.ndarray:
         """Group label per active row: components of the within-radius graph."""

@@ -149,6 +149,10 @@ class Semantic:
         self.dim = t.list_size
         return [self.column]
 
+    def keys(self, batch: pa.RecordBatch) -> dict[str, pa.Array]:
+        """The embeddings, as stored."""
+        return {self.column: batch.column(self.column)}
+
     def scan(self, batch: pa.RecordBatch, offset: int) -> None:
         """Keep the embeddings as stored and their norms; null, NaN or zero ones are failures."""
         arr = batch.column(self.column)

@@ -9,19 +9,16 @@ input row; anything written after that (an orphaned shard, a temporary file) is 
 
 from __future__ import annotations
 
-import glob
-import os
-import shutil
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmtools import columns as C
-from mmtools.errors import DriftError, UsageError
+from mmtools.errors import DriftError, UsageError, uninterrupted
 from mmtools.io import layout as L
-from mmtools.io.lock import DirLock
-from mmtools.io.manifest import build_manifest, fsync_path, read_json, write_json_atomic
+from mmtools.io.fs import reaching, store
+from mmtools.io.manifest import build_manifest
 
 ROW_GROUP_ROWS = 8192
 ROW_GROUP_BYTES = 64 << 20
@@ -66,7 +63,8 @@ class DatasetSink:
         self.shard_bytes = shard_bytes
         self.overwrite = overwrite
         self.command = command or []
-        self._lock = DirLock(os.path.join(path, L.LOCK_FILE), wait=wait_lock)
+        self.store = store(path)
+        self._lock = self.store.lock(wait_lock)
         self._writer: pq.ParquetWriter | None = None
         self._pending: list[pa.RecordBatch] = []
         self._pending_bytes = 0
@@ -76,15 +74,19 @@ class DatasetSink:
 
     def open(self, schema: pa.Schema, fingerprint: dict, locate=None) -> Position:
         """Lock the directory and return the input position to resume from."""
-        os.makedirs(self.path, exist_ok=True)
-        self._lock.acquire()
+        with reaching(self.path):
+            self.store.makedirs()
+            self._lock.acquire()
+            return self._open(schema, fingerprint, locate)
+
+    def _open(self, schema: pa.Schema, fingerprint: dict, locate) -> Position:
         self.schema = schema
         self.fingerprint = fingerprint
         self._locate = locate or (lambda start, end: [])
         if self.overwrite:
             self._clear()
-        manifest = read_json(self._p(L.MANIFEST))
-        run = read_json(self._p(L.RUN_FILE))
+        manifest = self.store.read_json(L.MANIFEST)
+        run = self.store.read_json(L.RUN_FILE)
         found = manifest or run
         if found is not None and found.get("fingerprint") != fingerprint:
             raise DriftError(
@@ -95,12 +97,11 @@ class DatasetSink:
         if manifest is not None:
             self.complete = True
             self.manifest = manifest
+            self._finish_cleanup()
             return Position(manifest["position"]["rows"], manifest["position"]["upstream_rejects"])
         if run is None:
             self._refuse_foreign()
-            write_json_atomic(
-                self._p(L.RUN_FILE), {"fingerprint": fingerprint, "command": self.command}
-            )
+            self.store.write_json(L.RUN_FILE, {"fingerprint": fingerprint, "command": self.command})
         self.records = self._load_records()
         self._remove_orphans()
         last = self.records[-1]["position"] if self.records else {"rows": 0, "upstream_rejects": 0}
@@ -109,18 +110,15 @@ class DatasetSink:
         self.position = Position(pos.rows, pos.upstream_rejects)
         return pos
 
-    def _p(self, name: str) -> str:
-        return os.path.join(self.path, name)
-
     def _clear(self) -> None:
         for pattern in ("part-*.parquet", L.MANIFEST, L.RUN_FILE, L.TMP_PREFIX + "*"):
-            for p in glob.glob(self._p(pattern)):
-                os.unlink(p)
+            for name in self.store.list(pattern):
+                self.store.unlink(name)
         for d in (L.PROGRESS_DIR, L.REJECTS_DIR):
-            shutil.rmtree(self._p(d), ignore_errors=True)
+            self.store.rmtree(d)
 
     def _refuse_foreign(self) -> None:
-        foreign = [n for n in os.listdir(self.path) if n not in (L.LOCK_FILE, L.CACHE_DIR)]
+        foreign = [n for n in self.store.names() if n not in (L.LOCK_FILE, L.CACHE_DIR)]
         if foreign:
             raise UsageError(
                 f"output {self.path} is not empty and holds no mmtools run "
@@ -129,24 +127,28 @@ class DatasetSink:
 
     def _load_records(self) -> list[dict]:
         records = []
-        while (rec := read_json(self._p(f"{L.PROGRESS_DIR}/{len(records):05d}.json"))) is not None:
+        while (
+            rec := self.store.read_json(f"{L.PROGRESS_DIR}/{len(records):05d}.json")
+        ) is not None:
             records.append(rec)
         return records
 
     def _remove_orphans(self) -> None:
         keep = {r["shard"] for r in self.records if r["shard"]}
         keep |= {r["rejects"] for r in self.records if r["rejects"]}
-        for p in glob.glob(self._p("part-*.parquet")) + glob.glob(self._p(L.REJECTS_DIR + "/*")):
-            if os.path.relpath(p, self.path) not in keep:
-                os.unlink(p)
-        for p in glob.glob(self._p(L.TMP_PREFIX + "*")) + glob.glob(
-            self._p("*/" + L.TMP_PREFIX + "*")
-        ):
-            os.unlink(p)
+        for name in self.store.list("part-*.parquet") + self.store.list(L.REJECTS_DIR + "/*"):
+            if name not in keep:
+                self.store.unlink(name)
+        for name in self._temporaries():
+            self.store.unlink(name)
         n = len(self.records)
-        for p in glob.glob(self._p(f"{L.PROGRESS_DIR}/*.json")):
-            if int(os.path.basename(p).split(".")[0]) >= n:
-                os.unlink(p)
+        for name in self.store.list(f"{L.PROGRESS_DIR}/*.json"):
+            if int(name.rsplit("/", 1)[-1].split(".")[0]) >= n:
+                self.store.unlink(name)
+
+    def _temporaries(self) -> list[str]:
+        pattern = L.TMP_PREFIX + "*"
+        return self.store.list(pattern) + self.store.list("*/" + pattern)
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -182,12 +184,18 @@ class DatasetSink:
         if not self._pending:
             return
         if self._writer is None:
-            self._tmp = self._p(L.TMP_PREFIX + L.shard_name(self._unit.index))
-            self._writer = pq.ParquetWriter(self._tmp, self.schema)
+            self._tmp = L.TMP_PREFIX + L.shard_name(self._unit.index)
+            self._writer = pq.ParquetWriter(
+                self.store.path(self._tmp), self.schema, filesystem=self.store.filesystem()
+            )
         self._writer.write_table(pa.Table.from_batches(self._pending, self.schema))
         self._pending, self._pending_bytes = [], 0
 
     def _commit(self) -> None:
+        with uninterrupted():  # SIGTERM/SIGINT wait for the unit's record
+            self._commit_unit()
+
+    def _commit_unit(self) -> None:
         unit = self._unit
         if self.position == unit.start and not unit.rows:
             return
@@ -197,17 +205,17 @@ class DatasetSink:
             self._writer.close()
             self._writer = None
             shard = L.shard_name(unit.index)
-            _fsync_rename(self._tmp, self._p(shard))
+            self.store.commit(self._tmp, shard)
         if unit.rejects:
             rejects_name = L.rejects_name(unit.index)
-            os.makedirs(self._p(L.REJECTS_DIR), exist_ok=True)
-            tmp = self._p(f"{L.REJECTS_DIR}/{L.TMP_PREFIX}{unit.index:05d}")
-            pq.write_table(pa.Table.from_batches(unit.rejects, C.REJECT_SCHEMA), tmp)
-            _fsync_rename(tmp, self._p(rejects_name))
+            self.store.makedirs(L.REJECTS_DIR)
+            tmp = f"{L.REJECTS_DIR}/{L.TMP_PREFIX}{unit.index:05d}"
+            self._write_table(pa.Table.from_batches(unit.rejects, C.REJECT_SCHEMA), tmp)
+            self.store.commit(tmp, rejects_name)
         record = {
             "shard": shard,
             "rows": unit.rows,
-            "bytes": os.path.getsize(self._p(shard)) if shard else 0,
+            "bytes": self.store.size(shard) if shard else 0,
             "rejects": rejects_name,
             "rejected": sum(r.num_rows for r in unit.rejects),
             "reject_reasons": _reason_counts(unit.rejects),
@@ -219,8 +227,8 @@ class DatasetSink:
                 "upstream_rejects": self.position.upstream_rejects,
             },
         }
-        os.makedirs(self._p(L.PROGRESS_DIR), exist_ok=True)
-        write_json_atomic(self._p(f"{L.PROGRESS_DIR}/{unit.index:05d}.json"), record)
+        self.store.makedirs(L.PROGRESS_DIR)
+        self.store.write_json(f"{L.PROGRESS_DIR}/{unit.index:05d}.json", record)
         self.records.append(record)
         self._unit = Unit(
             unit.index + 1, Position(self.position.rows, self.position.upstream_rejects)
@@ -228,6 +236,12 @@ class DatasetSink:
 
     def close(self, summary: dict, lineage: list[dict], column_info: dict) -> dict:
         """Commit the last shard and write the manifest: the dataset is complete."""
+        with uninterrupted():
+            self._complete(summary, lineage, column_info)
+        self._lock.release()
+        return self.manifest
+
+    def _complete(self, summary: dict, lineage: list[dict], column_info: dict) -> None:
         if not self.complete:
             self._commit()
             if not any(r["shard"] for r in self.records):
@@ -242,24 +256,27 @@ class DatasetSink:
                 column_info,
                 self.position,
             )
-            write_json_atomic(self._p(L.MANIFEST), self.manifest)
-            shutil.rmtree(self._p(L.PROGRESS_DIR), ignore_errors=True)
-            os.unlink(self._p(L.RUN_FILE))
+            self.store.write_json(L.MANIFEST, self.manifest)
             self.complete = True
-        self._lock.release()
-        return self.manifest
+            self._finish_cleanup()
+
+    def _finish_cleanup(self) -> None:
+        """After the manifest: drop the run's bookkeeping (again, if a kill interrupted it)."""
+        self.store.rmtree(L.PROGRESS_DIR)
+        for name in [L.RUN_FILE, *self._temporaries()]:
+            self.store.unlink(name)
 
     def _write_empty_shard(self) -> None:
         """A dataset with no rows still gets one (empty) shard: it carries the schema."""
         name = L.shard_name(len(self.records))
-        tmp = self._p(L.TMP_PREFIX + name)
-        pq.write_table(self.schema.empty_table(), tmp)
-        _fsync_rename(tmp, self._p(name))
+        tmp = L.TMP_PREFIX + name
+        self._write_table(self.schema.empty_table(), tmp)
+        self.store.commit(tmp, name)
         self.records.append(
             {
                 "shard": name,
                 "rows": 0,
-                "bytes": os.path.getsize(self._p(name)),
+                "bytes": self.store.size(name),
                 "rejects": None,
                 "rejected": 0,
                 "reject_reasons": {},
@@ -279,9 +296,11 @@ class DatasetSink:
                 self._writer.close()
             finally:
                 self._writer = None
-                if os.path.exists(self._tmp):
-                    os.unlink(self._tmp)
+                self.store.unlink(self._tmp)
         self._lock.release()
+
+    def _write_table(self, table: pa.Table, name: str) -> None:
+        pq.write_table(table, self.store.path(name), filesystem=self.store.filesystem())
 
 
 def _reason_counts(rejects: list[pa.RecordBatch]) -> dict[str, int]:
@@ -290,12 +309,6 @@ def _reason_counts(rejects: list[pa.RecordBatch]) -> dict[str, int]:
         for reason in r.column(C.REJECT_REASON).to_pylist():
             counts[reason] = counts.get(reason, 0) + 1
     return counts
-
-
-def _fsync_rename(tmp: str, final: str) -> None:
-    fsync_path(tmp)
-    os.replace(tmp, final)
-    fsync_path(os.path.dirname(final) or ".")
 
 
 def _first_difference(old, new) -> str:

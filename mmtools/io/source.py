@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import fnmatch
 import glob
-import json
 import os
 import sys
 import tempfile
@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmtools.errors import DataContractError, UsageError
+from mmtools.io.fs import is_remote, join, locate, reaching, stat, store
 from mmtools.io.layout import MANIFEST, RUN_FILE
-from mmtools.io.manifest import read_json
 from mmtools.io.stream import read_stream
 
 
@@ -30,19 +30,23 @@ class Shard:
 
 
 def resolve(inputs: list[str]) -> list[str]:
-    """Expand directories and globs to a sorted list of Parquet files; `-` stays `-`."""
+    """Expand directories and globs to a sorted list of Parquet files; `-` stays `-`.
+
+    Local paths and object-store URIs (s3://bucket/dataset, gs://...) both work.
+    """
     if inputs == ["-"]:
         return ["-"]
     if "-" in inputs:
         raise UsageError("'-' (standard input) cannot be combined with other inputs")
     paths: list[str] = []
     for spec in inputs:
-        if os.path.isdir(spec):
+        kind = _kind(spec)
+        if kind == "dir":
             paths.extend(_dataset_files(spec))
-        elif os.path.isfile(spec):
+        elif kind == "file":
             paths.append(spec)
         elif glob.has_magic(spec):
-            found = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+            found = _glob(spec)
             if not found:
                 raise UsageError(f"no file matches {spec}")
             paths.extend(found)
@@ -51,19 +55,44 @@ def resolve(inputs: list[str]) -> list[str]:
     return paths
 
 
+def _kind(spec: str) -> str | None:
+    """'dir', 'file' or None (not there)."""
+    if not is_remote(spec):
+        return "dir" if os.path.isdir(spec) else "file" if os.path.isfile(spec) else None
+    from pyarrow.fs import FileType
+
+    if glob.has_magic(spec):
+        return None
+    with reaching(spec):
+        fs, inner = locate(spec)
+        info = fs.get_file_info(inner.rstrip("/"))
+    return {FileType.Directory: "dir", FileType.File: "file"}.get(info.type)
+
+
+def _glob(spec: str) -> list[str]:
+    if not is_remote(spec):
+        return sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+    head = spec[: min(spec.find(c) for c in "*?[" if c in spec)].rsplit("/", 1)[0]
+    with reaching(spec):
+        names = store(head).files()
+    return [join(head, n) for n in names if fnmatch.fnmatchcase(join(head, n), spec)]
+
+
 def _dataset_files(directory: str) -> list[str]:
-    manifest = os.path.join(directory, MANIFEST)
-    if os.path.exists(manifest):
-        with open(manifest) as f:
-            shards = json.load(f)["shards"]
-        return [os.path.join(directory, s["name"]) for s in shards]
-    if os.path.exists(os.path.join(directory, RUN_FILE)):
+    st = store(directory)
+    manifest = st.read_json(MANIFEST)
+    if manifest is not None:
+        return [join(directory, s["name"]) for s in manifest["shards"]]
+    if st.exists(RUN_FILE):
         raise DataContractError(
             f"{directory} is an incomplete mmtools dataset (no {MANIFEST}): its run is still "
             "going or was interrupted; rerun that command to finish it"
         )
-    files = sorted(glob.glob(os.path.join(directory, "**", "*.parquet"), recursive=True))
-    files = [f for f in files if not os.path.basename(f).startswith(("_", "."))]
+    files = [
+        join(directory, n)
+        for n in st.files()
+        if n.endswith(".parquet") and not os.path.basename(n).startswith(("_", "."))
+    ]
     if not files:
         raise UsageError(f"{directory} holds no Parquet files")
     return files
@@ -89,14 +118,18 @@ class Source:
         self.upstream: list[dict] = []
         self.on_rejects = lambda rejects: None
         self._spool: str | None = None
+        self.dataset_dir = False  # a single dataset directory (with a manifest, if complete)
         if self.paths == ["-"]:
             self.shards = None
             self._stdin = stdin if stdin is not None else sys.stdin.buffer
-            self.schema, self._stream = read_stream(self._stdin, self._rejects, self._end)
+            self.schema, self._stream, self._upstream_fp = read_stream(
+                self._stdin, self._rejects, self._end
+            )
         else:
             self.shards, self.schema = self._open_files()
-            if len(inputs) == 1 and os.path.isdir(inputs[0]):
-                manifest = read_json(os.path.join(inputs[0], MANIFEST)) or {}
+            self.dataset_dir = len(inputs) == 1 and _kind(inputs[0]) == "dir"
+            if self.dataset_dir:
+                manifest = store(inputs[0]).read_json(MANIFEST) or {}
                 self.upstream = manifest.get("lineage", [])
 
     def _rejects(self, rejects: pa.RecordBatch) -> None:
@@ -108,13 +141,13 @@ class Source:
     def _open_files(self) -> tuple[list[Shard], pa.Schema]:
         shards, schema = [], None
         for path in self.paths:
+            fs, inner = locate(path)
             try:
-                meta = pq.read_metadata(path)
+                meta = pq.read_metadata(inner, filesystem=fs)
                 file_schema = meta.schema.to_arrow_schema()
             except (pa.ArrowException, OSError) as e:
                 raise DataContractError(f"{path} is not a readable Parquet file: {e}") from None
-            st = os.stat(path)
-            shards.append(Shard(path, meta.num_rows, st.st_size, st.st_mtime_ns))
+            shards.append(Shard(path, meta.num_rows, *stat(path)))
             if schema is None:
                 schema = file_schema
             elif not file_schema.remove_metadata().equals(schema.remove_metadata()):
@@ -137,8 +170,8 @@ class Source:
     def identity(self) -> list:
         """What the input is, for the resume fingerprint."""
         if self.shards is None:
-            return ["-"]
-        return [[os.path.abspath(s.path), s.size, s.mtime_ns] for s in self.shards]
+            return ["-", self._upstream_fp]  # the upstream run's fingerprint
+        return [[_absolute(s.path), s.size, s.mtime_ns] for s in self.shards]
 
     def locate(self, start: int, end: int) -> list[dict]:
         """Which input shards (and row ranges in them) rows [start, end) came from."""
@@ -148,9 +181,7 @@ class Source:
         for s in self.shards:
             a, b = max(start, offset), min(end, offset + s.rows)
             if a < b:
-                out.append(
-                    {"shard": os.path.abspath(s.path), "start": a - offset, "end": b - offset}
-                )
+                out.append({"shard": _absolute(s.path), "start": a - offset, "end": b - offset})
             offset += s.rows
         return out
 
@@ -189,6 +220,10 @@ class Source:
                 skip_rows = 0
 
 
+def _absolute(path: str) -> str:
+    return path if is_remote(path) else os.path.abspath(path)
+
+
 def _rebatch(batches, batch_size: int, skip_rows: int) -> Iterator[pa.RecordBatch]:
     for batch in batches:
         if skip_rows >= batch.num_rows:
@@ -207,8 +242,9 @@ def _spooled(path: str, columns) -> Iterator[pa.RecordBatch]:
 
 
 def _read_parquet(path: str, columns, batch_size: int, skip: int) -> Iterator[pa.RecordBatch]:
+    fs, inner = locate(path)
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(inner, filesystem=fs)
         groups = []
         for i in range(pf.num_row_groups):
             n = pf.metadata.row_group(i).num_rows
@@ -220,6 +256,17 @@ def _read_parquet(path: str, columns, batch_size: int, skip: int) -> Iterator[pa
             if skip:
                 batch, skip = batch.slice(skip), max(0, skip - batch.num_rows)
             if batch.num_rows:
+                _validate(batch, path)
                 yield batch.replace_schema_metadata(None)
     except (pa.ArrowException, OSError) as e:
         raise DataContractError(f"cannot read {path}: {e}") from None
+
+
+def _validate(batch: pa.RecordBatch, path: str) -> None:
+    """Parquet does not check what it reads: strings must be UTF-8, offsets in bounds."""
+    try:
+        batch.validate(full=True)
+    except pa.ArrowInvalid as e:
+        raise DataContractError(
+            f"cannot read {path}: {' '.join(str(e).split())} (text columns must be valid UTF-8)"
+        ) from None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 from typing import BinaryIO
@@ -37,7 +39,8 @@ class StreamSink:
 
     def open(self, schema, fingerprint, locate=None) -> Position:
         """Write the schema; start from the beginning of the input."""
-        self._writer = StreamWriter(self.out, schema)
+        digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+        self._writer = StreamWriter(self.out, schema, digest)
         return Position()
 
     def write(self, batch, rejects, dropped, consumed, generated: int = 0) -> None:

@@ -20,14 +20,16 @@ from mmtools.errors import DataContractError, TruncatedStreamError
 STREAM_KEY = b"mmtools.stream"
 REJECTS_KEY = b"mmtools.rejects"
 END_KEY = b"mmtools.end"
+FINGERPRINT_KEY = b"mmtools.fingerprint"  # what made the stream: a resumed reader checks it
 
 
 class StreamWriter:
     """Write record batches, reject rows and a final trailer to a binary file object."""
 
-    def __init__(self, out: BinaryIO, schema: pa.Schema):
+    def __init__(self, out: BinaryIO, schema: pa.Schema, fingerprint: str = ""):
         meta = dict(schema.metadata or {})
         meta[STREAM_KEY] = b"1"
+        meta[FINGERPRINT_KEY] = fingerprint.encode()
         self.schema = schema.with_metadata(meta)
         self._out = out
         self._writer = pa.ipc.new_stream(out, self.schema)
@@ -63,8 +65,9 @@ class StreamWriter:
 
 def read_stream(
     src: BinaryIO, on_rejects: Callable[[pa.RecordBatch], None], on_end: Callable[[dict], None]
-) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
-    """Open an Arrow IPC stream; return its schema and an iterator over its data batches."""
+) -> tuple[pa.Schema, Iterator[pa.RecordBatch], str]:
+    """Open an Arrow IPC stream; return its schema, an iterator over its data batches and
+    the fingerprint of the run that wrote it ('' if none)."""
     peek = getattr(src, "peek", None)
     if peek is not None and not peek(1):
         raise TruncatedStreamError(
@@ -78,7 +81,9 @@ def read_stream(
             "command, or pass a dataset directory or Parquet file"
         ) from None
     ours = STREAM_KEY in (reader.schema.metadata or {})
-    meta = {k: v for k, v in (reader.schema.metadata or {}).items() if k != STREAM_KEY}
+    upstream = (reader.schema.metadata or {}).get(FINGERPRINT_KEY, b"").decode()
+    ours_keys = (STREAM_KEY, FINGERPRINT_KEY)
+    meta = {k: v for k, v in (reader.schema.metadata or {}).items() if k not in ours_keys}
     schema = reader.schema.with_metadata(meta)
 
     def batches() -> Iterator[pa.RecordBatch]:
@@ -112,7 +117,7 @@ def read_stream(
                 "command failed or was killed; nothing was committed"
             )
 
-    return schema, batches()
+    return schema, batches(), upstream
 
 
 def _rejects_from_json(payload: bytes) -> pa.RecordBatch:

@@ -211,6 +211,7 @@ class Mixup(GlobalStep):
     def process(self, batch: pa.RecordBatch) -> Result:
         """Reject bad parents of this batch, make the pairs whose first parent is here."""
         ids = batch.column(C.ID)
+        skipped = self.skipped
         rejected = np.zeros(batch.num_rows, bool)
         rejects = []
         bad_at = pc.index_in(ids, value_set=self._bad_ids)
@@ -228,7 +229,8 @@ class Mixup(GlobalStep):
         elif (~rejected).any():
             dropped[DROPPED_RULE] = int((~rejected).sum())
         rej = reject_batch(self.name, *zip(*rejects, strict=True)) if rejects else None
-        return Result(pa.concat_batches(out), rej, dropped, made.num_rows)
+        notes = {"pairs_skipped": self.skipped - skipped}  # a parent was rejected
+        return Result(pa.concat_batches(out), rej, dropped, made.num_rows, notes)
 
     def _pairs_here(self, ids: pa.Array, rejected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Rows of this batch that are first parents of a pair to make, and those pairs."""

@@ -137,6 +137,7 @@ class Rewrite(Step):
     """Add a synthetic caption column and its `caption_source`; keep the alt-text."""
 
     name = "rewrite"
+    loads_model = True  # a local model, or an HTTP client and cache worth keeping per worker
 
     def __init__(self, config: RewriteConfig):
         super().__init__(config)

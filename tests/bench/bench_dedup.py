@@ -46,7 +46,7 @@ def run_step(config, table: pa.Table) -> tuple[float, float, dict, int]:
     step.setup()
     t0, c0 = time.perf_counter(), time.process_time()
     for batch in table.select(list(step.scan_columns)).to_batches(BATCH):
-        step.scan(batch)
+        step.scan(step.keys(batch))
     step.finish_scan()
     kept = sum(step.process(b).batch.num_rows for b in table.to_batches(BATCH))
     return time.perf_counter() - t0, time.process_time() - c0, step.stats, kept

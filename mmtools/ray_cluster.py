@@ -1,0 +1,110 @@
+"""Joining or starting a Ray cluster for `--engine ray`: its options, quietly, fast to fail."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+from dataclasses import dataclass
+
+from mmtools.errors import TemporaryError, UsageError, require_module
+
+log = logging.getLogger("mmtools")
+
+ENV_ADDRESS = "MMTOOLS_RAY_ADDRESS"
+ENV_CONCURRENCY = "MMTOOLS_RAY_CONCURRENCY"
+ENV_GPUS = "MMTOOLS_RAY_GPUS_PER_WORKER"
+RETRIES = 3
+CONNECT_TIMEOUT = 5.0
+
+
+@dataclass
+class RayOptions:
+    """Where and how wide to run: cluster address, actors per model step, GPUs per actor."""
+
+    address: str | None = None  # None: start a local cluster; "auto": join the running one
+    concurrency: int | None = None  # actors per model step; None: 1 up to the cluster's size
+    gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    retries: int = RETRIES
+
+    @classmethod
+    def from_env(cls) -> RayOptions:
+        """Options from the MMTOOLS_RAY_* environment variables."""
+        try:
+            concurrency, gpus = os.environ.get(ENV_CONCURRENCY), os.environ.get(ENV_GPUS)
+            opts = cls(
+                address=os.environ.get(ENV_ADDRESS) or None,
+                concurrency=int(concurrency) if concurrency else None,
+                gpus_per_worker=float(gpus) if gpus else None,
+            )
+        except ValueError as e:
+            raise UsageError(f"bad {ENV_CONCURRENCY} or {ENV_GPUS}: {e}") from None
+        if (opts.concurrency or 1) < 1 or (opts.gpus_per_worker or 0) < 0:
+            raise UsageError(f"{ENV_CONCURRENCY} must be >= 1 and {ENV_GPUS} >= 0")
+        return opts
+
+
+def connect(options: RayOptions, actors: bool = False):
+    """Join the cluster at `options.address`, or start a local one; nothing on stdout."""
+    ray = require_module("ray", "ray")
+    require_module("ray.data", "ray")
+    verbose = log.isEnabledFor(logging.DEBUG)
+    level = logging.INFO if verbose else logging.CRITICAL  # mmtools reports errors itself
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(level)
+    if not ray.is_initialized():
+        if actors and not verbose:
+            # Ray's core logs an error line for every Ray Data actor it starts (ray#53727).
+            os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+        if options.address:
+            _check_reachable(options.address)
+        # Worker output is not forwarded: stdout may carry the Arrow stream.
+        kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=level)
+        with _own_signals():
+            try:
+                ray.init(address=options.address, ignore_reinit_error=True, **kwargs)
+            except ConnectionError as e:
+                raise _unreachable(options.address, e) from None
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+    ctx.retried_map_errors = True  # a step that raises on a batch: the batch is run again
+    ctx.max_map_retries = options.retries
+    return ray
+
+
+@contextlib.contextmanager
+def _own_signals():
+    """Keep mmtools' SIGTERM/SIGINT handlers: Ray's core would dump a stack and abort."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast where Ray would wait minutes: a host:port that does not answer."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if "://" in address or not sep or not port.isdigit():
+        return  # "auto" and ray:// addresses: Ray reports those itself
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT).close()
+    except OSError as e:
+        raise _unreachable(address, e) from None
+
+
+def _unreachable(address: str, e: Exception) -> TemporaryError:
+    return TemporaryError(
+        f"cannot reach the Ray cluster at {address} ({str(e).splitlines()[0]}); start it "
+        f"(ray start --head) or leave out --ray-address ({ENV_ADDRESS}) to run a local one"
+    )

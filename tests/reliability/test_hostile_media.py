@@ -1,0 +1,167 @@
+"""Hostile media must not push a worker past a memory budget (2 GiB RSS) or hang it.
+
+Each run's peak RSS comes from the kernel (wait4's ru_maxrss). Files that lie about their
+size, carry compressed-metadata bombs or thousands of frames are cheap to reject; images
+that are legal but huge, and JPEGs that take minutes to decode, need a pixel budget and a
+per-item decode time limit.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import subprocess
+import time
+import zlib
+
+import numpy as np
+from conftest import MMTOOLS, image_bytes
+from harness import THREADS, media_file, outcome, png_header, tiny_clip
+from PIL import Image
+
+BUDGET = 2 << 30
+
+
+def run_measured(argv: list, log, timeout: float, env: dict | None = None):
+    """Run `mmtools ARGV`; return (exit code or None if it ran past `timeout`, peak RSS, s)."""
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [*MMTOOLS, *map(str, argv)], stderr=err, env={**os.environ, **THREADS, **(env or {})}
+        )
+    t0, code = time.monotonic(), None
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            code = os.waitstatus_to_exitcode(status)
+            break
+        if time.monotonic() - t0 > timeout:
+            proc.kill()
+            _, status, usage = os.wait4(proc.pid, 0)
+            break
+        time.sleep(0.05)
+    proc.returncode = code  # reaped here; keep Popen from waiting again
+    return code, usage.ru_maxrss * 1024, time.monotonic() - t0
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def metadata_bomb(kind: bytes) -> bytes:
+    """An 8x8 PNG with a zTXt or iCCP chunk that inflates to 200 MiB."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "PNG")
+    png = buf.getvalue()
+    bomb = zlib.compress(b"A" * (200 << 20), 9)
+    head = b"Comment\x00\x00" if kind == b"zTXt" else b"icc\x00\x00"
+    return png[:33] + _chunk(kind, head + bomb) + png[33:]
+
+
+def jpeg_claiming(width: int, height: int) -> bytes:
+    """A small JPEG whose frame header claims `width` x `height`."""
+    data = bytearray(image_bytes(0, size=(16, 16)))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def many_frames_gif(frames: int = 3000) -> bytes:
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 255, (8, 8), np.uint8), "L") for _ in range(frames)]
+    buf = io.BytesIO()
+    imgs[0].save(buf, "GIF", save_all=True, append_images=imgs[1:])
+    return buf.getvalue()
+
+
+def test_lying_headers_and_metadata_bombs_are_cheap_rejects(tmp_path):
+    model = tiny_clip(tmp_path)
+    images = {
+        "png_claims_10g_pixels.png": png_header(100_000, 100_000),
+        "jpeg_claims_3g_pixels.jpg": jpeg_claiming(60_000, 60_000),
+        "ztxt_bomb.png": metadata_bomb(b"zTXt"),
+        "iccp_bomb.png": metadata_bomb(b"iCCP"),
+        "many_frames.gif": many_frames_gif(),
+        "good.jpg": image_bytes(1),
+    }
+    media_file(tmp_path / "in.parquet", images)
+    out = tmp_path / "out"
+    argv = ["embed", tmp_path / "in.parquet", "--model", model, "--pretrained", "none"]
+    argv += ["--device", "cpu", "--workers", "2", "-q", "-o", out]
+    code, rss, _ = run_measured(argv, tmp_path / "log", timeout=300)
+    assert code == 0, (tmp_path / "log").read_text()
+    assert rss < BUDGET
+    rows, rejects = outcome(out)
+    assert set(rows) == {"many_frames.gif", "good.jpg"}
+    assert rejects == {
+        "png_claims_10g_pixels.png": "decompression_bomb",
+        "jpeg_claims_3g_pixels.jpg": "decompression_bomb",
+        "ztxt_bomb.png": "corrupt",
+        "iccp_bomb.png": "corrupt",
+    }
+
+
+def zero_rgba_png(side: int) -> bytes:
+    """A side x side RGBA PNG of zeros: 1.4 MB on disk, side * side * 4 bytes decoded."""
+    row = b"\x00" * (1 + 4 * side)
+    deflate = zlib.compressobj(1)
+    parts = [deflate.compress(row * 100) for _ in range(side // 100)]
+    parts.append(deflate.compress(row * (side % 100)) + deflate.flush())
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 6, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", ihdr)
+        + _chunk(b"IDAT", b"".join(parts))
+        + _chunk(b"IEND", b"")
+    )
+
+
+def test_huge_legal_images_stay_within_the_memory_budget(tmp_path):
+    model = tiny_clip(tmp_path)
+    big = zero_rgba_png(9000)
+    images = {"big1.png": big, "big2.png": big, "big3.png": big, "good.jpg": image_bytes(1)}
+    media_file(tmp_path / "in.parquet", images)
+    out = tmp_path / "out"
+    argv = ["embed", tmp_path / "in.parquet", "--model", model, "--pretrained", "none"]
+    argv += ["--device", "cpu", "--workers", "3", "-q", "-o", out]
+    code, rss, _ = run_measured(argv, tmp_path / "log", timeout=300)
+    assert code == 0, (tmp_path / "log").read_text()
+    rows, rejects = outcome(out)
+    assert set(rows) | set(rejects) == set(images) and "good.jpg" in rows
+    assert rss < BUDGET
+
+
+def _scans(data: bytes) -> list[tuple[int, int]]:
+    """(start, end) of each SOS segment of a JPEG, its entropy-coded data included."""
+    out, i = [], 2
+    while data[i + 1] != 0xD9:
+        end = i + 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+        if data[i + 1] == 0xDA:
+            while not (data[end] == 0xFF and data[end + 1] not in (0, *range(0xD0, 0xD8))):
+                end += 1
+            out.append((i, end))
+        i = end
+    return out
+
+
+def scan_bomb(side: int = 4000, repeats: int = 12000) -> bytes:
+    """A ~400 KB progressive JPEG whose last scan is repeated: minutes of decoding."""
+    buf = io.BytesIO()
+    Image.new("L", (side, side), 128).save(buf, "JPEG", progressive=True, quality=90)
+    data = buf.getvalue()
+    start, end = _scans(data)[-1]
+    return data[:start] + data[start:end] * repeats + data[start:]
+
+
+def test_an_image_that_takes_minutes_to_decode_is_rejected_in_seconds(tmp_path):
+    folder = tmp_path / "media"
+    folder.mkdir()
+    (folder / "slow.jpg").write_bytes(scan_bomb())
+    for i in range(5):
+        (folder / f"ok{i}.jpg").write_bytes(image_bytes(i))
+    out = tmp_path / "out"
+    argv = ["ingest", folder, "-q", "-o", out]
+    code, _, seconds = run_measured(argv, tmp_path / "log", 20, {"MMTOOLS_DECODE_TIMEOUT": "2"})
+    assert code == 0 and seconds < 20
+    rows, rejects = outcome(out)
+    assert set(rows) == {f"ok{i}.jpg" for i in range(5)} and set(rejects) == {"slow.jpg"}
