@@ -21,9 +21,9 @@ demo dir="demo-out":
         {{python}} -m mmtools info {{dir}}/ds
     fi
 
-# The test suite (what CI runs).
+# The test suite (what CI runs): two worker processes, each test file on one of them.
 test *args:
-    {{python}} -m pytest -q {{args}}
+    {{python}} -m pytest -q -n 2 --dist loadfile {{args}}
 
 # Benchmarks: throughput and memory as ratios against baselines measured in the same run.
 bench *args:
