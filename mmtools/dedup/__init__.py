@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from mmtools import columns as C
 from mmtools.dedup.groups import cluster_ids, keep_best, parse_keep, priority
 from mmtools.errors import DataContractError, UsageError
-from mmtools.step import POSITION, GlobalStep, Result, reject_batch
+from mmtools.step import GlobalStep, Result, reject_batch
 
 METHODS = ("exact", "phash", "minhash", "semantic")
 ALIVE, REJECTED = -1, -2
@@ -177,23 +177,16 @@ class Dedup(GlobalStep):
             self._cluster = cluster_ids(n, np.concatenate(members), np.concatenate(keepers))
 
     def finish_on_ray(self, keys, in_order) -> bool:
-        """With `exact` first, Ray Data's groupby finds its groups of equal keys, so the
-        driver never holds those keys; the other methods' keys are scanned in order."""
-        from mmtools.dedup import exact
-
-        if self.methods[0].name != "exact":
+        """When the first method can (exact, phash), Ray Data's groupby finds its groups, so
+        the driver never holds its keys; the other methods' keys are scanned in order."""
+        first = self.methods[0]
+        if not hasattr(first, "ray_groups"):
             return False
         keys = keys.materialize()
-        dups = (
-            keys.select_columns([exact.KEY, POSITION])
-            .groupby(exact.KEY)
-            .map_groups(_duplicate_group, batch_format="pyarrow")
-        )
-        found = [t for t in dups.iter_batches(batch_size=None, batch_format="pyarrow")]
-        for batch in in_order(keys.drop_columns([exact.KEY])):
+        positions, labels = first.ray_groups(keys)
+        for batch in in_order(keys.drop_columns(list(first.ray_columns))):
             self.scan(batch)
-        groups = pa.concat_tables(found) if found else _duplicate_group(None)
-        self.methods[0].set_groups(self._n, groups["pos"].to_numpy(), groups["label"].to_numpy())
+        first.set_groups(self._n, positions, labels)
         self.finish_scan()
         return True
 
@@ -254,18 +247,6 @@ class Dedup(GlobalStep):
                 "dedup: resumed at one of %d places with the same ids; took the first", len(found)
             )
         return found[0] if found else 0
-
-
-def _duplicate_group(group: pa.Table | None) -> pa.Table:
-    """For Ray's groupby: the rows of a group of two or more equal non-null keys, labelled by
-    the group's first position; nothing for a lone row or the null key."""
-    from mmtools.dedup import exact
-
-    empty = pa.table({"pos": pa.array([], pa.int64()), "label": pa.array([], pa.int64())})
-    if group is None or group.num_rows < 2 or not group[exact.KEY][0].is_valid:
-        return empty
-    pos = group[POSITION].combine_chunks()
-    return pa.table({"pos": pos, "label": pa.array(np.full(len(pos), pc.min(pos).as_py()))})
 
 
 def _orderable(t: pa.DataType) -> bool:

@@ -9,7 +9,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mmtools import columns as C
+from mmtools.dedup.groups import RayGrouped
 from mmtools.errors import DataContractError, UsageError
+from mmtools.step import POSITION
 
 FIELDS = {C.IMAGE: C.IMAGE_SHA256, C.AUDIO: C.AUDIO_SHA256, C.TEXT: None}
 _SEP = "\x1f"
@@ -49,17 +51,27 @@ def parse_fields(spec: str, schema: pa.Schema) -> list[str]:
     return fields
 
 
-class Exact:
+def _duplicate_group(group: pa.Table | None) -> pa.Table:
+    """For Ray's groupby: the rows of a group of two or more equal non-null keys, labelled by
+    the group's first position; nothing for a lone row or the null key."""
+    empty = pa.table({"pos": pa.array([], pa.int64()), "label": pa.array([], pa.int64())})
+    if group is None or group.num_rows < 2 or not group[KEY][0].is_valid:
+        return empty
+    pos = group[POSITION].combine_chunks()
+    return pa.table({"pos": pos, "label": pa.array(np.full(len(pos), pc.min(pos).as_py()))})
+
+
+class Exact(RayGrouped):
     """Rows with equal keys are duplicates."""
 
     name = "exact"
+    ray_columns = (KEY,)
 
     def __init__(self, spec: str):
         self.spec = spec
         self.fields: list[str] = []
         self.failures: dict[int, tuple[str, str]] = {}
         self._keys: list[pa.Array] = []
-        self._groups: np.ndarray | None = None  # labels found by Ray's groupby, if any
 
     def bind(self, schema: pa.Schema) -> list[str]:
         """Resolve the key fields; return the columns pass 1 must read."""
@@ -84,10 +96,16 @@ class Exact:
         if KEY in keys.schema.names:
             self._keys.append(keys.column(KEY))
 
-    def set_groups(self, n: int, positions: np.ndarray, labels: np.ndarray) -> None:
-        """The groups of two or more rows, found elsewhere (Ray's groupby); others: none."""
-        self._groups = np.full(n, -1, dtype=np.int64)
-        self._groups[positions] = labels
+    def ray_groups(self, keys) -> tuple[np.ndarray, np.ndarray]:
+        """Ray Data's groupby on the key: only groups of two or more reach the driver."""
+        groups = (
+            keys.select_columns([KEY, POSITION])
+            .groupby(KEY)
+            .map_groups(_duplicate_group, batch_format="pyarrow")
+        )
+        found = list(groups.iter_batches(batch_size=None, batch_format="pyarrow"))
+        table = pa.concat_tables(found) if found else _duplicate_group(None)
+        return table["pos"].to_numpy(), table["label"].to_numpy()
 
     @staticmethod
     def _part(array: pa.Array, column: str) -> pa.Array:
@@ -102,8 +120,8 @@ class Exact:
 
     def labels(self, active: np.ndarray) -> np.ndarray:
         """Group label per active row: equal keys, equal label; -1 for no key."""
-        if self._groups is not None:
-            return self._groups[active]
+        if (preset := self.preset(active)) is not None:
+            return preset
         keys = pa.chunked_array(self._keys, pa.string()).cast(pa.large_string())
         codes = keys.take(active).combine_chunks().dictionary_encode().indices
         return pc.fill_null(codes, -1).to_numpy().astype(np.int64)

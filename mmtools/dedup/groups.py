@@ -94,6 +94,30 @@ def spanning_edges(i: np.ndarray, j: np.ndarray, n: int) -> tuple[np.ndarray, np
     return nodes[nodes != root], root[nodes != root]
 
 
+class RayGrouped:
+    """A method whose groups Ray Data's groupby can find (`ray_groups`, on the keys of the
+    whole input) when it comes first; the driver then keeps only the labels (`set_groups`)."""
+
+    ray_columns: tuple[str, ...] = ()  # key columns the driver then does not need
+    _groups: np.ndarray | None = None
+
+    def set_groups(self, n: int, positions: np.ndarray, labels: np.ndarray) -> None:
+        """The rows in groups of two or more, with their group labels; the rest: none (-1)."""
+        self._groups = np.full(n, -1, dtype=np.int64)
+        self._groups[positions] = labels
+
+    def preset(self, active: np.ndarray) -> np.ndarray | None:
+        """The labels of `active` rows set by `set_groups`, or None."""
+        return None if self._groups is None else self._groups[active]
+
+
+def position_components(i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows (input positions) that edges (i, j) link and a component label for each."""
+    nodes = np.unique(np.r_[i, j]).astype(np.int64)
+    labels = components(len(nodes), np.searchsorted(nodes, i), np.searchsorted(nodes, j))
+    return nodes, labels
+
+
 @dataclass
 class Grouping:
     """What the keep rule made of one method's groups."""

@@ -8,9 +8,10 @@ import numpy as np
 import pyarrow as pa
 
 from mmtools import columns as C
-from mmtools.dedup.groups import edge_labels, equal_key_pairs
+from mmtools.dedup.groups import RayGrouped, edge_labels, equal_key_pairs, position_components
 from mmtools.errors import DataContractError, require_module
 from mmtools.media import DEFAULT_MAX_PIXELS, MediaError, decode_image
+from mmtools.step import POSITION
 
 BITS = 64
 KEY, ERROR = "_key_phash", "_key_phash_error"
@@ -63,10 +64,62 @@ def near_pairs(hashes: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.nd
     return pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64)
 
 
-class PHash:
+def close_edges(hashes: np.ndarray, pos: np.ndarray, max_distance: int):
+    """Edges (pos, pos) linking the rows of one candidate group whose hashes are within
+    `max_distance` bits: equal hashes to their first row, distinct close hashes pairwise."""
+    uniq, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+    rep = pos[first]
+    same = np.flatnonzero(np.arange(len(pos)) != first[inverse])
+    found_i, found_j = [rep[inverse[same]]], [pos[same]]
+    for gap in range(1, len(uniq)):  # every pair of distinct hashes, one diagonal at a time
+        a = np.arange(len(uniq) - gap)
+        close = popcount(uniq[a] ^ uniq[a + gap]) <= max_distance
+        found_i.append(rep[a[close]])
+        found_j.append(rep[a[close] + gap])
+    return np.concatenate(found_i), np.concatenate(found_j)
+
+
+class _Chunks:
+    """For Ray: each hashed row once per chunk, as (chunk, chunk value, position, hash)."""
+
+    def __init__(self, max_distance: int):
+        self.masks = chunk_masks(max_distance)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        ok = table[ERROR].is_null().to_numpy(zero_copy_only=False)
+        h = table[KEY].to_numpy(zero_copy_only=False)[ok].astype(np.uint64)
+        pos = table[POSITION].to_numpy(zero_copy_only=False)[ok]
+        parts = [
+            pa.table(
+                {
+                    "chunk": np.full(len(h), c, np.int32),
+                    "value": (h >> np.uint64(shift)) & np.uint64(mask),
+                    "pos": pos,
+                    "hash": h,
+                }
+            )
+            for c, (shift, mask) in enumerate(self.masks)
+        ]
+        return pa.concat_tables(parts)
+
+
+class _GroupEdges:
+    """For Ray's groupby: the close-hash edges of one (chunk, value) group."""
+
+    def __init__(self, max_distance: int):
+        self.max_distance = max_distance
+
+    def __call__(self, group: pa.Table) -> pa.Table:
+        h = group["hash"].to_numpy().astype(np.uint64)
+        i, j = close_edges(h, group["pos"].to_numpy(), self.max_distance)
+        return pa.table({"i": pa.array(i, pa.int64()), "j": pa.array(j, pa.int64())})
+
+
+class PHash(RayGrouped):
     """Images whose pHashes differ in at most `max_distance` bits are duplicates."""
 
     name = "phash"
+    ray_columns = (KEY,)
 
     def __init__(self, max_distance: int, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.max_distance = max_distance
@@ -104,10 +157,35 @@ class PHash:
         for i in np.flatnonzero(errors.is_valid().to_numpy(zero_copy_only=False)):
             reason, _, detail = errors[int(i)].as_py().partition(_SEP)
             self.failures[offset + int(i)] = (reason, detail)
-        self._hashes.append(keys.column(KEY).to_numpy(zero_copy_only=False))
+        if KEY in keys.schema.names:  # absent when Ray's groupby groups them
+            self._hashes.append(keys.column(KEY).to_numpy(zero_copy_only=False))
+
+    def ray_groups(self, keys) -> tuple[np.ndarray, np.ndarray]:
+        """Ray Data's groupby on each hash chunk (the same pigeonhole as `near_pairs`): the
+        close pairs of each group become edges; their components are the groups."""
+        chunks, group_edges = _Chunks(self.max_distance), _GroupEdges(self.max_distance)
+
+        def to_chunks(table: pa.Table) -> pa.Table:  # Ray wants functions, not instances
+            return chunks(table)
+
+        def to_edges(group: pa.Table) -> pa.Table:
+            return group_edges(group)
+
+        edges = (
+            keys.select_columns([KEY, ERROR, POSITION])
+            .map_batches(to_chunks, batch_format="pyarrow")
+            .groupby(["chunk", "value"])
+            .map_groups(to_edges, batch_format="pyarrow")
+        )
+        found = list(edges.iter_batches(batch_size=None, batch_format="pyarrow"))
+        i = np.concatenate([t["i"].to_numpy() for t in found]) if found else np.empty(0, np.int64)
+        j = np.concatenate([t["j"].to_numpy() for t in found]) if found else np.empty(0, np.int64)
+        return position_components(i, j)
 
     def labels(self, active: np.ndarray) -> np.ndarray:
         """Group label per active row: components of the within-radius graph."""
+        if (preset := self.preset(active)) is not None:
+            return preset
         hashes = np.concatenate(self._hashes)[active] if self._hashes else np.empty(0, np.uint64)
         uniq, inverse = np.unique(hashes, return_inverse=True)
         # Equal hashes share a label through `inverse`; the index only sees distinct ones.
@@ -121,7 +199,7 @@ class PHash:
 
     def release(self) -> None:
         """Drop the hashes."""
-        self._hashes = []
+        self._hashes, self._groups = [], None
 
 
 def _image_bytes(blob: bytes | None, path: str | None) -> bytes:
