@@ -227,19 +227,20 @@ def test_top_fraction_cut_by_rays_sort_equals_local_with_ties_and_bad_keys(
     [
         (("exact",), f"highest:{C.CLIP_SCORE}", False, {"exact": 2}),  # Ray's groupby
         (("exact", "phash"), "first", True, {}),  # then pHashes made on the workers
-        (("phash", "minhash"), "first", False, {"phash": 2, "minhash": 1}),  # keys on workers
+        (("phash", "minhash"), "first", False, {"phash": 2, "minhash": 28}),
+        (("minhash", "semantic"), "first", False, None),  # minhash by Ray's groupby too
     ],
-    ids=["exact", "exact-phash-mark", "phash-minhash"],
+    ids=["exact", "exact-phash-mark", "phash-minhash", "minhash-semantic"],
 )
 def test_dedup_on_ray_equals_local(scored, tmp_path, methods, keep, mark, dropped):
     from mmtools.dedup import Dedup, DedupConfig
 
-    config = DedupConfig(methods, keep=keep, mark=mark)
+    config = DedupConfig(methods, keep=keep, mark=mark, threshold=0.5)  # "a photo number N"
     manifests = run_both(
         tmp_path, "dedup", lambda src: [Dedup(config)], dataset_source(scored[0] / "local")
     )
     out = assert_same(tmp_path, manifests)
-    assert manifests["ray"]["dropped"] == dropped
+    assert dropped is None or manifests["ray"]["dropped"] == dropped
     if mark:
         assert out[C.IS_DUPLICATE].to_pylist().count(True) == 2
 

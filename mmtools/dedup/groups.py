@@ -111,6 +111,14 @@ class RayGrouped:
         return None if self._groups is None else self._groups[active]
 
 
+def edge_components(edges) -> tuple[np.ndarray, np.ndarray]:
+    """The components of a Ray Dataset of edges (columns i, j: input positions)."""
+    found = list(edges.iter_batches(batch_size=None, batch_format="pyarrow"))
+    i = np.concatenate([t["i"].to_numpy() for t in found]) if found else np.empty(0, np.int64)
+    j = np.concatenate([t["j"].to_numpy() for t in found]) if found else np.empty(0, np.int64)
+    return position_components(i, j)
+
+
 def position_components(i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The rows (input positions) that edges (i, j) link and a component label for each."""
     nodes = np.unique(np.r_[i, j]).astype(np.int64)

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 
 from mmtools import columns as C
-from mmtools.dedup.groups import RayGrouped, edge_labels, equal_key_pairs, position_components
+from mmtools.dedup.groups import RayGrouped, edge_components, edge_labels, equal_key_pairs
 from mmtools.errors import DataContractError, require_module
 from mmtools.media import DEFAULT_MAX_PIXELS, MediaError, decode_image
 from mmtools.step import POSITION
@@ -177,10 +177,7 @@ class PHash(RayGrouped):
             .groupby(["chunk", "value"])
             .map_groups(to_edges, batch_format="pyarrow")
         )
-        found = list(edges.iter_batches(batch_size=None, batch_format="pyarrow"))
-        i = np.concatenate([t["i"].to_numpy() for t in found]) if found else np.empty(0, np.int64)
-        j = np.concatenate([t["j"].to_numpy() for t in found]) if found else np.empty(0, np.int64)
-        return position_components(i, j)
+        return edge_components(edges)
 
     def labels(self, active: np.ndarray) -> np.ndarray:
         """Group label per active row: components of the within-radius graph."""
