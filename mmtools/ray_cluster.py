@@ -9,7 +9,7 @@ import signal
 import threading
 from dataclasses import dataclass
 
-from mmtools.errors import TemporaryError, UsageError, require_module
+from mmtools.errors import TemporaryError, require_module
 
 log = logging.getLogger("mmtools")
 
@@ -28,22 +28,6 @@ class RayOptions:
     concurrency: int | None = None  # actors per model step; None: 1 up to the cluster's size
     gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
     retries: int = RETRIES
-
-    @classmethod
-    def from_env(cls) -> RayOptions:
-        """Options from the MMTOOLS_RAY_* environment variables."""
-        try:
-            concurrency, gpus = os.environ.get(ENV_CONCURRENCY), os.environ.get(ENV_GPUS)
-            opts = cls(
-                address=os.environ.get(ENV_ADDRESS) or None,
-                concurrency=int(concurrency) if concurrency else None,
-                gpus_per_worker=float(gpus) if gpus else None,
-            )
-        except ValueError as e:
-            raise UsageError(f"bad {ENV_CONCURRENCY} or {ENV_GPUS}: {e}") from None
-        if (opts.concurrency or 1) < 1 or (opts.gpus_per_worker or 0) < 0:
-            raise UsageError(f"{ENV_CONCURRENCY} must be >= 1 and {ENV_GPUS} >= 0")
-        return opts
 
 
 def connect(options: RayOptions, actors: bool = False):

@@ -266,7 +266,7 @@ def run(
 ) -> tuple[engine.Summary, dict]:
     """Run `steps` over `source` into `sink` on Ray; return the summary and the manifest."""
     t0 = time.monotonic()
-    options = options or RayOptions.from_env()
+    options = options or RayOptions()
     require_module("ray", "ray")  # before the output is touched
     summary = engine.Summary(command, getattr(sink, "path", "-"))
     schema, info = engine.output_schema(source.schema, steps)

@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from mmtools.ray_cluster import ENV_ADDRESS, ENV_CONCURRENCY, ENV_GPUS
+
 Inputs = Annotated[
     list[str] | None,
     typer.Argument(
@@ -42,14 +44,14 @@ RayAddress = Annotated[
     str | None,
     typer.Option(
         "--ray-address",
-        envvar="MMTOOLS_RAY_ADDRESS",
+        envvar=ENV_ADDRESS,
         help="With --engine ray: the cluster to join ('auto': the one running here, or "
         "HOST:PORT, ray://HOST:PORT); default: start a local cluster for this run.",
         show_default=False,
     ),
 ]
 _RAY_CONCURRENCY = dict(
-    envvar="MMTOOLS_RAY_CONCURRENCY",
+    envvar=ENV_CONCURRENCY,
     min=1,
     help="With --engine ray: model-loading workers (actors) per model step; default: "
     "from 1 up to what the cluster's CPUs or GPUs allow.",
@@ -64,7 +66,7 @@ GpusPerWorker = Annotated[
     float | None,
     typer.Option(
         "--num-gpus-per-worker",
-        envvar="MMTOOLS_RAY_GPUS_PER_WORKER",
+        envvar=ENV_GPUS,
         min=0,
         help="With --engine ray: GPUs each model worker reserves (0.5: two share a GPU); "
         "default: 1 when the cluster has GPUs, else 0.",
