@@ -86,7 +86,9 @@ class TopFraction(GlobalStep):
         in one process."""
         import ray
 
-        keys = keys.materialize()
+        from mmtools.ray_cluster import shuffle_with_tasks
+
+        keys = shuffle_with_tasks(keys)
         n = keys.count()
         k = self.wanted(n)
         if k in (0, n):

@@ -32,6 +32,7 @@ import pickle
 import time
 from collections import deque
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pyarrow as pa
@@ -46,6 +47,9 @@ from mmtools.step import POSITION, GlobalStep, Result, Step
 __all__ = ["ENV_ADDRESS", "RETRIES", "RayOptions", "portable", "run"]
 
 log = logging.getLogger("mmtools")
+# Below this many rows a global step's keys are decided on the driver: the same result as
+# Ray Data's sort or groupby without their fixed cost (seconds of shuffle on a small input).
+SHUFFLE_MIN_ROWS = 100_000
 _PICKLES = (np.ndarray, pa.Array, pa.ChunkedArray, pa.Table, pa.RecordBatch, str, bytes, int)
 
 
@@ -215,8 +219,16 @@ def _envelopes(ds) -> Iterator[Envelope]:
 
 def _tables(ds) -> Iterator[pa.Table]:
     """The blocks of `ds`, in input order; a worker's failure re-raised as such."""
-    try:
+    with _worker_errors():
         yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
+
+
+@contextmanager
+def _worker_errors():
+    """A step's own exception from a worker re-raised as such; workers that kept dying as a
+    partial run (exit 4: rerun resumes)."""
+    try:
+        yield
     except Exception as e:
         log.debug("the Ray pipeline failed: %s", e)
         cause = _cause(e)
@@ -306,16 +318,20 @@ def run(
 
 def _scan(ray, source, step: GlobalStep, batch_size: int, options: RayOptions) -> None:
     """Pass 1 of a global step: the workers compute the keys of their batches (`step.keys`:
-    hashes, scores; never media); the step decides with Ray Data's own operations where it
-    can (`finish_on_ray`: a sort for --top-fraction), else the driver scans the keys in
-    input order. A middle pass (mixup's partner rows) reads on the driver."""
+    hashes, scores; never media); from SHUFFLE_MIN_ROWS rows on, the step decides with Ray
+    Data's own operations where it can (`finish_on_ray`: a sort for --top-fraction, a
+    groupby for dedup), else the driver scans the keys in input order. A middle pass
+    (mixup's partner rows) reads on the driver."""
     step.setup()
     source.spool()  # a stream on stdin is read twice
     ds = _input(ray, source, batch_size, 0, list(step.scan_columns))
     if ds is not None:
         common = dict(batch_format="pyarrow", batch_size=1, zero_copy_batch=True)
         keys = _map(ds, _KeysFn(portable(step)), max_retries=options.retries, **common)
-        if not step.finish_on_ray(keys, _in_order):
+        with _worker_errors():
+            keys = keys.materialize()
+            shuffled = keys.count() >= SHUFFLE_MIN_ROWS and step.finish_on_ray(keys, _in_order)
+        if not shuffled:
             for batch in _in_order(keys):
                 step.scan(batch)
             step.finish_scan()

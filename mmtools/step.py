@@ -127,8 +127,8 @@ class GlobalStep(Step):
         """Between the passes: decide (e.g. compute a threshold or the duplicate set)."""
 
     def finish_on_ray(self, keys, in_order) -> bool:
-        """Pass 1 on Ray: decide from `keys` (a Ray Dataset of `keys()` rows plus their input
-        position, POSITION) with Ray Data's own operations, instead of `scan` +
+        """Pass 1 on Ray: decide from `keys` (a materialized Ray Dataset of `keys()` rows plus
+        their input position, POSITION) with Ray Data's own operations, instead of `scan` +
         `finish_scan`; `in_order(ds)` yields a dataset's batches in input order. False: not
         done this way, so the driver scans the keys in order and calls `finish_scan`."""
         return False

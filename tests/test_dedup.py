@@ -64,6 +64,32 @@ def run_dedup(src: Path, out: Path, config, batch_size: int = 1024) -> pa.Table:
     return read_dataset(out)
 
 
+def assert_ray_buckets_give_local_groups(make_method, keys: pa.Table, min_groups: int) -> None:
+    """What the Ray path computes (`ray_rows` over uneven batches, Ray's groupby on the
+    bucket, `ray_edges` per bucket), done here without Ray, gives the local engine's groups."""
+    import pyarrow.compute as pc
+
+    from mmtools.dedup.groups import BUCKET, keep_best, position_components
+    from mmtools.step import POSITION
+
+    n, buckets = keys.num_rows, 3
+    keys = keys.append_column(POSITION, pa.array(np.arange(n), pa.int64()))
+    cuts = [0, 1, n // 3, n // 3 + 1, n]  # uneven batches, one of a single row
+    local, ray = make_method(), make_method()
+    local.scan(keys.to_batches()[0], 0)
+    rows = pa.concat_tables(
+        [ray.ray_rows(keys.slice(a, b - a), buckets) for a, b in itertools.pairwise(cuts)]
+    )
+    found = [ray.ray_edges(rows.filter(pc.equal(rows[BUCKET], k))) for k in range(buckets)]
+    i, j = (np.concatenate([f[k] for f in found]).astype(np.int64) for k in (0, 1))
+    ray.set_groups(n, *position_components(i, j))
+    active = np.array([p for p in range(n) if p not in local.failures])  # as Dedup does
+    a, b = keep_best(local.labels(active), active), keep_best(ray.labels(active), active)
+    assert a.groups == b.groups >= min_groups
+    assert (a.drop == b.drop).all() and set(a.members) == set(b.members)
+    assert (a.keepers[np.argsort(a.members)] == b.keepers[np.argsort(b.members)]).all()
+
+
 def group_pairs(groups) -> set[tuple[str, str]]:
     """All unordered id pairs within each group."""
     return {tuple(sorted(p)) for g in groups for p in itertools.combinations(g, 2)}

@@ -8,6 +8,7 @@ import numpy as np
 from conftest import mmtools
 from datasketch import MinHash, MinHashLSH
 from test_dedup import (
+    assert_ray_buckets_give_local_groups,
     found_groups,
     group_pairs,
     precision_recall,
@@ -114,12 +115,11 @@ def test_minhash_finds_captions_with_small_edits(tmp_path):
 
 
 def test_band_buckets_give_the_same_groups_as_the_local_search():
-    """What Ray's groupby computes (rows per LSH band code, each bucket checked) makes the same
+    """Ray's buckets of LSH band codes, each checked by signature and Jaccard, make the same
     duplicate groups as the local search: edited captions, exact copies, nulls, lone rows."""
     import pyarrow as pa
 
-    from mmtools.dedup.groups import keep_best, position_components
-    from mmtools.dedup.minhash import KEY, MinHashText, band_edges, band_rows
+    from mmtools.dedup.minhash import KEY, MinHashText
 
     rng = np.random.default_rng(0)
     words = [f"w{k}" for k in range(60)]
@@ -127,20 +127,5 @@ def test_band_buckets_give_the_same_groups_as_the_local_search():
     edited = [t.replace(t.split()[3], "edited", 1) for t in base[:60]]
     texts = [*base, *edited, *base[:30], None, None, ""]
     order = rng.permutation(len(texts))
-    texts = [texts[k] for k in order]
-    m = MinHashText(0.6, 64, 2, 0)
-    rows = band_rows(pa.array(texts, pa.string()), np.arange(len(texts)), m).to_pandas()
-    found = [
-        band_edges(pa.Table.from_pandas(g, preserve_index=False), m)
-        for _, g in rows.groupby(["band", "code"])
-    ]
-    i = np.concatenate([e[0] for e in found])
-    j = np.concatenate([e[1] for e in found])
-    local, ray = MinHashText(0.6, 64, 2, 0), MinHashText(0.6, 64, 2, 0)
-    local.scan(pa.record_batch([pa.array(texts, pa.string())], names=[KEY]), 0)
-    ray.set_groups(len(texts), *position_components(i, j))
-    everyone = np.arange(len(texts))
-    a, b = keep_best(local.labels(everyone), everyone), keep_best(ray.labels(everyone), everyone)
-    assert a.groups == b.groups >= 60
-    assert (a.drop == b.drop).all() and set(a.members) == set(b.members)
-    assert (a.keepers[np.argsort(a.members)] == b.keepers[np.argsort(b.members)]).all()
+    keys = pa.table({KEY: pa.array([texts[k] for k in order], pa.string())})
+    assert_ray_buckets_give_local_groups(lambda: MinHashText(0.6, 64, 2, 0), keys, min_groups=60)

@@ -12,6 +12,7 @@ import pytest
 from conftest import image_bytes, mmtools
 from PIL import Image
 from test_dedup import (
+    assert_ray_buckets_give_local_groups,
     found_groups,
     group_pairs,
     precision_recall,
@@ -22,7 +23,6 @@ from test_dedup import (
 
 from mmtools import columns as C
 from mmtools import synth
-from mmtools.dedup.groups import position_components
 from mmtools.dedup.phash import image_phash, near_pairs
 
 
@@ -90,37 +90,18 @@ def test_index_finds_exactly_the_pairs_within_the_radius(radius):
 
 
 @pytest.mark.parametrize("radius", [0, 3, 6])
-def test_chunk_groups_give_the_same_groups_as_the_index(radius):
-    """What Ray's groupby computes (chunk rows grouped by value, close edges per group) makes
-    the same duplicate groups as the local index, repeated hashes and lone rows included."""
-    from mmtools.dedup.groups import keep_best
-    from mmtools.dedup.phash import ERROR, KEY, PHash, _Chunks, _GroupEdges
-    from mmtools.step import POSITION
+def test_chunk_buckets_give_the_same_groups_as_the_index(radius):
+    """Ray's buckets of hash chunks, each searched by chunk value, make the same duplicate
+    groups as the local index, repeated hashes and lone rows included."""
+    from mmtools.dedup.phash import ERROR, KEY, PHash
 
     rng = np.random.default_rng(radius)
     base = rng.integers(0, 2**63, 400, dtype=np.int64).astype(np.uint64)
     near = [h ^ np.uint64(1 << int(rng.integers(64))) for h in base[:100]]
     hashes = np.concatenate([base, np.array(near, np.uint64), base[:50]])  # and exact copies
     rng.shuffle(hashes)
-    keys = pa.table(
-        {KEY: hashes, ERROR: pa.nulls(len(hashes), pa.string()), POSITION: np.arange(len(hashes))}
-    )
-    rows = _Chunks(radius)(keys).to_pandas()
-    found = [
-        _GroupEdges(radius)(pa.Table.from_pandas(g, preserve_index=False))
-        for _, g in rows.groupby(["chunk", "value"])
-    ]
-    i = np.concatenate([t["i"].to_numpy() for t in found])
-    j = np.concatenate([t["j"].to_numpy() for t in found])
-    local, ray = PHash(radius), PHash(radius)
-    local.scan(keys.to_batches()[0], 0)
-    ray.set_groups(len(hashes), *position_components(i, j))
-    everyone = np.arange(len(hashes))
-    prio = everyone  # keep the first row of each group
-    a, b = keep_best(local.labels(everyone), prio), keep_best(ray.labels(everyone), prio)
-    assert a.groups == b.groups > 0
-    assert (a.drop == b.drop).all() and set(a.members) == set(b.members)
-    assert (a.keepers[np.argsort(a.members)] == b.keepers[np.argsort(b.members)]).all()
+    keys = pa.table({KEY: hashes, ERROR: pa.nulls(len(hashes), pa.string())})
+    assert_ray_buckets_give_local_groups(lambda: PHash(radius), keys, min_groups=50)
 
 
 def test_phash_finds_reencoded_resized_and_cropped_copies(tmp_path):

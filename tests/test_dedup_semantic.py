@@ -7,6 +7,7 @@ import pyarrow as pa
 import pytest
 from conftest import mmtools
 from test_dedup import (
+    assert_ray_buckets_give_local_groups,
     found_groups,
     group_pairs,
     precision_recall,
@@ -135,3 +136,30 @@ def test_semantic_on_text_embeddings_rejects_bad_rows(tmp_path):
         len(x) - 3 - sum(max(0, len([i for i in g if i not in bad]) - 1) for g in true_groups)
     )
     assert len(kept) == expected
+
+
+def test_semantic_cluster_buckets_give_the_same_groups_as_the_local_search(monkeypatch):
+    """The Ray path (a model fitted on the rows `sampled` picks, rows assigned per batch,
+    buckets of clusters searched per cluster) makes the local groups; bad rows are left out."""
+    from mmtools.dedup import semantic
+    from mmtools.dedup.semantic import ERROR, KMeans, Semantic, problems, sample_rate
+
+    monkeypatch.setattr(semantic, "SAMPLE_PER_CLUSTER", 8)
+    x, _ = planted(400, 24, seed=11)
+    x[5], x[8] = np.nan, 0.0
+    n, k = len(x), 90  # a tree of k-means models fitted on part of the rows
+    assert sample_rate(n, k) < 1
+    table = embedding_table(x)
+    bad = problems(table[C.IMAGE_EMBEDDING].combine_chunks(), 24)
+    keys = table.append_column(ERROR, pa.array(bad, pa.string()))
+    ok = np.flatnonzero(keys[ERROR].is_null().to_numpy(zero_copy_only=False))
+    assert len(ok) == n - 2
+
+    def make() -> Semantic:
+        method = Semantic(C.IMAGE_EMBEDDING, 0.05, k, 0)
+        method.bind(table.schema)
+        unit = semantic.unit_rows(x[ok])[0]
+        method.model = KMeans.fit(unit[semantic.sampled(ok, sample_rate(len(ok), k), 0)], k, 0)
+        return method
+
+    assert_ray_buckets_give_local_groups(make, keys, min_groups=50)

@@ -51,6 +51,12 @@ def cluster():
     ray.shutdown()
 
 
+@pytest.fixture(autouse=True)
+def shuffle_small_inputs(monkeypatch):
+    """Global steps use Ray Data's sort and groupby even on these small inputs."""
+    monkeypatch.setattr(ray_engine, "SHUFFLE_MIN_ROWS", 0)
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     """30 captioned JPEGs, two exact duplicates, a blank caption and a corrupt file."""
@@ -243,6 +249,49 @@ def test_dedup_on_ray_equals_local(scored, tmp_path, methods, keep, mark, droppe
     assert dropped is None or manifests["ray"]["dropped"] == dropped
     if mark:
         assert out[C.IS_DUPLICATE].to_pylist().count(True) == 2
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("clusters", [6, 70], ids=["flat", "tree"])
+def test_semantic_dedup_by_rays_groupby_equals_local(cluster, tmp_path, clusters):
+    """k-means fitted on the same sample, rows assigned on the workers, close pairs found
+    per cluster by Ray's groupby: the same duplicates and rejects as the local engine."""
+    from test_dedup_semantic import embedding_table, planted
+
+    from mmtools.dedup import Dedup, DedupConfig
+
+    x, groups = planted(150, 32, seed=clusters)
+    x[3], x[7] = np.nan, 0.0
+    table = embedding_table(x)
+    for k, part in enumerate(table.to_batches(max_chunksize=len(x) // 3 + 1)):
+        pq.write_table(pa.Table.from_batches([part]), tmp_path / f"in-{k}.parquet")
+    config = DedupConfig(("semantic",), mark=True, clusters=clusters)
+    manifests = run_both(
+        tmp_path,
+        "dedup",
+        lambda src: [Dedup(config)],
+        lambda: Source([str(tmp_path / "in-*.parquet")]),
+    )
+    out = assert_same(tmp_path, manifests)
+    assert manifests["ray"]["rejects"]["by_reason"] == {"invalid_embedding": 2}
+    assert out[C.IS_DUPLICATE].to_pylist().count(True) >= len(groups) // 2
+
+
+@pytest.mark.ray
+def test_small_input_is_grouped_on_the_driver_with_the_same_result(scored, tmp_path, monkeypatch):
+    """Below SHUFFLE_MIN_ROWS rows no Ray groupby runs (seconds of fixed cost)."""
+    from mmtools.dedup import Dedup, DedupConfig
+
+    monkeypatch.setattr(ray_engine, "SHUFFLE_MIN_ROWS", 1000)
+    monkeypatch.setattr(
+        Dedup, "finish_on_ray", lambda *a: pytest.fail("a shuffle ran on a small input")
+    )
+    config = DedupConfig(("exact", "phash"), mark=True)
+    manifests = run_both(
+        tmp_path, "dedup", lambda src: [Dedup(config)], dataset_source(scored[0] / "local")
+    )
+    out = assert_same(tmp_path, manifests)
+    assert out[C.IS_DUPLICATE].to_pylist().count(True) == 2
 
 
 @pytest.mark.ray

@@ -177,16 +177,12 @@ class Dedup(GlobalStep):
             self._cluster = cluster_ids(n, np.concatenate(members), np.concatenate(keepers))
 
     def finish_on_ray(self, keys, in_order) -> bool:
-        """When the first method can (exact, phash), Ray Data's groupby finds its groups, so
-        the driver never holds its keys; the other methods' keys are scanned in order."""
+        """Ray Data's groupby finds the first method's groups (its keys never gather on the
+        driver); the ids, keep-rule values and the other methods' keys are scanned in order."""
         first = self.methods[0]
-        if not hasattr(first, "ray_groups"):
-            return False
-        keys = keys.materialize()
-        positions, labels = first.ray_groups(keys)
         for batch in in_order(keys.drop_columns(list(first.ray_columns))):
             self.scan(batch)
-        first.set_groups(self._n, positions, labels)
+        first.set_groups(self._n, *first.ray_groups(keys))
         self.finish_scan()
         return True
 

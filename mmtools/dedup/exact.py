@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mmtools import columns as C
-from mmtools.dedup.groups import RayGrouped
+from mmtools.dedup.groups import RayGrouped, same_key_edges, with_bucket
 from mmtools.errors import DataContractError, UsageError
 from mmtools.step import POSITION
 
@@ -51,16 +51,6 @@ def parse_fields(spec: str, schema: pa.Schema) -> list[str]:
     return fields
 
 
-def _duplicate_group(group: pa.Table | None) -> pa.Table:
-    """For Ray's groupby: the rows of a group of two or more equal non-null keys, labelled by
-    the group's first position; nothing for a lone row or the null key."""
-    empty = pa.table({"pos": pa.array([], pa.int64()), "label": pa.array([], pa.int64())})
-    if group is None or group.num_rows < 2 or not group[KEY][0].is_valid:
-        return empty
-    pos = group[POSITION].combine_chunks()
-    return pa.table({"pos": pos, "label": pa.array(np.full(len(pos), pc.min(pos).as_py()))})
-
-
 class Exact(RayGrouped):
     """Rows with equal keys are duplicates."""
 
@@ -96,16 +86,17 @@ class Exact(RayGrouped):
         if KEY in keys.schema.names:
             self._keys.append(keys.column(KEY))
 
-    def ray_groups(self, keys) -> tuple[np.ndarray, np.ndarray]:
-        """Ray Data's groupby on the key: only groups of two or more reach the driver."""
-        groups = (
-            keys.select_columns([KEY, POSITION])
-            .groupby(KEY)
-            .map_groups(_duplicate_group, batch_format="pyarrow")
-        )
-        found = list(groups.iter_batches(batch_size=None, batch_format="pyarrow"))
-        table = pa.concat_tables(found) if found else _duplicate_group(None)
-        return table["pos"].to_numpy(), table["label"].to_numpy()
+    def ray_rows(self, keys: pa.Table, buckets: int) -> pa.Table:
+        """For Ray: the rows with a key, bucketed by a hash (blake2b) of it."""
+        keys = keys.filter(keys[KEY].is_valid())
+        data = pc.cast(keys[KEY], pa.binary()).to_pylist()
+        digests = b"".join(hashlib.blake2b(k, digest_size=8).digest() for k in data)
+        return with_bucket(keys, np.frombuffer(digests, np.uint64), buckets)
+
+    def ray_edges(self, bucket: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        """For Ray: each row of a bucket linked to the first row with its key."""
+        codes = bucket[KEY].combine_chunks().dictionary_encode().indices.to_numpy()
+        return same_key_edges(codes, bucket[POSITION].to_numpy())
 
     @staticmethod
     def _part(array: pa.Array, column: str) -> pa.Array:

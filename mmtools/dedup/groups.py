@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -10,8 +11,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mmtools.errors import UsageError
+from mmtools.step import POSITION
 
 KEEP_MODES = ("first", "highest", "lowest")
+BUCKET = "_bucket"
+BUCKET_ROWS = 100_000  # rows per bucket of Ray's groupby: one call each, vectorised
 
 
 def parse_keep(spec: str) -> tuple[str, str | None]:
@@ -95,11 +99,60 @@ def spanning_edges(i: np.ndarray, j: np.ndarray, n: int) -> tuple[np.ndarray, np
 
 
 class RayGrouped:
-    """A method whose groups Ray Data's groupby can find (`ray_groups`, on the keys of the
-    whole input) when it comes first; the driver then keeps only the labels (`set_groups`)."""
+    """A method whose groups Ray Data's groupby finds when it comes first (`ray_groups`, on
+    the keys of the whole input); the driver then keeps only the labels (`set_groups`).
+
+    The workers turn key rows into rows that carry a BUCKET, the same for all rows whose
+    keys may make them duplicates (`ray_rows`); Ray's groupby brings each bucket to one
+    call of `ray_edges`, which finds its duplicate edges with the local method's vectorised
+    code. Buckets hold about BUCKET_ROWS rows, so a call per bucket, not per key, runs.
+    """
 
     ray_columns: tuple[str, ...] = ()  # key columns the driver then does not need
+    ray_inputs: tuple[str, ...] = ()  # columns `ray_rows` reads (default: ray_columns)
     _groups: np.ndarray | None = None
+
+    def ray_rows(self, keys: pa.Table, buckets: int) -> pa.Table:
+        """Rows for Ray's groupby, from key rows: each with its position and BUCKET."""
+        raise NotImplementedError
+
+    def ray_edges(self, bucket: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        """The duplicate edges (input positions) among the rows of one bucket."""
+        raise NotImplementedError
+
+    def ray_fanout(self) -> int:
+        """Rows `ray_rows` makes per key row (hash chunks, LSH bands)."""
+        return 1
+
+    def ray_groups(self, keys) -> tuple[np.ndarray, np.ndarray]:
+        """The rows in groups of two or more and their group labels, by Ray Data's groupby."""
+        import ray
+
+        from mmtools.ray_cluster import shuffle_with_tasks
+
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        buckets = max(cpus, math.ceil(keys.count() * self.ray_fanout() / BUCKET_ROWS))
+        columns = [*(self.ray_inputs or self.ray_columns), POSITION]
+
+        def to_rows(keys: pa.Table) -> pa.Table:  # Ray wants functions: classes become actors
+            return self.ray_rows(keys, buckets)
+
+        def to_edges(bucket: pa.Table) -> pa.Table:
+            i, j = self.ray_edges(bucket)
+            return pa.table({"i": pa.array(i, pa.int64()), "j": pa.array(j, pa.int64())})
+
+        rows = keys.select_columns(columns).map_batches(
+            to_rows, batch_format="pyarrow", batch_size=BUCKET_ROWS
+        )
+        edges = (
+            shuffle_with_tasks(rows)
+            .groupby(BUCKET, num_partitions=buckets)
+            .map_groups(to_edges, batch_format="pyarrow")
+        )
+        found = list(edges.iter_batches(batch_size=None, batch_format="pyarrow"))
+        i = np.concatenate([t["i"].to_numpy() for t in found]) if found else np.empty(0, np.int64)
+        j = np.concatenate([t["j"].to_numpy() for t in found]) if found else np.empty(0, np.int64)
+        return position_components(i, j)
 
     def set_groups(self, n: int, positions: np.ndarray, labels: np.ndarray) -> None:
         """The rows in groups of two or more, with their group labels; the rest: none (-1)."""
@@ -111,12 +164,28 @@ class RayGrouped:
         return None if self._groups is None else self._groups[active]
 
 
-def edge_components(edges) -> tuple[np.ndarray, np.ndarray]:
-    """The components of a Ray Dataset of edges (columns i, j: input positions)."""
-    found = list(edges.iter_batches(batch_size=None, batch_format="pyarrow"))
-    i = np.concatenate([t["i"].to_numpy() for t in found]) if found else np.empty(0, np.int64)
-    j = np.concatenate([t["j"].to_numpy() for t in found]) if found else np.empty(0, np.int64)
-    return position_components(i, j)
+def mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's mixing of uint64 values: well-spread hashes, the same on every machine."""
+    z = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def with_bucket(rows: pa.Table, key: np.ndarray, buckets: int) -> pa.Table:
+    """`rows` with a BUCKET column: their uint64 `key` (equal keys, equal bucket) hashed."""
+    bucket = (mix64(key) % np.uint64(buckets)).astype(np.int64)
+    return rows.append_column(BUCKET, pa.array(bucket, pa.int64()))
+
+
+def same_key_edges(codes: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Edges linking each row to the first row (by position) with the same code."""
+    if len(codes) == 0:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    order = np.lexsort((pos, codes))
+    run_start = np.r_[True, codes[order][1:] != codes[order][:-1]]
+    head = order[np.maximum.accumulate(np.where(run_start, np.arange(len(order)), 0))]
+    return pos[head[~run_start]], pos[order[~run_start]]
 
 
 def position_components(i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

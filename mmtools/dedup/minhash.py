@@ -8,7 +8,14 @@ import pyarrow.compute as pc
 
 from mmtools import columns as C
 from mmtools.dedup.exact import check_text, normalize_text
-from mmtools.dedup.groups import RayGrouped, edge_components, edge_labels, equal_key_pairs
+from mmtools.dedup.groups import (
+    RayGrouped,
+    edge_labels,
+    equal_key_pairs,
+    mix64,
+    same_key_edges,
+    with_bucket,
+)
 from mmtools.errors import require_module
 from mmtools.step import POSITION
 
@@ -86,53 +93,6 @@ def similar_pairs(sets: list[set[str]], threshold: float, num_perm: int, seed: i
 KEY = "_key_minhash"
 
 
-def band_rows(texts: pa.Array, pos: np.ndarray, m: MinHashText) -> pa.Table:
-    """For Ray: each captioned row once per LSH band, as (band, band code, position, caption,
-    signature); rows that share a band code are the candidates `candidate_pairs` finds."""
-    ok = texts.is_valid().to_numpy(zero_copy_only=False)
-    kept = [t for t, v in zip(texts.to_pylist(), ok, strict=True) if v]
-    sig = signatures([shingles(t, m.shingle) for t in kept], m.num_perm, m.seed)
-    b, r = bands(m.threshold, m.num_perm)
-    pos, raw = pos[ok], [s.tobytes() for s in sig]
-    parts = [
-        pa.table(
-            {
-                "band": np.full(len(kept), k, np.int32),
-                "code": [sig[x, k * r : (k + 1) * r].tobytes() for x in range(len(kept))],
-                "pos": pos,
-                "text": pa.array(kept, pa.string()),
-                "sig": pa.array(raw, pa.binary()),
-            }
-        )
-        for k in range(b)
-    ]
-    return pa.concat_tables(parts)
-
-
-def band_edges(group: pa.Table, m: MinHashText) -> tuple[np.ndarray, np.ndarray]:
-    """Edges (pos, pos) of one band bucket: equal captions to their first row (in band 0,
-    where every copy meets), distinct captions whose signatures and shingles agree."""
-    texts, pos = group["text"].to_pylist(), group["pos"].to_numpy()
-    uniq, first, inverse = np.unique(np.array(texts, dtype=object), True, True)
-    rep = pos[first]
-    found_i, found_j = [], []
-    if group["band"][0].as_py() == 0:
-        same = np.flatnonzero(np.arange(len(pos)) != first[inverse])
-        found_i.append(rep[inverse[same]])
-        found_j.append(pos[same])
-    sig = np.frombuffer(b"".join(group["sig"].to_pylist()), np.uint32).reshape(len(pos), -1)
-    sig, sets = sig[first], [shingles(t, m.shingle) for t in uniq]
-    for a in range(len(uniq) - 1):
-        estimate = (sig[a + 1 :] == sig[a]).mean(axis=1)
-        near = a + 1 + np.flatnonzero(estimate >= m.threshold - _MARGIN)
-        near = [c for c in near if jaccard(sets[a], sets[c]) >= m.threshold]
-        found_i.append(np.full(len(near), rep[a]))
-        found_j.append(rep[np.array(near, np.int64)])
-    if not found_i:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    return np.concatenate(found_i).astype(np.int64), np.concatenate(found_j).astype(np.int64)
-
-
 class MinHashText(RayGrouped):
     """Captions with word-shingle Jaccard similarity >= threshold are duplicates."""
 
@@ -160,24 +120,60 @@ class MinHashText(RayGrouped):
         if KEY in keys.schema.names:
             self._texts.append(keys.column(KEY))
 
-    def ray_groups(self, keys) -> tuple[np.ndarray, np.ndarray]:
-        """Ray Data's groupby on each LSH band's code (the candidates of `candidate_pairs`),
-        each bucket checked as `similar_pairs` checks; their components are the groups."""
+    def ray_fanout(self) -> int:
+        """Each caption once per LSH band."""
+        return bands(self.threshold, self.num_perm)[0]
 
-        def to_bands(table: pa.Table) -> pa.Table:
-            return band_rows(table[KEY].combine_chunks(), table[POSITION].to_numpy(), self)
+    def ray_rows(self, keys: pa.Table, buckets: int) -> pa.Table:
+        """For Ray: each captioned row once per LSH band, as (band code, position, caption),
+        bucketed by the code: rows sharing a code are the candidates of `candidate_pairs`."""
+        texts = keys[KEY].combine_chunks().dictionary_encode()
+        ok = texts.indices.is_valid().to_numpy(zero_copy_only=False)
+        tid = texts.indices.to_numpy(zero_copy_only=False)[ok].astype(np.int64)
+        sets = [shingles(t, self.shingle) for t in texts.dictionary.to_pylist()]
+        sig = signatures(sets, self.num_perm, self.seed)[tid]  # each distinct caption once
+        pos, text = keys[POSITION].to_numpy(zero_copy_only=False)[ok], keys[KEY].filter(ok)
+        b, r = bands(self.threshold, self.num_perm)
+        parts = []
+        for band in range(b):
+            code = mix64(np.full(len(pos), band, np.uint64))  # the band and its values, hashed
+            for col in range(band * r, (band + 1) * r):
+                code = mix64(code ^ sig[:, col].astype(np.uint64))
+            rows = pa.table({"code": code, POSITION: pos, "text": text})
+            parts.append(with_bucket(rows, code, buckets))
+        return pa.concat_tables(parts)
 
-        def to_edges(group: pa.Table) -> pa.Table:
-            i, j = band_edges(group, self)
-            return pa.table({"i": pa.array(i, pa.int64()), "j": pa.array(j, pa.int64())})
-
-        edges = (
-            keys.select_columns([KEY, POSITION])
-            .map_batches(to_bands, batch_format="pyarrow")
-            .groupby(["band", "code"])
-            .map_groups(to_edges, batch_format="pyarrow")
-        )
-        return edge_components(edges)
+    def ray_edges(self, bucket: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        """For Ray: equal captions linked to their first row; distinct captions sharing a
+        band code linked when their signatures and then their shingles agree."""
+        text = bucket["text"].combine_chunks().dictionary_encode()
+        tid, pos = text.indices.to_numpy().astype(np.int64), bucket[POSITION].to_numpy()
+        row = np.unique(pos, return_index=True)[1]  # each row once, not once per band
+        same_i, same_j = same_key_edges(tid[row], pos[row])
+        rep = np.full(len(text.dictionary), np.iinfo(np.int64).max)
+        np.minimum.at(rep, tid[row], pos[row])
+        code = bucket["code"].to_numpy()
+        order = np.lexsort((tid, code))
+        code, tid = code[order], tid[order]
+        once = np.r_[True, (code[1:] != code[:-1]) | (tid[1:] != tid[:-1])][: len(code)]
+        code, tid = code[once], tid[once]  # each caption once per code
+        found = [
+            np.minimum(tid[a], tid[b]) * len(rep) + np.maximum(tid[a], tid[b])
+            for a, b in equal_key_pairs(code)
+        ]
+        pairs = np.unique(np.concatenate(found)) if found else np.empty(0, np.int64)
+        a, b = pairs // max(1, len(rep)), pairs % max(1, len(rep))
+        involved = np.unique(np.r_[a, b])
+        sets = [shingles(text.dictionary[int(t)].as_py(), self.shingle) for t in involved]
+        sig = signatures(sets, self.num_perm, self.seed)
+        sa, sb = np.searchsorted(involved, a), np.searchsorted(involved, b)
+        near = (sig[sa] == sig[sb]).mean(axis=1) >= self.threshold - _MARGIN
+        similar = [
+            jaccard(sets[x], sets[y]) >= self.threshold
+            for x, y in zip(sa[near], sb[near], strict=True)
+        ]
+        similar = np.array(similar, bool)
+        return np.r_[same_i, rep[a[near][similar]]], np.r_[same_j, rep[b[near][similar]]]
 
     def labels(self, active: np.ndarray) -> np.ndarray:
         """Group label per active row; identical normalised captions share a label."""

@@ -8,7 +8,14 @@ import numpy as np
 import pyarrow as pa
 
 from mmtools import columns as C
-from mmtools.dedup.groups import RayGrouped, edge_components, edge_labels, equal_key_pairs
+from mmtools.dedup.groups import (
+    RayGrouped,
+    edge_labels,
+    equal_key_pairs,
+    mix64,
+    same_key_edges,
+    with_bucket,
+)
 from mmtools.errors import DataContractError, require_module
 from mmtools.media import DEFAULT_MAX_PIXELS, MediaError, decode_image
 from mmtools.step import POSITION
@@ -64,55 +71,17 @@ def near_pairs(hashes: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.nd
     return pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64)
 
 
-def close_edges(hashes: np.ndarray, pos: np.ndarray, max_distance: int):
-    """Edges (pos, pos) linking the rows of one candidate group whose hashes are within
-    `max_distance` bits: equal hashes to their first row, distinct close hashes pairwise."""
-    uniq, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
-    rep = pos[first]
-    same = np.flatnonzero(np.arange(len(pos)) != first[inverse])
-    found_i, found_j = [rep[inverse[same]]], [pos[same]]
-    for gap in range(1, len(uniq)):  # every pair of distinct hashes, one diagonal at a time
-        a = np.arange(len(uniq) - gap)
-        close = popcount(uniq[a] ^ uniq[a + gap]) <= max_distance
-        found_i.append(rep[a[close]])
-        found_j.append(rep[a[close] + gap])
+def chunk_edges(h: np.ndarray, value: np.ndarray, pos: np.ndarray, max_distance: int):
+    """Edges (pos, pos) among rows hashed `h` whose chunk of one index is `value`: equal
+    hashes to their first row, distinct hashes sharing a chunk value within the radius."""
+    uniq, first, inverse = np.unique(h, return_index=True, return_inverse=True)
+    same_i, same_j = same_key_edges(inverse, pos)
+    found_i, found_j = [same_i], [same_j]
+    for a, b in equal_key_pairs(value[first]):
+        close = popcount(uniq[a] ^ uniq[b]) <= max_distance
+        found_i.append(pos[first[a[close]]])
+        found_j.append(pos[first[b[close]]])
     return np.concatenate(found_i), np.concatenate(found_j)
-
-
-class _Chunks:
-    """For Ray: each hashed row once per chunk, as (chunk, chunk value, position, hash)."""
-
-    def __init__(self, max_distance: int):
-        self.masks = chunk_masks(max_distance)
-
-    def __call__(self, table: pa.Table) -> pa.Table:
-        ok = table[ERROR].is_null().to_numpy(zero_copy_only=False)
-        h = table[KEY].to_numpy(zero_copy_only=False)[ok].astype(np.uint64)
-        pos = table[POSITION].to_numpy(zero_copy_only=False)[ok]
-        parts = [
-            pa.table(
-                {
-                    "chunk": np.full(len(h), c, np.int32),
-                    "value": (h >> np.uint64(shift)) & np.uint64(mask),
-                    "pos": pos,
-                    "hash": h,
-                }
-            )
-            for c, (shift, mask) in enumerate(self.masks)
-        ]
-        return pa.concat_tables(parts)
-
-
-class _GroupEdges:
-    """For Ray's groupby: the close-hash edges of one (chunk, value) group."""
-
-    def __init__(self, max_distance: int):
-        self.max_distance = max_distance
-
-    def __call__(self, group: pa.Table) -> pa.Table:
-        h = group["hash"].to_numpy().astype(np.uint64)
-        i, j = close_edges(h, group["pos"].to_numpy(), self.max_distance)
-        return pa.table({"i": pa.array(i, pa.int64()), "j": pa.array(j, pa.int64())})
 
 
 class PHash(RayGrouped):
@@ -120,6 +89,7 @@ class PHash(RayGrouped):
 
     name = "phash"
     ray_columns = (KEY,)
+    ray_inputs = (KEY, ERROR)
 
     def __init__(self, max_distance: int, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.max_distance = max_distance
@@ -160,24 +130,36 @@ class PHash(RayGrouped):
         if KEY in keys.schema.names:  # absent when Ray's groupby groups them
             self._hashes.append(keys.column(KEY).to_numpy(zero_copy_only=False))
 
-    def ray_groups(self, keys) -> tuple[np.ndarray, np.ndarray]:
-        """Ray Data's groupby on each hash chunk (the same pigeonhole as `near_pairs`): the
-        close pairs of each group become edges; their components are the groups."""
-        chunks, group_edges = _Chunks(self.max_distance), _GroupEdges(self.max_distance)
+    def ray_fanout(self) -> int:
+        """Each hash once per chunk."""
+        return len(chunk_masks(self.max_distance))
 
-        def to_chunks(table: pa.Table) -> pa.Table:  # Ray wants functions, not instances
-            return chunks(table)
+    def ray_rows(self, keys: pa.Table, buckets: int) -> pa.Table:
+        """For Ray: each hashed row once per chunk (the pigeonhole of `near_pairs`), as
+        (chunk, chunk value, position, hash), bucketed by chunk and value."""
+        ok = keys[ERROR].is_null().to_numpy(zero_copy_only=False)
+        h = keys[KEY].to_numpy(zero_copy_only=False)[ok].astype(np.uint64)
+        pos = keys[POSITION].to_numpy(zero_copy_only=False)[ok]
+        parts = []
+        for c, (shift, mask) in enumerate(chunk_masks(self.max_distance)):
+            value = (h >> np.uint64(shift)) & np.uint64(mask)
+            rows = pa.table(
+                {"chunk": np.full(len(h), c, np.int32), "value": value, POSITION: pos, "hash": h}
+            )
+            parts.append(with_bucket(rows, value ^ mix64(np.full(len(h), c, np.uint64)), buckets))
+        return pa.concat_tables(parts)
 
-        def to_edges(group: pa.Table) -> pa.Table:
-            return group_edges(group)
-
-        edges = (
-            keys.select_columns([KEY, ERROR, POSITION])
-            .map_batches(to_chunks, batch_format="pyarrow")
-            .groupby(["chunk", "value"])
-            .map_groups(to_edges, batch_format="pyarrow")
-        )
-        return edge_components(edges)
+    def ray_edges(self, bucket: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        """For Ray: the edges among the rows of a bucket, chunk by chunk."""
+        chunk, value = bucket["chunk"].to_numpy(), bucket["value"].to_numpy()
+        h, pos = bucket["hash"].to_numpy(), bucket[POSITION].to_numpy()
+        found = [
+            chunk_edges(h[chunk == c], value[chunk == c], pos[chunk == c], self.max_distance)
+            for c in np.unique(chunk)
+        ]
+        i = np.concatenate([f[0] for f in found]) if found else np.empty(0, np.int64)
+        j = np.concatenate([f[1] for f in found]) if found else np.empty(0, np.int64)
+        return i, j
 
     def labels(self, active: np.ndarray) -> np.ndarray:
         """Group label per active row: components of the within-radius graph."""

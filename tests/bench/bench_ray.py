@@ -1,18 +1,21 @@
 """Benchmark: one pipeline on the local engine and on Ray (2 CPUs), and how Ray scales out.
 
-Run: python tests/bench/bench_ray.py [--quick]
+Run: python tests/bench/bench_ray.py [--quick] [--dedup-rows N]
 
 1. Overhead: ingest -> embed (a tiny random open_clip model) -> score -> filter --where ->
    dedup exact -> mixup, each step reading the previous step's output, on N generated
    captioned JPEGs (N = 2,000; --quick 300), by the local engine and by the Ray engine on
    a local cluster of 2 CPUs, started once beforehand (its start-up time is printed apart).
-   Prints seconds per step and the ratio Ray / local; above 1 is Ray's overhead.
+   Prints seconds per step and the ratio Ray / local; above 1 is Ray's overhead. Then dedup
+   (exact, phash, semantic) with Ray's groupby forced on that small input: its fixed cost.
 2. Scaling, simulated: a model-like step that spends a fixed 0.5 s (--quick 0.2 s) per batch
    waiting (as a model step waits on its accelerator or a rewrite step on its LLM server), in
    an actor pool of 1, 2, 4 and 8 workers on a cluster of that many logical CPUs. Prints the
    actors' start-up time and the steady-state batches/s (first to last output batch), with
    the speed-up over 1 worker next to the ideal: how throughput grows when each worker has
    its own core or GPU, which this 2-core machine cannot show with real compute.
+3. With --dedup-rows N: dedup exact, minhash and semantic on N generated rows (over the
+   100,000 from which Ray's groupby runs), local vs Ray, with the rows both kept.
 """
 
 from __future__ import annotations
@@ -91,7 +94,9 @@ def pipeline(work: Path, images: Path) -> list[tuple[str, object, object]]:
     ]
 
 
-def run_once(eng, out: Path, command: str, make_source, make_steps, **kw) -> float:
+def run_once(
+    eng, out: Path, command: str, make_source, make_steps, batch_size: int = BATCH, **kw
+) -> float:
     """Seconds for one step run into a fresh output directory."""
     from mmtools.io.dataset import DatasetSink
 
@@ -103,7 +108,7 @@ def run_once(eng, out: Path, command: str, make_source, make_steps, **kw) -> flo
         source,
         steps,
         DatasetSink(str(out), shard_rows=SHARD, overwrite=True),
-        batch_size=BATCH,
+        batch_size=batch_size,
         quiet=True,
         **kw,
     )
@@ -139,6 +144,87 @@ def bench_overhead(n: int, tmp: Path) -> None:
         f"{'total':8} {a:8.2f} {b:8.2f} {b / a:9.2f}   "
         f"({n / a:,.0f} vs {n / b:,.0f} images/s end to end)"
     )
+    bench_forced_shuffle(tmp)
+    ray.shutdown()
+
+
+def bench_forced_shuffle(tmp: Path) -> None:
+    """dedup with Ray Data's groupby, which only runs from SHUFFLE_MIN_ROWS rows on, forced
+    on this small input: the fixed cost the threshold saves."""
+    from mmtools import engine, ray_engine
+    from mmtools.dedup import Dedup, DedupConfig
+    from mmtools.io.source import Source
+
+    threshold, ray_engine.SHUFFLE_MIN_ROWS = ray_engine.SHUFFLE_MIN_ROWS, 0
+    print(f"\ndedup with Ray's groupby forced (it runs from {threshold:,} rows on):")
+    for methods in (("exact",), ("phash",), ("semantic",)):
+        config = DedupConfig(methods, clusters=4)
+        seconds = [
+            run_once(
+                eng,
+                tmp / name / f"dedup-{methods[0]}",
+                "dedup",
+                lambda: Source([str(tmp / "local" / "filter")]),
+                lambda s, config=config: [Dedup(config)],
+            )
+            for name, eng in (("local", engine), ("ray", ray_engine))
+        ]
+        a, b = seconds
+        print(f"dedup -m {methods[0]:8} local {a:6.2f} s, ray {b:6.2f} s, ray/local {b / a:6.2f}")
+    ray_engine.SHUFFLE_MIN_ROWS = threshold
+
+
+def bench_dedup_rows(n: int, tmp: Path) -> None:
+    """dedup on `n` generated rows (captions half copied or edited; embeddings half noisy
+    copies), local engine vs Ray's groupby (which runs from SHUFFLE_MIN_ROWS rows on)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    from mmtools import engine, ray_engine
+    from mmtools.dedup import Dedup, DedupConfig
+    from mmtools.io.source import Source
+
+    rng = np.random.default_rng(0)
+    words = np.array([f"w{k}" for k in range(5000)])
+    texts = [" ".join(rng.choice(words, 8)) for _ in range(n // 2)]
+    picks = rng.integers(0, n // 2, n - n // 2)
+    texts += [texts[i] + (" edited" if i % 3 == 0 else "") for i in picks]
+    x = rng.normal(size=(n, 64)).astype(np.float32)
+    x[n // 2 :] = x[: n - n // 2] + rng.normal(scale=0.02, size=(n - n // 2, 64))
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float16).ravel()), 64)
+    order = rng.permutation(n)
+    table = pa.table({"id": [f"r{i:08d}" for i in range(n)], "text": texts, "image_embedding": emb})
+    table = table.take(order)
+    data = tmp / "dedup-rows"
+    data.mkdir()
+    for k in range(4):
+        start, stop = k * n // 4, (k + 1) * n // 4
+        pq.write_table(table.slice(start, stop - start), data / f"part-{k}.parquet")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    print(f"\ndedup on {n:,} rows (4 files), local vs Ray's groupby:")
+    for methods in (("exact",), ("minhash",), ("semantic",)):
+        config = DedupConfig(methods)
+        seconds, rows = [], []
+        for name, eng in (("local", engine), ("ray", ray_engine)):
+            out = tmp / f"dedup-{name}-{methods[0]}"
+            seconds.append(
+                run_once(
+                    eng,
+                    out,
+                    "dedup",
+                    lambda: Source([str(data / "part-*.parquet")]),
+                    lambda s, config=config: [Dedup(config)],
+                    batch_size=4096,
+                )
+            )
+            rows.append(json.loads((out / "_manifest.json").read_text())["rows"])
+        a, b = seconds
+        assert rows[0] == rows[1], rows
+        print(
+            f"dedup -m {methods[0]:8} local {a:6.1f} s, ray {b:6.1f} s, ray/local {b / a:5.2f} "
+            f"({rows[0]:,} rows kept by both)"
+        )
     ray.shutdown()
 
 
@@ -212,6 +298,9 @@ def bench_scaling(quick: bool, tmp: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small run (CI smoke test)")
+    parser.add_argument(
+        "--dedup-rows", type=int, default=0, help="also time dedup on this many rows"
+    )
     args = parser.parse_args()
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
     os.environ.setdefault("MMTOOLS_FSYNC", "0")
@@ -222,6 +311,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-ray-") as d:
         bench_overhead(n, Path(d))
         bench_scaling(args.quick, Path(d))
+        if args.dedup_rows:
+            bench_dedup_rows(args.dedup_rows, Path(d))
 
 
 if __name__ == "__main__":
