@@ -1,4 +1,4 @@
-"""`embed`: L2-normalised image/text embeddings (open_clip) and audio/text embeddings (CLAP).
+"""The machinery `embed`'s model families share: schema, prefetching run loop, rejects.
 
 Decoding and preprocessing run in a thread pool for the next batches while the model runs
 the current one; each batch's inputs are written straight into one preallocated (pinned, on
@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,7 +32,6 @@ log = logging.getLogger("mmtools")
 PREFETCH = 2  # batches decoded ahead of the one the model is running
 MIN_PIECE = 8  # rows per decoding task, at least
 DTYPES = ("float16", "float32")
-CLAP_TEXT_TOKENS = 77  # LAION-CLAP pads and truncates captions to 77 tokens
 
 Reason = tuple[str, str] | None
 
@@ -53,7 +51,7 @@ class EmbedConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
 
 
-class _Embed(Step):
+class EmbedStep(Step):
     """Shared machinery: schema, prefetching run loop, normalisation, reject rows."""
 
     media: str = ""  # the media column this family embeds
@@ -172,7 +170,7 @@ class _Embed(Step):
         piece = batch.slice(start, end - start)
         reasons = {}
         for m, tower in self._towers.items():
-            values = _column_values(piece, C.TEXT if m == "text" else self.media)
+            values = column_values(piece, C.TEXT if m == "text" else self.media)
             reasons[m] = tower.fill(bufs[m], start, values)
         return reasons
 
@@ -227,7 +225,7 @@ class _Embed(Step):
         )
 
 
-def _column_values(piece: pa.RecordBatch, column: str) -> list:
+def column_values(piece: pa.RecordBatch, column: str) -> list:
     """Texts, or (bytes, path) pairs of a media column, as Python values."""
     col = piece.column(column)
     if column == C.TEXT:
@@ -237,7 +235,7 @@ def _column_values(piece: pa.RecordBatch, column: str) -> list:
     return [None if z else (d, p) for z, d, p in zip(nulls, data, paths, strict=True)]
 
 
-def _media_bytes(value, kind: str) -> bytes:
+def media_bytes(value, kind: str) -> bytes:
     """The media bytes of a row, read from its path when only the path was ingested."""
     data, path = value if value is not None else (None, None)
     if data == b"":
@@ -253,7 +251,7 @@ def _media_bytes(value, kind: str) -> bytes:
         raise MediaError("missing_file", f"{path}: {e.strerror or e}") from None
 
 
-def _split_preprocess(preprocess):
+def split_preprocess(preprocess):
     """The PIL part of a `[..., ToTensor, Normalize]` transform and its mean and std."""
     from torchvision import transforms as T
 
@@ -267,248 +265,8 @@ def _split_preprocess(preprocess):
     return T.Compose(steps[:-2]), mean, std
 
 
-def _text_reasons(texts: list) -> list[Reason]:
+def text_reasons(texts: list) -> list[Reason]:
     return [
         None if t is not None and t.strip() else ("no_text", "the text is null or blank")
         for t in texts
     ]
-
-
-class _ImageTower:
-    """Decode + preprocess images into a pixel buffer; encode with open_clip."""
-
-    def __init__(self, encoder: models.ClipEncoder, max_pixels: int):
-        from PIL import Image
-
-        self.encoder, self.max_pixels = encoder, max_pixels
-        self.shape = tuple(encoder.preprocess(Image.new("RGB", (8, 8))).shape)
-        self.resize, self.mean, self.std = _split_preprocess(encoder.preprocess)
-
-    def alloc(self, n: int, pin: bool) -> dict:
-        import torch
-
-        return {"pixels": torch.empty((n, *self.shape), pin_memory=pin)}
-
-    def fill(self, bufs: dict, offset: int, values: list) -> list[Reason]:
-        from mmtools.media import decoded_image
-
-        pixels = bufs["pixels"].numpy()
-        reasons: list[Reason] = []
-        for i, value in enumerate(values):
-            try:
-                with decoded_image(_media_bytes(value, "image"), self.max_pixels) as img:
-                    pixels[offset + i] = self._pixels(img)
-                reasons.append(None)
-            except MediaError as e:
-                reasons.append((e.reason, e.detail))
-        return reasons
-
-    def _pixels(self, img) -> np.ndarray:
-        if self.resize is None:
-            return self.encoder.preprocess(img).numpy()
-        # ToTensor + Normalize in numpy: torch ops from many threads would oversubscribe the
-        # cores the model runs on.
-        arr = np.asarray(self.resize(img), dtype=np.float32) / 255.0
-        return ((arr - self.mean) / self.std).transpose(2, 0, 1)
-
-    def encode(self, chunk: dict):
-        return self.encoder.encode_image(chunk["pixels"])
-
-
-class _ClipTextTower:
-    """Tokenise captions (one thread at a time: tokenizers are not thread-safe)."""
-
-    def __init__(self, encoder: models.ClipEncoder):
-        self.encoder = encoder
-        self.length = int(encoder.tokenizer(["x"]).shape[1])
-        self.lock = threading.Lock()
-
-    def alloc(self, n: int, pin: bool) -> dict:
-        import torch
-
-        return {"tokens": torch.zeros((n, self.length), dtype=torch.long, pin_memory=pin)}
-
-    def fill(self, bufs: dict, offset: int, texts: list) -> list[Reason]:
-        with self.lock:
-            tokens = self.encoder.tokenizer([t or "" for t in texts])
-        bufs["tokens"].numpy()[offset : offset + len(texts)] = tokens.numpy()
-        return _text_reasons(texts)
-
-    def encode(self, chunk: dict):
-        return self.encoder.encode_text(chunk["tokens"])
-
-
-class ClipEmbed(_Embed):
-    """Image and/or text embeddings from an open_clip model."""
-
-    name = "clip_embed"
-    media = C.IMAGE
-    allowed = ("image", "text")
-
-    def spec(self) -> models.ClipSpec:
-        """The resolved open_clip model (weights fetched on first use)."""
-        if self._spec is None:
-            self._spec = models.resolve_clip(self.config.model, self.config.pretrained)
-        return self._spec
-
-    def _load(self, device) -> dict:
-        encoder = models.load_clip(self.spec(), device, self.config.precision)
-        towers = {
-            "image": lambda: _ImageTower(encoder, self.config.max_pixels),
-            "text": lambda: _ClipTextTower(encoder),
-        }
-        return {m: towers[m]() for m in self.modalities}
-
-
-class _AudioTower:
-    """Decode, resample, mix down and cut audio to the model's window; CLAP features."""
-
-    def __init__(self, encoder: models.ClapEncoder):
-        self.encoder = encoder
-        sr = encoder.sample_rate
-        probe = encoder.features([np.zeros(sr, np.float32)], sampling_rate=sr, return_tensors="np")
-        self.shape = tuple(probe["input_features"].shape[1:])
-
-    def alloc(self, n: int, pin: bool) -> dict:
-        import torch
-
-        return {
-            "input_features": torch.empty((n, *self.shape), pin_memory=pin),
-            "is_longer": torch.zeros((n, 1), dtype=torch.bool, pin_memory=pin),
-        }
-
-    def fill(self, bufs: dict, offset: int, values: list) -> list[Reason]:
-
-        from mmtools.media import decode_audio
-
-        sr, reasons, waves, rows = self.encoder.sample_rate, [], [], []
-        for i, value in enumerate(values):
-            try:
-                wav, _ = decode_audio(_media_bytes(value, "audio"), sample_rate=sr, mono=True)
-                # Cut to the first window: longer clips would get random crops otherwise.
-                waves.append(wav[: self.encoder.max_samples])
-                rows.append(offset + i)
-                reasons.append(None)
-            except MediaError as e:
-                reasons.append((e.reason, e.detail))
-        if waves:
-            feats = self.encoder.features(waves, sampling_rate=sr, return_tensors="np")
-            bufs["input_features"].numpy()[rows] = feats["input_features"]
-        # No clip is longer than the window now; the extractor's random pick is undone.
-        return reasons
-
-    def encode(self, chunk: dict):
-        return self.encoder.encode_audio(chunk)
-
-
-class _ClapTextTower:
-    """Tokenise captions for CLAP's text tower, padded to a fixed length."""
-
-    def __init__(self, encoder: models.ClapEncoder):
-        self.encoder = encoder
-        self.length = min(CLAP_TEXT_TOKENS, int(encoder.tokenizer.model_max_length))
-        self.lock = threading.Lock()
-
-    def alloc(self, n: int, pin: bool) -> dict:
-        import torch
-
-        shape = (n, self.length)
-        return {
-            "input_ids": torch.ones(shape, dtype=torch.long, pin_memory=pin),
-            "attention_mask": torch.ones(shape, dtype=torch.long, pin_memory=pin),
-        }
-
-    def fill(self, bufs: dict, offset: int, texts: list) -> list[Reason]:
-
-        with self.lock:
-            tok = self.encoder.tokenizer(
-                [t or "" for t in texts],
-                padding="max_length",
-                truncation=True,
-                max_length=self.length,
-                return_tensors="np",
-            )
-        rows = slice(offset, offset + len(texts))
-        bufs["input_ids"].numpy()[rows] = tok["input_ids"]
-        bufs["attention_mask"].numpy()[rows] = tok["attention_mask"]
-        return _text_reasons(texts)
-
-    def encode(self, chunk: dict):
-        return self.encoder.encode_text(chunk)
-
-
-class ClapEmbed(_Embed):
-    """Audio and/or text embeddings from a CLAP model (Hugging Face transformers)."""
-
-    name = "clap_embed"
-    media = C.AUDIO
-    allowed = ("audio", "text")
-
-    def spec(self) -> models.ClapSpec:
-        """The resolved CLAP model."""
-        if self._spec is None:
-            self._spec = models.resolve_clap(self.config.model)
-        return self._spec
-
-    def _load(self, device) -> dict:
-        encoder = models.load_clap(self.spec(), device, self.config.precision)
-        towers = {"audio": lambda: _AudioTower(encoder), "text": lambda: _ClapTextTower(encoder)}
-        return {m: towers[m]() for m in self.modalities}
-
-
-@dataclass
-class ModelOptions:
-    """The model options `embed` and `score` share."""
-
-    model: str | None = None
-    pretrained: str | None = None
-    audio_model: str | None = None
-    device: str = "auto"
-    precision: str = "fp32"
-    dtype: str = "float16"
-    batch_size: int = 256
-    workers: int = EmbedConfig.workers
-
-    def config(self, modalities: list[str], model: str, pretrained: str | None) -> EmbedConfig:
-        """An embedding step's config with these options."""
-        return EmbedConfig(
-            modalities,
-            model,
-            pretrained,
-            self.device,
-            self.precision,
-            self.dtype,
-            self.batch_size,
-            self.workers,
-        )
-
-
-def embed_steps(names: list[str], modalities: list[str] | None, opts: ModelOptions) -> list:
-    """The embedding steps for `modalities` (default: every media and text the input has).
-
-    Text goes to the image model when images are embedded, else to the audio model when
-    audio is; text alone goes to the model of the media the input holds.
-    """
-    if not modalities:
-        have = {"image": C.IMAGE, "audio": C.AUDIO, "text": C.TEXT}
-        modalities = [m for m, col in have.items() if col in names]
-        if not modalities:
-            raise UsageError("nothing to embed: the input has no image, audio or text column")
-    unknown = [m for m in modalities if m not in C.EMBEDDINGS]
-    if unknown:
-        raise UsageError(f"--modalities takes image, text and audio, not {unknown[0]!r}")
-    audio_text = "image" not in modalities and (
-        "audio" in modalities or (C.AUDIO in names and C.IMAGE not in names)
-    )
-    clip = [m for m in ("image", "text") if m in modalities and not (m == "text" and audio_text)]
-    clap = [m for m in ("audio", "text") if m in modalities and (m == "audio" or audio_text)]
-    steps: list = []
-    if clip:
-        steps.append(
-            ClipEmbed(opts.config(clip, opts.model or models.DEFAULT_MODEL, opts.pretrained))
-        )
-    if clap:
-        steps.append(
-            ClapEmbed(opts.config(clap, opts.audio_model or models.DEFAULT_AUDIO_MODEL, None))
-        )
-    return steps
