@@ -153,10 +153,10 @@ class PHash(RayGrouped):
         """For Ray: the edges among the rows of a bucket, chunk by chunk."""
         chunk, value = bucket["chunk"].to_numpy(), bucket["value"].to_numpy()
         h, pos = bucket["hash"].to_numpy(), bucket[POSITION].to_numpy()
-        found = [
-            chunk_edges(h[chunk == c], value[chunk == c], pos[chunk == c], self.max_distance)
-            for c in np.unique(chunk)
-        ]
+        found = []
+        for c in np.unique(chunk):
+            at = chunk == c
+            found.append(chunk_edges(h[at], value[at], pos[at], self.max_distance))
         i = np.concatenate([f[0] for f in found]) if found else np.empty(0, np.int64)
         j = np.concatenate([f[1] for f in found]) if found else np.empty(0, np.int64)
         return i, j

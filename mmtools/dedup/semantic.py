@@ -291,7 +291,7 @@ class Semantic(RayGrouped):
         rate = sample_rate(n, k)
         rows = keys.select_columns([self.column, ERROR, POSITION])
         sample = rows.map_batches(lambda t: self.unit_table(t, rate), batch_format="pyarrow")
-        tables = [t for t in sample.iter_batches(batch_size=None, batch_format="pyarrow")]
+        tables = list(sample.iter_batches(batch_size=None, batch_format="pyarrow"))
         found = pa.concat_tables(tables).sort_by(POSITION) if tables else None
         x = _matrix(found) if found and found.num_rows else np.zeros((0, self.dim), np.float32)
         self.model = KMeans.fit(x, k, self.seed)
