@@ -75,6 +75,18 @@ def test_foreign_directory_is_refused(tmp_path, image_folder):
     assert (tmp_path / "o" / "notes.txt").read_text() == "mine"
 
 
+def test_run_killed_while_writing_its_first_file_is_rerun(tmp_path, image_folder):
+    """A kill between the run file's temporary write and its rename leaves only the
+    temporary: the rerun takes the directory as its own, not as someone else's."""
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / ".tmp-_run.json").write_text('{"fingerpr')  # cut short by the kill
+    mmtools("ingest", image_folder, "-o", out, "-q")
+    mmtools("ingest", image_folder, "-o", tmp_path / "fresh", "-q")
+    assert _rows(out) == _rows(tmp_path / "fresh") and len(_rows(out)) > 0
+    assert not (out / ".tmp-_run.json").exists()
+
+
 def _start_slow_ingest(listing, out):
     return subprocess.Popen(
         [

@@ -118,7 +118,9 @@ class DatasetSink:
             self.store.rmtree(d)
 
     def _refuse_foreign(self) -> None:
-        foreign = [n for n in self.store.names() if n not in (L.LOCK_FILE, L.CACHE_DIR)]
+        # A run killed while writing its first file leaves only that file's temporary.
+        ours = (L.LOCK_FILE, L.CACHE_DIR, L.TMP_PREFIX + L.RUN_FILE)
+        foreign = [n for n in self.store.names() if n not in ours]
         if foreign:
             raise UsageError(
                 f"output {self.path} is not empty and holds no mmtools run "
