@@ -11,12 +11,12 @@ setup:
 demo dir="demo-out":
     #!/usr/bin/env bash
     set -euo pipefail
-    if {{python}} -c "import sys; from mmtools.shapes_model import weights_path; sys.exit(not weights_path().exists())"; then
+    if {{python}} -c "import sys; from mmtools.models.shapes import weights_path; sys.exit(not weights_path().exists())"; then
         {{python}} -m mmtools demo {{dir}} --overwrite
     else
-        echo "demo: the bundled mmtools-shapes weights are not built (python -m mmtools.shapes_model.train); running ingest + info on the generated sample only" >&2
+        echo "demo: the bundled mmtools-shapes weights are not built (python -m mmtools.demo.train); running ingest + info on the generated sample only" >&2
         rm -rf {{dir}} && mkdir -p {{dir}}
-        {{python}} -c "from pathlib import Path; from mmtools.demo import DemoConfig, make_sample; make_sample(Path('{{dir}}/sample/images'), DemoConfig())"
+        {{python}} -c "from pathlib import Path; from mmtools.demo.chain import DemoConfig, make_sample; make_sample(Path('{{dir}}/sample/images'), DemoConfig())"
         {{python}} -m mmtools ingest {{dir}}/sample/images -o {{dir}}/ds
         {{python}} -m mmtools info {{dir}}/ds
     fi

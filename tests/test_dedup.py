@@ -52,10 +52,10 @@ def read_stream(data: bytes) -> pa.Table:
 
 def run_dedup(src: Path, out: Path, config, batch_size: int = 1024) -> pa.Table:
     """Run the dedup step in this process (engine, Parquet source and sink); return the rows."""
-    from mmtools import engine
-    from mmtools.dedup import Dedup
+    from mmtools.engines import local as engine
     from mmtools.io.dataset import DatasetSink
     from mmtools.io.source import Source
+    from mmtools.steps.dedup.step import Dedup
 
     sink = DatasetSink(str(out))
     engine.run(
@@ -69,8 +69,8 @@ def assert_ray_buckets_give_local_groups(make_method, keys: pa.Table, min_groups
     bucket, `ray_edges` per bucket), done here without Ray, gives the local engine's groups."""
     import pyarrow.compute as pc
 
-    from mmtools.dedup.groups import BUCKET, keep_best, position_components
     from mmtools.step import POSITION
+    from mmtools.steps.dedup.groups import BUCKET, keep_best, position_components
 
     n, buckets = keys.num_rows, 3
     keys = keys.append_column(POSITION, pa.array(np.arange(n), pa.int64()))
@@ -178,7 +178,7 @@ def test_exact_key_image_plus_text(tmp_path, copies_folder):
 
 
 def test_keep_rule_highest_lowest_and_ties_by_id(tmp_path):
-    from mmtools.dedup import DedupConfig
+    from mmtools.steps.dedup.step import DedupConfig
 
     texts = ["same caption"] * 4 + ["other caption"] * 3
     scores = [0.2, 0.9, 0.9, None, float("nan"), 0.1, 0.5]
@@ -193,7 +193,7 @@ def test_keep_rule_highest_lowest_and_ties_by_id(tmp_path):
 
 
 def test_pass_one_reads_keys_never_media():
-    from mmtools.dedup import Dedup, DedupConfig
+    from mmtools.steps.dedup.step import Dedup, DedupConfig
 
     schema = pa.schema(
         [
@@ -236,7 +236,7 @@ def mixed_table(n_groups: int = 25, seed: int = 0) -> pa.Table:
 
 
 def test_mark_equals_the_dropped_set_and_one_kept_per_cluster(tmp_path):
-    from mmtools.dedup import DedupConfig
+    from mmtools.steps.dedup.step import DedupConfig
 
     ds = write_dataset(tmp_path / "ds", mixed_table(), shards=3)
     args = ["-m", "exact", "-m", "minhash", "--exact-key", "text", "--keep", "highest:clip_score"]
@@ -264,7 +264,7 @@ def test_mark_equals_the_dropped_set_and_one_kept_per_cluster(tmp_path):
 
 
 def test_same_output_across_runs_shard_layouts_and_batch_sizes(tmp_path):
-    from mmtools.dedup import DedupConfig
+    from mmtools.steps.dedup.step import DedupConfig
 
     table = mixed_table(seed=1)
     one = write_dataset(tmp_path / "one", table, shards=1)
@@ -311,10 +311,10 @@ class _Stop(Step):
 
 @pytest.mark.parametrize("row_group", [1000, 7])
 def test_resumed_run_equals_an_uninterrupted_one(tmp_path, row_group):
-    from mmtools import engine
-    from mmtools.dedup import Dedup, DedupConfig
+    from mmtools.engines import local as engine
     from mmtools.io.dataset import DatasetSink
     from mmtools.io.source import Source
+    from mmtools.steps.dedup.step import Dedup, DedupConfig
 
     ds = write_dataset(tmp_path / "ds", mixed_table(seed=3), shards=3, row_group=row_group)
     config = DedupConfig(("exact", "minhash"), "highest:clip_score", exact_key="text")
@@ -333,7 +333,7 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, row_group):
 
 
 def test_pass_two_finds_its_place_with_repeated_ids():
-    from mmtools.dedup import Dedup, DedupConfig
+    from mmtools.steps.dedup.step import Dedup, DedupConfig
 
     texts = ["a b c d", "x y z", "a b c d", "p q r", "x y z", "p q r", "a b c d", "s t"]
     table = text_table(texts, ids=["1", "2", "1", "3", "2", "4", "5", "6"])
@@ -368,7 +368,7 @@ def test_pass_two_finds_its_place_with_repeated_ids():
     st.sampled_from([("exact",), ("minhash",), ("exact", "minhash")]),
 )
 def test_dedup_is_idempotent_and_accounts_for_every_row(texts, batch_size, methods):
-    from mmtools.dedup import Dedup, DedupConfig
+    from mmtools.steps.dedup.step import Dedup, DedupConfig
 
     table = text_table(texts)
 

@@ -18,7 +18,7 @@ from test_dedup import (
 )
 
 from mmtools import columns as C
-from mmtools.dedup.minhash import (
+from mmtools.steps.dedup.minhash import (
     LSH_WEIGHTS,
     candidate_pairs,
     jaccard,
@@ -119,7 +119,7 @@ def test_band_buckets_give_the_same_groups_as_the_local_search():
     duplicate groups as the local search: edited captions, exact copies, nulls, lone rows."""
     import pyarrow as pa
 
-    from mmtools.dedup.minhash import KEY, MinHashText
+    from mmtools.steps.dedup.minhash import KEY, MinHashText
 
     rng = np.random.default_rng(0)
     words = [f"w{k}" for k in range(60)]

@@ -22,8 +22,8 @@ from test_dedup import (
 )
 
 from mmtools import columns as C
-from mmtools import synth
-from mmtools.dedup.phash import image_phash, near_pairs
+from mmtools.demo import synth
+from mmtools.steps.dedup.phash import image_phash, near_pairs
 
 
 def encode(img: Image.Image, fmt: str = "JPEG", **save) -> bytes:
@@ -93,7 +93,7 @@ def test_index_finds_exactly_the_pairs_within_the_radius(radius):
 def test_chunk_buckets_give_the_same_groups_as_the_index(radius):
     """Ray's buckets of hash chunks, each searched by chunk value, make the same duplicate
     groups as the local index, repeated hashes and lone rows included."""
-    from mmtools.dedup.phash import ERROR, KEY, PHash
+    from mmtools.steps.dedup.phash import ERROR, KEY, PHash
 
     rng = np.random.default_rng(radius)
     base = rng.integers(0, 2**63, 400, dtype=np.int64).astype(np.uint64)

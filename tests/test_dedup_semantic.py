@@ -17,7 +17,7 @@ from test_dedup import (
 )
 
 from mmtools import columns as C
-from mmtools.dedup.semantic import FLAT_MAX, cluster, duplicate_labels
+from mmtools.steps.dedup.semantic import FLAT_MAX, cluster, duplicate_labels
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -141,8 +141,8 @@ def test_semantic_on_text_embeddings_rejects_bad_rows(tmp_path):
 def test_semantic_cluster_buckets_give_the_same_groups_as_the_local_search(monkeypatch):
     """The Ray path (a model fitted on the rows `sampled` picks, rows assigned per batch,
     buckets of clusters searched per cluster) makes the local groups; bad rows are left out."""
-    from mmtools.dedup import semantic
-    from mmtools.dedup.semantic import ERROR, KMeans, Semantic, problems, sample_rate
+    from mmtools.steps.dedup.semantic import ERROR, KMeans, Semantic, problems, sample_rate
+    from mmtools.steps.dedup.step import semantic
 
     monkeypatch.setattr(semantic, "SAMPLE_PER_CLUSTER", 8)
     x, _ = planted(400, 24, seed=11)

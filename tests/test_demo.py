@@ -8,7 +8,7 @@ import pytest
 from conftest import mmtools
 from PIL import Image
 
-SHAPES = pytest.importorskip("mmtools.shapes_model")
+SHAPES = pytest.importorskip("mmtools.models.shapes")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 from conftest import image_bytes, mmtools, wav_bytes
 
 from mmtools import columns as C
-from mmtools.embed import ClapEmbed, ClipEmbed, EmbedConfig
+from mmtools.steps.embed import ClapEmbed, ClipEmbed, EmbedConfig
 
 TINY_CLIP = {
     "embed_dim": 32,

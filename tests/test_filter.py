@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from mmtools import columns as C
 from mmtools.errors import UsageError
-from mmtools.filter import FilterConfig, make_filter, sql_columns
-from mmtools.rank import TopFraction, TopFractionConfig
+from mmtools.steps.filter.rank import TopFraction, TopFractionConfig
+from mmtools.steps.filter.step import FilterConfig, make_filter, sql_columns
 
 
 def write_shards(directory, table: pa.Table, shards: int = 3):

@@ -20,8 +20,8 @@ from PIL import Image
 
 from mmtools.io.source import Source
 from mmtools.media import decode_audio, decode_image
-from mmtools.mixup.mix import mix_waveforms, slerp
-from mmtools.mixup.plan import plan_pairs
+from mmtools.steps.mixup.mix import mix_waveforms, slerp
+from mmtools.steps.mixup.plan import plan_pairs
 
 
 @pytest.fixture(scope="module")
@@ -187,9 +187,9 @@ def test_undecodable_parent_becomes_a_reject_and_the_rest_is_made(tmp_path, data
 
 
 def test_resume_after_a_crash_gives_the_uninterrupted_rows(tmp_path, dataset):
-    from mmtools import engine
+    from mmtools.engines import local as engine
     from mmtools.io.dataset import DatasetSink
-    from mmtools.mixup import Mixup, MixupConfig
+    from mmtools.steps.mixup import Mixup, MixupConfig
 
     class Crashing(Source):
         """Dies after two batches of the streaming pass, as a killed run would."""

@@ -22,7 +22,8 @@ from conftest import MMTOOLS, image_bytes, make_image_folder, mmtools
 from test_embed import tiny_clip
 
 from mmtools import columns as C
-from mmtools import engine, ray_engine
+from mmtools.engines import local as engine
+from mmtools.engines.ray import executor as ray_engine
 from mmtools.errors import PartialError, UsageError
 from mmtools.io.dataset import DatasetSink
 from mmtools.io.layout import REJECTS_DIR
@@ -145,8 +146,8 @@ def dataset_source(path: Path):
 
 @pytest.mark.ray
 def test_ingest_on_ray_equals_local_with_the_same_rejects(cluster, folder, tmp_path):
-    from mmtools.ingest import Ingest, IngestConfig, ListingSource
-    from mmtools.listing import ListingOptions
+    from mmtools.steps.ingest.listing import ListingOptions
+    from mmtools.steps.ingest.step import Ingest, IngestConfig, ListingSource
 
     manifests = run_both(
         tmp_path,
@@ -162,8 +163,8 @@ def test_ingest_on_ray_equals_local_with_the_same_rejects(cluster, folder, tmp_p
 @pytest.fixture(scope="module")
 def scored(cluster, ingested, clip_json) -> tuple[Path, dict]:
     """embed (an actor pool, tiny model) then score (tasks), by both engines."""
-    from mmtools.embed import ModelOptions
-    from mmtools.score import score_steps
+    from mmtools.steps.embed import ModelOptions
+    from mmtools.steps.score.step import score_steps
 
     opts = ModelOptions(str(clip_json), "none", device="cpu", batch_size=BATCH, workers=1)
     tmp = ingested.parent / "scored"
@@ -188,7 +189,7 @@ def test_embed_and_score_on_ray_equal_local(scored):
     ids=["where", "top-fraction"],
 )
 def test_filter_on_ray_equals_local(scored, tmp_path, config):
-    from mmtools.filter import FilterConfig, make_filter
+    from mmtools.steps.filter.step import FilterConfig, make_filter
 
     manifests = run_both(
         tmp_path,
@@ -206,7 +207,7 @@ def test_top_fraction_cut_by_rays_sort_equals_local_with_ties_and_bad_keys(
     cluster, tmp_path, fraction
 ):
     """Ties across shards, NaN, null and infinite keys; at 0.9 the cut falls among the bad."""
-    from mmtools.filter import FilterConfig, make_filter
+    from mmtools.steps.filter.step import FilterConfig, make_filter
 
     rng = np.random.default_rng(3)
     for k in range(4):
@@ -239,7 +240,7 @@ def test_top_fraction_cut_by_rays_sort_equals_local_with_ties_and_bad_keys(
     ids=["exact", "exact-phash-mark", "phash-minhash", "minhash-semantic"],
 )
 def test_dedup_on_ray_equals_local(scored, tmp_path, methods, keep, mark, dropped):
-    from mmtools.dedup import Dedup, DedupConfig
+    from mmtools.steps.dedup.step import Dedup, DedupConfig
 
     config = DedupConfig(methods, keep=keep, mark=mark, threshold=0.5)  # "a photo number N"
     manifests = run_both(
@@ -258,7 +259,7 @@ def test_semantic_dedup_by_rays_groupby_equals_local(cluster, tmp_path, clusters
     per cluster by Ray's groupby: the same duplicates and rejects as the local engine."""
     from test_dedup_semantic import embedding_table, planted
 
-    from mmtools.dedup import Dedup, DedupConfig
+    from mmtools.steps.dedup.step import Dedup, DedupConfig
 
     x, groups = planted(150, 32, seed=clusters)
     x[3], x[7] = np.nan, 0.0
@@ -280,7 +281,7 @@ def test_semantic_dedup_by_rays_groupby_equals_local(cluster, tmp_path, clusters
 @pytest.mark.ray
 def test_small_input_is_grouped_on_the_driver_with_the_same_result(scored, tmp_path, monkeypatch):
     """Below SHUFFLE_MIN_ROWS rows no Ray groupby runs (seconds of fixed cost)."""
-    from mmtools.dedup import Dedup, DedupConfig
+    from mmtools.steps.dedup.step import Dedup, DedupConfig
 
     monkeypatch.setattr(ray_engine, "SHUFFLE_MIN_ROWS", 1000)
     monkeypatch.setattr(
@@ -296,7 +297,7 @@ def test_small_input_is_grouped_on_the_driver_with_the_same_result(scored, tmp_p
 
 @pytest.mark.ray
 def test_mixup_on_ray_equals_local(cluster, ingested, tmp_path):
-    from mmtools.mixup import Mixup, MixupConfig
+    from mmtools.steps.mixup import Mixup, MixupConfig
 
     manifests = run_both(
         tmp_path,

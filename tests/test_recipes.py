@@ -12,9 +12,9 @@ from llm_server import LLMServer
 from test_ingest import read_dataset
 from test_recipes_filter import run_recipe
 
-from mmtools import synth
+from mmtools.demo import synth
 
-SHAPES = pytest.importorskip("mmtools.shapes_model")
+SHAPES = pytest.importorskip("mmtools.models.shapes")
 needs_model = pytest.mark.skipif(
     not SHAPES.weights_path().exists(), reason="mmtools-shapes weights not built"
 )

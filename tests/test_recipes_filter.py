@@ -94,7 +94,7 @@ def test_recipe_without_arguments_prints_usage():
 
 
 def test_recipes_score_raw_images_with_the_shipped_model(tmp_path):
-    from mmtools import shapes_model
+    from mmtools.models import shapes as shapes_model
 
     if not shapes_model.weights_path().is_file():
         pytest.skip("the mmtools-shapes weights are not built yet")

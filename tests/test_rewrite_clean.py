@@ -10,10 +10,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mmtools.errors import UsageError
-from mmtools.rewrite.cache import CaptionCache, cache_key
-from mmtools.rewrite.clean import clean_caption
-from mmtools.rewrite.openai_backend import retry_after_seconds
-from mmtools.rewrite.prompts import (
+from mmtools.steps.rewrite.cache import CaptionCache, cache_key
+from mmtools.steps.rewrite.clean import clean_caption
+from mmtools.steps.rewrite.openai_backend import retry_after_seconds
+from mmtools.steps.rewrite.prompts import (
     PROMPT_DIR,
     Request,
     chat_messages,

@@ -90,7 +90,7 @@ def test_rewrite_adds_synthetic_caption_and_keeps_alt_text(tmp_path, dataset, se
 
 
 def test_shipped_prompt_and_few_shot_examples_reach_the_server(tmp_path, dataset, server):
-    from mmtools.rewrite.prompts import PROMPT_DIR
+    from mmtools.steps.rewrite.prompts import PROMPT_DIR
 
     rewrite(
         server, dataset, "-o", tmp_path / "out", "--examples", PROMPT_DIR / "rewrite_examples.txt"

@@ -12,7 +12,7 @@ from conftest import mmtools
 
 from mmtools import columns as C
 from mmtools.io.source import Source
-from mmtools.rewrite import Rewrite, RewriteConfig, mix_choice
+from mmtools.steps.rewrite.step import Rewrite, RewriteConfig, mix_choice
 
 ALT = [
     "A small dog running on the beach, at sunset",

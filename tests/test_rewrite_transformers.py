@@ -179,7 +179,7 @@ def in_process(rows, model, **options) -> list[str]:
     """Captions from the same step run in this process, one batch of all rows."""
     import torch
 
-    from mmtools.rewrite import Rewrite, RewriteConfig
+    from mmtools.steps.rewrite.step import Rewrite, RewriteConfig
 
     torch.set_num_threads(1)
     step = Rewrite(

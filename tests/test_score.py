@@ -19,9 +19,9 @@ from test_embed import (
 )
 
 from mmtools import columns as C
-from mmtools.embed import ClipEmbed, EmbedConfig, ModelOptions
 from mmtools.errors import DataContractError
-from mmtools.score import Score, ScoreConfig, score_steps
+from mmtools.steps.embed import ClipEmbed, EmbedConfig, ModelOptions
+from mmtools.steps.score.step import Score, ScoreConfig, score_steps
 
 TINY = ("--pretrained", "none")
 
@@ -189,12 +189,12 @@ def _auc(positive: np.ndarray, negative: np.ndarray) -> float:
 def _has_shapes_model() -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("mmtools.shapes_model") is not None
+    return importlib.util.find_spec("mmtools.models.shapes") is not None
 
 
-@pytest.mark.skipif(not _has_shapes_model(), reason="mmtools.shapes_model is not in this checkout")
+@pytest.mark.skipif(not _has_shapes_model(), reason="mmtools.models.shapes is not in this checkout")
 def test_shipped_model_scores_matched_pairs_above_shuffled(tmp_path):
-    from mmtools import synth
+    from mmtools.demo import synth
 
     samples = list(synth.generate(60, seed=777))
     folder = tmp_path / "pairs"

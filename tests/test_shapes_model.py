@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from mmtools import synth
+from mmtools.demo import synth
 
 HELD_OUT_SEED = 4242  # training draws from seeds 0 and 1_000_000
 
@@ -42,10 +42,10 @@ def test_shifted_copy_is_a_near_duplicate():
 @pytest.fixture(scope="module")
 def shapes():
     pytest.importorskip("open_clip")
-    from mmtools import shapes_model
+    from mmtools.models import shapes as shapes_model
 
     if not shapes_model.weights_path().exists():
-        pytest.skip("mmtools-shapes weights not built: python -m mmtools.shapes_model.train")
+        pytest.skip("mmtools-shapes weights not built: python -m mmtools.demo.train")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HF_HUB_OFFLINE", "1")
         patch.setattr(socket.socket, "connect", _no_network)
@@ -58,7 +58,7 @@ def _no_network(*args, **kwargs):
 
 
 def _embed(shapes, samples):
-    from mmtools.shapes_model.train import embed
+    from mmtools.demo.train import embed
 
     return embed(*shapes, samples)
 
@@ -66,7 +66,7 @@ def _embed(shapes, samples):
 def test_shipped_model_separates_matched_from_shuffled(shapes):
     import numpy as np
 
-    from mmtools.shapes_model.train import roc_auc
+    from mmtools.demo.train import roc_auc
 
     samples = list(synth.generate(300, seed=HELD_OUT_SEED))
     image_emb, text_emb = _embed(shapes, samples)

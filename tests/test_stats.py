@@ -12,7 +12,7 @@ import pytest
 from conftest import MMTOOLS, mmtools
 
 from mmtools import columns as C
-from mmtools.stats import Numeric, TopValues
+from mmtools.tools.stats import Numeric, TopValues
 
 
 @pytest.fixture(scope="module")

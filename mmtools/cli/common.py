@@ -82,7 +82,7 @@ def open_sink(c: Common, argv: list[str]):
 
 def execute(command: str, source, steps: list, c: Common):
     """Run `steps` from `source` to the output and print the summary; return it."""
-    from mmtools import engine
+    from mmtools.engines import local as engine
 
     setup_logging(c.verbose, c.quiet)
     if c.engine not in ("local", "ray"):
@@ -96,8 +96,8 @@ def execute(command: str, source, steps: list, c: Common):
     # Batches no larger than a shard, so that shards come out close to --shard-rows.
     batch_size = min(c.batch_size, c.shard_rows)
     if c.engine == "ray":
-        from mmtools.ray_engine import RayOptions
-        from mmtools.ray_engine import run as run_ray
+        from mmtools.engines.ray.executor import RayOptions
+        from mmtools.engines.ray.executor import run as run_ray
 
         options = RayOptions(c.ray_address or None, c.ray_concurrency, c.num_gpus_per_worker)
         summary, _ = run_ray(

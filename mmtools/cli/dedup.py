@@ -94,7 +94,7 @@ def dedup(
     """
     from mmtools import columns as C
     from mmtools.cli.common import open_source
-    from mmtools.dedup import Dedup, DedupConfig
+    from mmtools.steps.dedup.step import Dedup, DedupConfig
 
     methods = tuple(m.strip() for spec in (method or ["exact"]) for m in spec.split(","))
     config = DedupConfig(

@@ -31,13 +31,13 @@ def demo(
     prints rows per stage, precision and recall against the planted truth, rejects by reason
     and time per step. Needs no network; a few minutes on two CPU cores.
     """
-    from mmtools.demo import DemoConfig, calibrate_threshold, format_report, run_demo
-    from mmtools.shapes_model import weights_path
+    from mmtools.demo.chain import DemoConfig, calibrate_threshold, format_report, run_demo
+    from mmtools.models.shapes import weights_path
 
     if not weights_path().exists():
         raise UsageError(
             "the bundled mmtools-shapes weights are not built; run "
-            "python -m mmtools.shapes_model.train (a few minutes on a CPU)"
+            "python -m mmtools.demo.train (a few minutes on a CPU)"
         )
     if directory.exists() and any(directory.iterdir()):
         if not overwrite:

@@ -79,7 +79,7 @@ def embed(
     be decoded, whose text is null or blank (no_text), or whose embedding is NaN or zero
     (bad_embedding) become reject rows in _rejects/. --batch-size is also the model batch.
     """
-    from mmtools.embed import ModelOptions, embed_steps
+    from mmtools.steps.embed import ModelOptions, embed_steps
 
     source = open_source(inputs)
     opts = ModelOptions(

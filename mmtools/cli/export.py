@@ -37,8 +37,8 @@ def export(
     other scalar columns, id included), as img2dataset writes them.
     """
     from mmtools.cli.common import open_source
-    from mmtools.export import export as run_export
-    from mmtools.export import prepare_output
+    from mmtools.tools.export import export as run_export
+    from mmtools.tools.export import prepare_output
 
     setup_logging(verbose, quiet)
     t0 = time.monotonic()

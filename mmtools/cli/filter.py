@@ -117,7 +117,7 @@ def filter_rows(
     --invert writes exactly the rows that would be dropped; the kept ones are then counted
     as dropped by 'inverted'.
     """
-    from mmtools.filter import FilterConfig, make_filter
+    from mmtools.steps.filter.step import FilterConfig, make_filter
 
     config = FilterConfig(
         where,

@@ -27,7 +27,7 @@ def head(
     Reads only what it shows, so it ends a pipe early without errors upstream.
     """
     from mmtools.cli.common import open_source
-    from mmtools.preview import preview_rows, render_table
+    from mmtools.tools.preview import preview_rows, render_table
 
     setup_logging(verbose, False)
     source = open_source(inputs)

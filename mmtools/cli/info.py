@@ -25,7 +25,7 @@ def info(
     end to count its rows.
     """
     from mmtools.cli.common import open_source
-    from mmtools.dataset_info import describe
+    from mmtools.tools.info import describe
 
     setup_logging(verbose, False)
     source = open_source(inputs)

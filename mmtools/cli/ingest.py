@@ -62,8 +62,8 @@ def ingest(
     rows in _rejects/ with a reason (zero_byte, not_image, truncated, corrupt,
     decompression_bomb, missing_file, not_audio, ...).
     """
-    from mmtools.ingest import Ingest, IngestConfig, ListingSource
-    from mmtools.listing import ListingOptions
+    from mmtools.steps.ingest.listing import ListingOptions
+    from mmtools.steps.ingest.step import Ingest, IngestConfig, ListingSource
 
     opts = ListingOptions(path_col, caption_col, id_col)
     config = IngestConfig(embed_media, max_pixels, verify, timeout, opts)

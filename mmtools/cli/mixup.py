@@ -96,7 +96,7 @@ def mixup(
     --seed, so the output is the same whatever the shard layout, batch size or resume. A
     parent that cannot be decoded becomes a reject row and its pairs are skipped.
     """
-    from mmtools.mixup import Mixup, MixupConfig
+    from mmtools.steps.mixup import Mixup, MixupConfig
 
     specs = [c.strip() for c in columns.split(",") if c.strip()] if columns else []
     config = MixupConfig(

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from mmtools.ray_cluster import ENV_ADDRESS, ENV_CONCURRENCY, ENV_GPUS
+from mmtools.engines.ray.cluster import ENV_ADDRESS, ENV_CONCURRENCY, ENV_GPUS
 
 Inputs = Annotated[
     list[str] | None,

@@ -142,8 +142,8 @@ def rewrite(
     batch. Finished generations are cached per row in OUTPUT/_cache/rewrite.sqlite (or
     --cache PATH), so a rerun after a crash pays only for the rows left.
     """
-    from mmtools.rewrite import Rewrite, RewriteConfig
-    from mmtools.rewrite.prompts import load_examples, load_prompt
+    from mmtools.steps.rewrite.prompts import load_examples, load_prompt
+    from mmtools.steps.rewrite.step import Rewrite, RewriteConfig
 
     cache_path = None if no_cache else cache or _default_cache(output, overwrite, wait_lock)
     config = RewriteConfig(

@@ -75,8 +75,8 @@ def score(
     present. Embeddings made by different models (per the metadata) are refused. Rows with
     a null, NaN or zero embedding become reject rows.
     """
-    from mmtools.embed import ModelOptions
-    from mmtools.score import score_steps
+    from mmtools.steps.embed import ModelOptions
+    from mmtools.steps.score.step import score_steps
 
     source = open_source(inputs)
     opts = ModelOptions(

@@ -55,8 +55,8 @@ def stats(
     goes to stdout (a table, or JSON with --json); nothing is written unless --plot is given.
     """
     from mmtools.cli.common import open_source
-    from mmtools.stats import StatsConfig, profile, render
-    from mmtools.stats import plot as plot_report
+    from mmtools.tools.stats import StatsConfig, profile, render
+    from mmtools.tools.stats import plot as plot_report
 
     setup_logging(verbose, False)
     wanted = tuple(c.strip() for c in columns.split(",") if c.strip()) if columns else None

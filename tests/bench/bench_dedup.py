@@ -39,7 +39,7 @@ def embeddings(n: int, seed: int = 0) -> pa.Table:
 
 def run_step(config, table: pa.Table) -> tuple[float, float, dict, int]:
     """Time the Dedup step over `table`: (wall s, CPU s, per-method stats, rows kept)."""
-    from mmtools.dedup import Dedup
+    from mmtools.steps.dedup.step import Dedup
 
     step = Dedup(config)
     step.output_schema(table.schema)
@@ -53,7 +53,7 @@ def run_step(config, table: pa.Table) -> tuple[float, float, dict, int]:
 
 
 def bench_semantic(n: int) -> None:
-    from mmtools.dedup import DedupConfig
+    from mmtools.steps.dedup.step import DedupConfig
 
     config = DedupConfig(methods=("semantic",), eps=0.05)
     wall, cpu = [], []
@@ -117,8 +117,8 @@ def brute_force_pairs(hashes: np.ndarray, radius: int) -> tuple[float, int]:
 
 def bench_phash(m: int) -> None:
     from mmtools import columns as C
-    from mmtools.dedup import DedupConfig
-    from mmtools.dedup.phash import near_pairs
+    from mmtools.steps.dedup.phash import near_pairs
+    from mmtools.steps.dedup.step import DedupConfig
 
     blobs = jpegs(m)
     table = pa.table(

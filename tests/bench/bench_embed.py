@@ -106,7 +106,7 @@ def baseline(step, images: list[bytes], batch: int) -> tuple[float, float]:
 
 def end_to_end(steps, data: Path, out: Path, batch: int) -> float:
     """images/s of the `mmtools embed` pipeline: Parquet in, dataset directory out."""
-    from mmtools import engine
+    from mmtools.engines import local as engine
     from mmtools.io.dataset import DatasetSink
     from mmtools.io.source import Source
 
@@ -127,7 +127,7 @@ def end_to_end(steps, data: Path, out: Path, batch: int) -> float:
 
 
 def measure(args, images: list[bytes], data: Path, tmp: Path, batch: int, precision: str):
-    from mmtools.embed import ModelOptions, embed_steps
+    from mmtools.steps.embed import ModelOptions, embed_steps
 
     opts = ModelOptions(
         args.model, args.pretrained, None, args.device, precision, "float16", batch, args.workers

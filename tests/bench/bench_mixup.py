@@ -24,12 +24,12 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from mmtools import columns as C
-from mmtools import engine
+from mmtools.engines import local as engine
 from mmtools.io.dataset import DatasetSink
 from mmtools.io.source import Source
 from mmtools.media import decode_image
-from mmtools.mixup import Mixup, MixupConfig
-from mmtools.mixup.mix import encode_image, mix_images
+from mmtools.steps.mixup import Mixup, MixupConfig
+from mmtools.steps.mixup.mix import encode_image, mix_images
 
 SIZE = 256
 

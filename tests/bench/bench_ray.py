@@ -62,14 +62,14 @@ def make_images(root: Path, n: int) -> Path:
 
 def pipeline(work: Path, images: Path) -> list[tuple[str, object, object]]:
     """(command, make_source, make_steps) for each step; each reads the previous output."""
-    from mmtools.dedup import Dedup, DedupConfig
-    from mmtools.embed import ClipEmbed, EmbedConfig, ModelOptions
-    from mmtools.filter import FilterConfig, make_filter
-    from mmtools.ingest import Ingest, IngestConfig, ListingSource
     from mmtools.io.source import Source
-    from mmtools.listing import ListingOptions
-    from mmtools.mixup import Mixup, MixupConfig
-    from mmtools.score import score_steps
+    from mmtools.steps.dedup.step import Dedup, DedupConfig
+    from mmtools.steps.embed import ClipEmbed, EmbedConfig, ModelOptions
+    from mmtools.steps.filter.step import FilterConfig, make_filter
+    from mmtools.steps.ingest.listing import ListingOptions
+    from mmtools.steps.ingest.step import Ingest, IngestConfig, ListingSource
+    from mmtools.steps.mixup import Mixup, MixupConfig
+    from mmtools.steps.score.step import score_steps
 
     work.mkdir(exist_ok=True)
     model = work / "tiny-clip.json"
@@ -118,7 +118,8 @@ def run_once(
 def bench_overhead(n: int, tmp: Path) -> None:
     import ray
 
-    from mmtools import engine, ray_engine
+    from mmtools.engines import local as engine
+    from mmtools.engines.ray import executor as ray_engine
 
     images = make_images(tmp / "images", n)
     t0 = time.perf_counter()
@@ -151,9 +152,10 @@ def bench_overhead(n: int, tmp: Path) -> None:
 def bench_forced_shuffle(tmp: Path) -> None:
     """dedup with Ray Data's groupby, which only runs from SHUFFLE_MIN_ROWS rows on, forced
     on this small input: the fixed cost the threshold saves."""
-    from mmtools import engine, ray_engine
-    from mmtools.dedup import Dedup, DedupConfig
+    from mmtools.engines import local as engine
+    from mmtools.engines.ray import executor as ray_engine
     from mmtools.io.source import Source
+    from mmtools.steps.dedup.step import Dedup, DedupConfig
 
     threshold, ray_engine.SHUFFLE_MIN_ROWS = ray_engine.SHUFFLE_MIN_ROWS, 0
     print(f"\ndedup with Ray's groupby forced (it runs from {threshold:,} rows on):")
@@ -181,9 +183,10 @@ def bench_dedup_rows(n: int, tmp: Path) -> None:
     import pyarrow.parquet as pq
     import ray
 
-    from mmtools import engine, ray_engine
-    from mmtools.dedup import Dedup, DedupConfig
+    from mmtools.engines import local as engine
+    from mmtools.engines.ray import executor as ray_engine
     from mmtools.io.source import Source
+    from mmtools.steps.dedup.step import Dedup, DedupConfig
 
     rng = np.random.default_rng(0)
     words = np.array([f"w{k}" for k in range(5000)])
@@ -249,7 +252,7 @@ def bench_scaling(quick: bool, tmp: Path) -> None:
     import pyarrow.parquet as pq
     import ray
 
-    from mmtools import ray_engine
+    from mmtools.engines.ray import executor as ray_engine
     from mmtools.io.dataset import DatasetSink
     from mmtools.io.source import Source
 

@@ -44,7 +44,7 @@ def rows(n: int) -> pa.Table:
 
 def step_rate(url: str, concurrency: int, n: int) -> float:
     """Rows/s of the Rewrite step over `n` rows at `concurrency`."""
-    from mmtools.rewrite import Rewrite, RewriteConfig
+    from mmtools.steps.rewrite.step import Rewrite, RewriteConfig
 
     step = Rewrite(
         RewriteConfig(

@@ -95,7 +95,7 @@ def _context():
 
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(
-            ["forked", "torch", "open_clip", "polars", "mmtools.cli", "mmtools.embed"]
+            ["forked", "torch", "open_clip", "polars", "mmtools.cli", "mmtools.steps.embed"]
         )
         saved = dict(os.environ)
         os.environ.update(THREADS)  # for the server and its children only

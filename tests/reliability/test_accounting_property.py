@@ -21,12 +21,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mmtools import columns as C
-from mmtools import engine
-from mmtools.dedup import Dedup, DedupConfig
-from mmtools.filter import FilterConfig, make_filter
+from mmtools.engines import local as engine
 from mmtools.io.dataset import DatasetSink
 from mmtools.io.source import Source
-from mmtools.mixup import Mixup, MixupConfig
+from mmtools.steps.dedup.step import Dedup, DedupConfig
+from mmtools.steps.filter.step import FilterConfig, make_filter
+from mmtools.steps.mixup import Mixup, MixupConfig
 
 SETTINGS = settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True

@@ -1,0 +1,1 @@
+"""Engines: where the steps run (this process, or a Ray cluster)."""

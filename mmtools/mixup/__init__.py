@@ -1,5 +1,0 @@
-"""`mixup`: MixGen image–text mixup, audio waveform mixup and geodesic embedding mixup."""
-
-from mmtools.mixup.step import Mixup, MixupConfig
-
-__all__ = ["Mixup", "MixupConfig"]

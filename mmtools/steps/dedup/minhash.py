@@ -1,0 +1,198 @@
+"""Near-duplicate captions: MinHash LSH (datasketch) over word shingles, checked by Jaccard."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mmtools import columns as C
+from mmtools.errors import require_module
+from mmtools.step import POSITION
+from mmtools.steps.dedup.exact import check_text, normalize_text
+from mmtools.steps.dedup.groups import (
+    RayGrouped,
+    edge_labels,
+    equal_key_pairs,
+    mix64,
+    same_key_edges,
+    with_bucket,
+)
+
+_SLAB = 1 << 20  # candidate pairs checked at a time
+_MARGIN = 0.15  # signature estimates this far below the threshold still get an exact check
+LSH_WEIGHTS = (0.1, 0.9)  # (false positive, false negative) weights of the band choice
+
+
+def shingles(text: str, size: int) -> set[str]:
+    """Word `size`-shingles of a normalised caption (the whole caption if it is shorter)."""
+    words = text.split()
+    if len(words) <= size:
+        return {" ".join(words)}
+    return {" ".join(words[k : k + size]) for k in range(len(words) - size + 1)}
+
+
+def jaccard(a: set, b: set) -> float:
+    """Jaccard similarity of two sets."""
+    return len(a & b) / len(a | b)
+
+
+def bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    """datasketch's choice of (bands, rows per band) for `threshold`, weighted for recall."""
+    datasketch = require_module("datasketch", "dedup")
+    # Every candidate is checked afterwards, so a missed pair costs more than a false one.
+    lsh = datasketch.MinHashLSH(threshold=threshold, num_perm=num_perm, weights=LSH_WEIGHTS)
+    return lsh.b, lsh.r
+
+
+def signatures(sets: list[set[str]], num_perm: int, seed: int) -> np.ndarray:
+    """MinHash signature of each shingle set, (len(sets), num_perm) uint32."""
+    datasketch = require_module("datasketch", "dedup")
+    out = np.empty((len(sets), num_perm), dtype=np.uint32)
+    for start in range(0, len(sets), 4096):
+        part = [[s.encode() for s in shingle_set] for shingle_set in sets[start : start + 4096]]
+        hashed = datasketch.MinHash.bulk(part, num_perm=num_perm, seed=seed)
+        out[start : start + len(part)] = np.stack([m.hashvalues for m in hashed])
+    return out
+
+
+def candidate_pairs(sig: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (i < j) that collide in at least one LSH band, as datasketch's MinHashLSH finds."""
+    b, r = bands(threshold, sig.shape[1])
+    found = []
+    for band in range(b):
+        part = np.ascontiguousarray(sig[:, band * r : (band + 1) * r])
+        _, codes = np.unique(part.view(f"V{part.itemsize * r}").ravel(), return_inverse=True)
+        for i, j in equal_key_pairs(codes):
+            found.append(np.minimum(i, j).astype(np.int64) * len(sig) + np.maximum(i, j))
+    if not found:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    pairs = np.unique(np.concatenate(found))
+    return pairs // len(sig), pairs % len(sig)
+
+
+def similar_pairs(sets: list[set[str]], threshold: float, num_perm: int, seed: int):
+    """Pairs (i < j) of `sets` with Jaccard >= threshold, found through MinHash LSH."""
+    sig = signatures(sets, num_perm, seed)
+    i, j = candidate_pairs(sig, threshold)
+    keep_i, keep_j = [], []
+    for s in range(0, len(i), _SLAB):
+        a, b = i[s : s + _SLAB], j[s : s + _SLAB]
+        estimate = (sig[a] == sig[b]).mean(axis=1)
+        a, b = a[estimate >= threshold - _MARGIN], b[estimate >= threshold - _MARGIN]
+        exact = np.array(
+            [jaccard(sets[x], sets[y]) >= threshold for x, y in zip(a, b, strict=True)], bool
+        )
+        keep_i.append(a[exact] if len(a) else a)
+        keep_j.append(b[exact] if len(b) else b)
+    if not keep_i:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    return np.concatenate(keep_i), np.concatenate(keep_j)
+
+
+KEY = "_key_minhash"
+
+
+class MinHashText(RayGrouped):
+    """Captions with word-shingle Jaccard similarity >= threshold are duplicates."""
+
+    name = "minhash"
+    ray_columns = (KEY,)
+
+    def __init__(self, threshold: float, num_perm: int, shingle: int, seed: int):
+        self.threshold, self.num_perm, self.shingle, self.seed = threshold, num_perm, shingle, seed
+        self.failures: dict[int, tuple[str, str]] = {}
+        self._texts: list[pa.Array] = []
+
+    def bind(self, schema: pa.Schema) -> list[str]:
+        """Check the text column; return the columns pass 1 must read."""
+        C.require(schema, [C.TEXT], "dedup --method minhash")
+        check_text(schema, "minhash")
+        require_module("datasketch", "dedup")
+        return [C.TEXT]
+
+    def keys(self, batch: pa.RecordBatch) -> dict[str, pa.Array]:
+        """The normalised caption of each row."""
+        return {KEY: normalize_text(batch.column(C.TEXT))}
+
+    def scan(self, keys: pa.RecordBatch, offset: int) -> None:
+        """Keep the normalised captions (absent when Ray's groupby groups them)."""
+        if KEY in keys.schema.names:
+            self._texts.append(keys.column(KEY))
+
+    def ray_fanout(self) -> int:
+        """Each caption once per LSH band."""
+        return bands(self.threshold, self.num_perm)[0]
+
+    def ray_rows(self, keys: pa.Table, buckets: int) -> pa.Table:
+        """For Ray: each captioned row once per LSH band, as (band code, position, caption),
+        bucketed by the code: rows sharing a code are the candidates of `candidate_pairs`."""
+        texts = keys[KEY].combine_chunks().dictionary_encode()
+        ok = texts.indices.is_valid().to_numpy(zero_copy_only=False)
+        tid = texts.indices.to_numpy(zero_copy_only=False)[ok].astype(np.int64)
+        sets = [shingles(t, self.shingle) for t in texts.dictionary.to_pylist()]
+        sig = signatures(sets, self.num_perm, self.seed)[tid]  # each distinct caption once
+        pos, text = keys[POSITION].to_numpy(zero_copy_only=False)[ok], keys[KEY].filter(ok)
+        b, r = bands(self.threshold, self.num_perm)
+        parts = []
+        for band in range(b):
+            code = mix64(np.full(len(pos), band, np.uint64))  # the band and its values, hashed
+            for col in range(band * r, (band + 1) * r):
+                code = mix64(code ^ sig[:, col].astype(np.uint64))
+            rows = pa.table({"code": code, POSITION: pos, "text": text})
+            parts.append(with_bucket(rows, code, buckets))
+        return pa.concat_tables(parts)
+
+    def ray_edges(self, bucket: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        """For Ray: equal captions linked to their first row; distinct captions sharing a
+        band code linked when their signatures and then their shingles agree."""
+        text = bucket["text"].combine_chunks().dictionary_encode()
+        tid, pos = text.indices.to_numpy().astype(np.int64), bucket[POSITION].to_numpy()
+        row = np.unique(pos, return_index=True)[1]  # each row once, not once per band
+        same_i, same_j = same_key_edges(tid[row], pos[row])
+        rep = np.full(len(text.dictionary), np.iinfo(np.int64).max)
+        np.minimum.at(rep, tid[row], pos[row])
+        code = bucket["code"].to_numpy()
+        order = np.lexsort((tid, code))
+        code, tid = code[order], tid[order]
+        once = np.r_[True, (code[1:] != code[:-1]) | (tid[1:] != tid[:-1])][: len(code)]
+        code, tid = code[once], tid[once]  # each caption once per code
+        found = [
+            np.minimum(tid[a], tid[b]) * len(rep) + np.maximum(tid[a], tid[b])
+            for a, b in equal_key_pairs(code)
+        ]
+        pairs = np.unique(np.concatenate(found)) if found else np.empty(0, np.int64)
+        a, b = pairs // max(1, len(rep)), pairs % max(1, len(rep))
+        involved = np.unique(np.r_[a, b])
+        sets = [shingles(text.dictionary[int(t)].as_py(), self.shingle) for t in involved]
+        sig = signatures(sets, self.num_perm, self.seed)
+        sa, sb = np.searchsorted(involved, a), np.searchsorted(involved, b)
+        near = (sig[sa] == sig[sb]).mean(axis=1) >= self.threshold - _MARGIN
+        similar = [
+            jaccard(sets[x], sets[y]) >= self.threshold
+            for x, y in zip(sa[near], sb[near], strict=True)
+        ]
+        similar = np.array(similar, bool)
+        return np.r_[same_i, rep[a[near][similar]]], np.r_[same_j, rep[b[near][similar]]]
+
+    def labels(self, active: np.ndarray) -> np.ndarray:
+        """Group label per active row; identical normalised captions share a label."""
+        if (preset := self.preset(active)) is not None:
+            return preset
+        texts = pa.chunked_array(self._texts, pa.string()).cast(pa.large_string())
+        encoded = texts.take(active).combine_chunks().dictionary_encode()
+        codes = pc.fill_null(encoded.indices, -1).to_numpy().astype(np.int64)
+        sets = [shingles(t, self.shingle) for t in encoded.dictionary.to_pylist()]
+        if not sets:
+            return codes
+        i, j = similar_pairs(sets, self.threshold, self.num_perm, self.seed)
+        per_text = edge_labels(len(sets), [(i, j)])
+        count = np.bincount(codes[codes >= 0], minlength=len(sets))
+        per_text = np.where(
+            (per_text < 0) & (count > 1), len(sets) + np.arange(len(sets)), per_text
+        )
+        return np.where(codes >= 0, per_text[np.maximum(codes, 0)], -1)
+
+    def release(self) -> None:
+        """Drop the captions."""
+        self._texts, self._groups = [], None

@@ -1,0 +1,190 @@
+"""Perceptual duplicates: pHash (imagehash) within a Hamming radius, by multi-index hashing."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+
+from mmtools import columns as C
+from mmtools.errors import DataContractError, require_module
+from mmtools.media import DEFAULT_MAX_PIXELS, MediaError, decode_image
+from mmtools.step import POSITION
+from mmtools.steps.dedup.groups import (
+    RayGrouped,
+    edge_labels,
+    equal_key_pairs,
+    mix64,
+    same_key_edges,
+    with_bucket,
+)
+
+BITS = 64
+KEY, ERROR = "_key_phash", "_key_phash_error"
+_SEP = "\x1f"  # between reason and detail in ERROR
+
+
+def image_phash(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
+    """imagehash's pHash of the decoded image, as an unsigned 64-bit integer."""
+    imagehash = require_module("imagehash", "dedup")
+    bits = imagehash.phash(decode_image(data, max_pixels)).hash.ravel()
+    return int.from_bytes(np.packbits(bits).tobytes(), "big")
+
+
+def popcount(v: np.ndarray) -> np.ndarray:
+    """Set bits of each uint64."""
+    if hasattr(np, "bitwise_count"):  # numpy >= 2.0
+        return np.bitwise_count(v)
+    return np.unpackbits(v.view(np.uint8)).reshape(len(v), BITS).sum(axis=1)
+
+
+def chunk_masks(max_distance: int) -> list[tuple[int, int]]:
+    """(shift, mask) of the max_distance + 1 bit chunks the hash is split into."""
+    parts = min(max_distance + 1, BITS)
+    widths = [BITS // parts + (i < BITS % parts) for i in range(parts)]
+    out, shift = [], 0
+    for w in widths:
+        out.append((shift, (1 << w) - 1))
+        shift += w
+    return out
+
+
+def near_pairs(hashes: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray]:
+    """All index pairs (i < j) of `hashes` within `max_distance` bits, without all-pairs work.
+
+    Split into max_distance + 1 chunks, two hashes that close agree on at least one chunk
+    (pigeonhole), so candidates are pairs sharing a chunk value, each checked by popcount.
+    """
+    hashes = hashes.astype(np.uint64)
+    found_i, found_j = [], []
+    for shift, mask in chunk_masks(max_distance):
+        chunk = (hashes >> np.uint64(shift)) & np.uint64(mask)
+        for a, b in equal_key_pairs(chunk):
+            close = popcount(hashes[a] ^ hashes[b]) <= max_distance
+            a, b = a[close], b[close]
+            found_i.append(np.minimum(a, b))
+            found_j.append(np.maximum(a, b))
+    if not found_i:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    pairs = np.unique(np.stack([np.concatenate(found_i), np.concatenate(found_j)], axis=1), axis=0)
+    return pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64)
+
+
+def chunk_edges(h: np.ndarray, value: np.ndarray, pos: np.ndarray, max_distance: int):
+    """Edges (pos, pos) among rows hashed `h` whose chunk of one index is `value`: equal
+    hashes to their first row, distinct hashes sharing a chunk value within the radius."""
+    uniq, first, inverse = np.unique(h, return_index=True, return_inverse=True)
+    same_i, same_j = same_key_edges(inverse, pos)
+    found_i, found_j = [same_i], [same_j]
+    for a, b in equal_key_pairs(value[first]):
+        close = popcount(uniq[a] ^ uniq[b]) <= max_distance
+        found_i.append(pos[first[a[close]]])
+        found_j.append(pos[first[b[close]]])
+    return np.concatenate(found_i), np.concatenate(found_j)
+
+
+class PHash(RayGrouped):
+    """Images whose pHashes differ in at most `max_distance` bits are duplicates."""
+
+    name = "phash"
+    ray_columns = (KEY,)
+    ray_inputs = (KEY, ERROR)
+
+    def __init__(self, max_distance: int, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.max_distance = max_distance
+        self.max_pixels = max_pixels
+        self.failures: dict[int, tuple[str, str]] = {}
+        self._hashes: list[np.ndarray] = []
+
+    def bind(self, schema: pa.Schema) -> list[str]:
+        """Check the image column; return the columns pass 1 must read."""
+        C.require(schema, [C.IMAGE], "dedup --method phash")
+        if schema.field(C.IMAGE).type != C.MEDIA_TYPE:
+            raise DataContractError(
+                f"column image is {schema.field(C.IMAGE).type}, "
+                "not the {bytes, path} media layout"
+            )
+        require_module("imagehash", "dedup")
+        return [C.IMAGE]
+
+    def keys(self, batch: pa.RecordBatch) -> dict[str, pa.Array]:
+        """The pHash of each image, and why an image could not be hashed (else null)."""
+        images = batch.column(C.IMAGE)
+        data, paths = images.field("bytes").to_pylist(), images.field("path").to_pylist()
+        out = np.zeros(len(data), dtype=np.uint64)
+        errors: list[str | None] = [None] * len(data)
+        for i, (blob, path) in enumerate(zip(data, paths, strict=True)):
+            try:
+                out[i] = image_phash(_image_bytes(blob, path), self.max_pixels)
+            except MediaError as e:
+                errors[i] = f"{e.reason}{_SEP}{e.detail}"
+        return {KEY: pa.array(out, pa.uint64()), ERROR: pa.array(errors, pa.string())}
+
+    def scan(self, keys: pa.RecordBatch, offset: int) -> None:
+        """Keep the hashes; images that could not be hashed become failures."""
+        errors = keys.column(ERROR)
+        for i in np.flatnonzero(errors.is_valid().to_numpy(zero_copy_only=False)):
+            reason, _, detail = errors[int(i)].as_py().partition(_SEP)
+            self.failures[offset + int(i)] = (reason, detail)
+        if KEY in keys.schema.names:  # absent when Ray's groupby groups them
+            self._hashes.append(keys.column(KEY).to_numpy(zero_copy_only=False))
+
+    def ray_fanout(self) -> int:
+        """Each hash once per chunk."""
+        return len(chunk_masks(self.max_distance))
+
+    def ray_rows(self, keys: pa.Table, buckets: int) -> pa.Table:
+        """For Ray: each hashed row once per chunk (the pigeonhole of `near_pairs`), as
+        (chunk, chunk value, position, hash), bucketed by chunk and value."""
+        ok = keys[ERROR].is_null().to_numpy(zero_copy_only=False)
+        h = keys[KEY].to_numpy(zero_copy_only=False)[ok].astype(np.uint64)
+        pos = keys[POSITION].to_numpy(zero_copy_only=False)[ok]
+        parts = []
+        for c, (shift, mask) in enumerate(chunk_masks(self.max_distance)):
+            value = (h >> np.uint64(shift)) & np.uint64(mask)
+            rows = pa.table(
+                {"chunk": np.full(len(h), c, np.int32), "value": value, POSITION: pos, "hash": h}
+            )
+            parts.append(with_bucket(rows, value ^ mix64(np.full(len(h), c, np.uint64)), buckets))
+        return pa.concat_tables(parts)
+
+    def ray_edges(self, bucket: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        """For Ray: the edges among the rows of a bucket, chunk by chunk."""
+        chunk, value = bucket["chunk"].to_numpy(), bucket["value"].to_numpy()
+        h, pos = bucket["hash"].to_numpy(), bucket[POSITION].to_numpy()
+        found = []
+        for c in np.unique(chunk):
+            at = chunk == c
+            found.append(chunk_edges(h[at], value[at], pos[at], self.max_distance))
+        i = np.concatenate([f[0] for f in found]) if found else np.empty(0, np.int64)
+        j = np.concatenate([f[1] for f in found]) if found else np.empty(0, np.int64)
+        return i, j
+
+    def labels(self, active: np.ndarray) -> np.ndarray:
+        """Group label per active row: components of the within-radius graph."""
+        if (preset := self.preset(active)) is not None:
+            return preset
+        hashes = np.concatenate(self._hashes)[active] if self._hashes else np.empty(0, np.uint64)
+        uniq, inverse = np.unique(hashes, return_inverse=True)
+        # Equal hashes share a label through `inverse`; the index only sees distinct ones.
+        i, j = near_pairs(uniq, self.max_distance)
+        per_hash = edge_labels(len(uniq), [(i, j)])
+        count = np.bincount(inverse, minlength=len(uniq))
+        per_hash = np.where(
+            (per_hash < 0) & (count > 1), len(uniq) + np.arange(len(uniq)), per_hash
+        )
+        return per_hash[inverse]
+
+    def release(self) -> None:
+        """Drop the hashes."""
+        self._hashes, self._groups = [], None
+
+
+def _image_bytes(blob: bytes | None, path: str | None) -> bytes:
+    if blob is not None:
+        return blob
+    if path and os.path.isfile(path):
+        with open(path, "rb") as f:
+            return f.read()
+    raise MediaError("missing_image", "the row holds no image bytes and no readable local path")

@@ -1,0 +1,343 @@
+"""Semantic duplicates (SemDeDup): k-means on normalised embeddings, then cosine within clusters.
+
+The k-means model is fitted on a sample of rows chosen by a hash of each row's input
+position, then assigns every row; so the driver (local engine) and Ray's workers, each over
+its own batches, find the same clusters, and Ray's groupby on the cluster finds the same
+close pairs as `duplicate_labels`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from mmtools import columns as C
+from mmtools.errors import DataContractError, require_module
+from mmtools.step import POSITION
+from mmtools.steps.dedup.groups import RayGrouped, edge_labels, mix64, spanning_edges, with_bucket
+
+CLUSTER_ROWS = 1000  # default average cluster size: within-cluster work is n * CLUSTER_ROWS
+FLAT_MAX = 64  # above this many clusters, k-means runs as a tree to stay near-linear
+SAMPLE_PER_CLUSTER = 64  # k-means trains on about this many sampled rows per cluster
+BLOCK = 512  # rows per similarity block; blocks below the diagonal are skipped
+ASSIGN_ROWS = 1 << 16  # rows assigned to centroids at a time
+ERROR = "_key_semantic_error"  # why a row has no usable embedding (else null)
+CLUSTER = "cluster"
+
+
+def default_clusters(n: int) -> int:
+    """Number of clusters when none is given: about CLUSTER_ROWS rows each."""
+    return max(1, round(n / CLUSTER_ROWS))
+
+
+def _faiss():
+    # OpenMP threads that spin while waiting slow faiss down many times over when the
+    # cores are shared; this must be set before faiss loads the OpenMP runtime.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return require_module("faiss", "dedup")
+
+
+def unit_rows(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of `raw` (any float type) as float32 unit vectors, zero where the norm is zero or
+    not finite; and the norms. Row by row, so any batching gives the same values."""
+    wide = raw.astype(np.float64)
+    norm = np.sqrt(np.square(wide).sum(axis=1))
+    ok = (norm > 0) & np.isfinite(norm)
+    x = np.zeros(raw.shape, dtype=np.float32)
+    x[ok] = wide[ok] / norm[ok, None]
+    return x, norm
+
+
+def embedding_rows(arr: pa.Array, dim: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The values of an embedding column's valid rows as stored (float16 stays, no copy where
+    Arrow's buffer allows) and the validity of each row (None when none is null)."""
+    raw = arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+    valid = arr.is_valid().to_numpy(zero_copy_only=False) if arr.null_count else None
+    return raw, valid
+
+
+def problems(arr: pa.Array, dim: int) -> list[str | None]:
+    """Why each row's embedding cannot be used (null, zero or not finite); None if it can."""
+    raw, valid = embedding_rows(arr, dim)
+    norm = np.full(len(arr), np.nan)
+    norm[slice(None) if valid is None else valid] = unit_rows(raw)[1]
+    out: list[str | None] = [None] * len(arr)
+    for i in np.flatnonzero(~(norm > 0) | ~np.isfinite(norm)):  # NaN norms fail both tests
+        if valid is not None and not valid[i]:
+            out[i] = "no embedding"
+        else:
+            out[i] = "zero norm" if norm[i] == 0 else "NaN or infinite values"
+    return out
+
+
+def sampled(positions: np.ndarray, rate: float, seed: int) -> np.ndarray:
+    """Whether each input position is in k-means' training sample: a hash of the position
+    and the seed falls below `rate`, whoever looks and in whatever batches."""
+    if rate >= 1.0:
+        return np.ones(len(positions), dtype=bool)
+    salt = mix64(np.array([seed], np.uint64))
+    return mix64(positions.astype(np.uint64) ^ salt) < np.uint64(int(rate * 2.0**64))
+
+
+def sample_rate(n: int, k: int) -> float:
+    """Share of `n` rows k-means trains on for `k` clusters."""
+    return SAMPLE_PER_CLUSTER * k / max(1, n)
+
+
+def _centroids(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Spherical k-means centroids of the rows of `x` (k of them, fewer for fewer rows)."""
+    if k <= 1 or len(x) <= 1:
+        return x[:1] if len(x) else np.zeros((1, x.shape[1]), dtype=np.float32)
+    k = min(k, len(x))
+    km = _faiss().Kmeans(
+        x.shape[1],
+        k,
+        niter=10,
+        seed=seed,
+        spherical=True,
+        verbose=False,
+        min_points_per_centroid=1,
+        max_points_per_centroid=SAMPLE_PER_CLUSTER,
+    )
+    km.train(np.ascontiguousarray(x, dtype=np.float32))
+    return km.centroids.copy()
+
+
+def _nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Index of each row's most similar centroid, in float64 so that batches agree."""
+    c = centroids.astype(np.float64).T
+    out = np.empty(len(x), dtype=np.int64)
+    for r0 in range(0, len(x), ASSIGN_ROWS):
+        out[r0 : r0 + ASSIGN_ROWS] = (x[r0 : r0 + ASSIGN_ROWS].astype(np.float64) @ c).argmax(1)
+    return out
+
+
+def _share(k: int, sizes: np.ndarray) -> np.ndarray:
+    """Split k clusters over groups in proportion to their sizes (at least one each)."""
+    share = np.maximum(1, np.floor(k * sizes / max(1, sizes.sum()))).astype(np.int64)
+    return np.maximum(1, np.minimum(share, sizes))
+
+
+@dataclass
+class KMeans:
+    """A fitted k-means model: centroids and, beyond FLAT_MAX clusters, a model under each
+    (a tree, so fitting and assigning grow with n * sqrt(k) instead of n * k)."""
+
+    centroids: np.ndarray
+    children: list[KMeans] | None
+    clusters: int
+
+    @classmethod
+    def fit(cls, x: np.ndarray, k: int, seed: int) -> KMeans:
+        """Fit about `k` clusters to the unit rows `x` (at most one per row)."""
+        k = max(1, min(k, len(x)))
+        if k <= FLAT_MAX:
+            centroids = _centroids(x, k, seed)
+            return cls(centroids, None, len(centroids))
+        top = _centroids(x, min(FLAT_MAX, math.ceil(math.sqrt(k))), seed)
+        near = _nearest(x, top)
+        sizes = np.bincount(near, minlength=len(top))
+        children = [
+            cls.fit(x[near == c] if sizes[c] else top[c : c + 1], int(sub_k), seed + 1 + c)
+            for c, sub_k in enumerate(_share(k, sizes))
+        ]
+        return cls(top, children, sum(child.clusters for child in children))
+
+    def assign(self, x: np.ndarray) -> np.ndarray:
+        """The cluster (0 .. clusters - 1) of each row of `x`."""
+        near = _nearest(x, self.centroids)
+        if self.children is None:
+            return near
+        out = np.empty(len(x), dtype=np.int64)
+        base = 0
+        for c, child in enumerate(self.children):
+            idx = np.flatnonzero(near == c)
+            if len(idx):
+                out[idx] = base + child.assign(x[idx])
+            base += child.clusters
+        return out
+
+
+def cluster(x: np.ndarray, k: int, seed: int, positions: np.ndarray | None = None) -> np.ndarray:
+    """k-means cluster of each unit row of `x` (input positions `positions`, default 0..n-1):
+    the model is fitted on the rows `sampled` picks, then assigns them all."""
+    positions = np.arange(len(x)) if positions is None else positions
+    k = max(1, min(k, len(x)))
+    sample = x[sampled(positions, sample_rate(len(x), k), seed)]
+    return KMeans.fit(sample, k, seed).assign(x)
+
+
+def close_pairs(x: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Edges among the rows of `x` whose cosine similarity exceeds `threshold`.
+
+    Blocks of rows are compared by matrix products; a block dense with edges (a large set
+    of near-copies) is reduced to a spanning forest, which has the same components.
+    """
+    n = len(x)
+    out_i, out_j = [], []
+    for r0 in range(0, n, BLOCK):
+        r1 = min(n, r0 + BLOCK)
+        for c0 in range(r0, n, BLOCK):
+            c1 = min(n, c0 + BLOCK)
+            hit = np.flatnonzero(x[r0:r1] @ x[c0:c1].T > threshold)
+            i, j = np.divmod(hit, c1 - c0)
+            if c0 == r0:
+                i, j = i[j > i], j[j > i]
+            if len(i) > 2 * BLOCK:
+                i, j = spanning_edges(i, j + (r1 - r0), (r1 - r0) + (c1 - c0))
+                i, j = _block_index(i, r0, r1, c0), _block_index(j, r0, r1, c0)
+            else:
+                i, j = i + r0, j + c0
+            out_i.append(i)
+            out_j.append(j)
+    if not out_i:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    return np.concatenate(out_i).astype(np.int64), np.concatenate(out_j).astype(np.int64)
+
+
+def _block_index(node: np.ndarray, r0: int, r1: int, c0: int) -> np.ndarray:
+    """Map block-local node numbers (rows first, then columns) back to row indices."""
+    return np.where(node < r1 - r0, node + r0, node - (r1 - r0) + c0)
+
+
+def duplicate_labels(x: np.ndarray, clusters: np.ndarray, eps: float) -> np.ndarray:
+    """Component label per row of the graph `cos > 1 - eps` within each cluster; -1 if none."""
+    order = np.argsort(clusters, kind="stable")
+    bounds = np.r_[0, np.cumsum(np.bincount(clusters))] if len(clusters) else np.zeros(1, int)
+    edges = []
+    for c in range(len(bounds) - 1):
+        idx = order[bounds[c] : bounds[c + 1]]
+        if len(idx) > 1:
+            i, j = close_pairs(np.ascontiguousarray(x[idx]), 1.0 - eps)
+            edges.append((idx[i], idx[j]))
+    return edge_labels(len(x), edges)
+
+
+class Semantic(RayGrouped):
+    """Embeddings closer than cosine 1 - eps, within one k-means cluster, are duplicates."""
+
+    name = "semantic"
+
+    def __init__(self, column: str, eps: float, clusters: int | None, seed: int):
+        self.column, self.eps, self.clusters, self.seed = column, eps, clusters, seed
+        self.ray_columns, self.ray_inputs = (column,), (column, ERROR)
+        self.model: KMeans | None = None
+        self.failures: dict[int, tuple[str, str]] = {}
+        self._rows: list[tuple[np.ndarray, np.ndarray | None]] = []
+        self._n = 0
+
+    def bind(self, schema: pa.Schema) -> list[str]:
+        """Check the embedding column; return the columns pass 1 must read."""
+        C.require(schema, [self.column], "dedup --method semantic")
+        t = schema.field(self.column).type
+        if not (pa.types.is_fixed_size_list(t) and pa.types.is_floating(t.value_type)):
+            raise DataContractError(
+                f"column {self.column} is {t}, not an embedding "
+                "(a fixed-size list of floats); pick one with --column"
+            )
+        _faiss()
+        self.dim = t.list_size
+        return [self.column]
+
+    def keys(self, batch: pa.RecordBatch) -> dict[str, pa.Array]:
+        """The embeddings, as stored, and why a row's cannot be used (else null)."""
+        arr = batch.column(self.column)
+        return {self.column: arr, ERROR: pa.array(problems(arr, self.dim), pa.string())}
+
+    def scan(self, keys: pa.RecordBatch, offset: int) -> None:
+        """Keep the embeddings as stored; rows that cannot be used become failures."""
+        for i, detail in enumerate(keys.column(ERROR).to_pylist()):
+            if detail is not None:
+                self.failures[offset + i] = ("invalid_embedding", f"{self.column}: {detail}")
+        if self.column in keys.schema.names:  # absent when Ray's groupby groups them
+            self._rows.append(embedding_rows(keys.column(self.column), self.dim))
+        self._n = offset + keys.num_rows
+
+    def _unit_rows(self) -> np.ndarray:
+        """All embeddings as float32 unit rows in one array (failed rows are zero)."""
+        total = sum(len(raw) if valid is None else len(valid) for raw, valid in self._rows)
+        x = np.zeros((total, self.dim), dtype=np.float32)
+        start = 0
+        for raw, valid in self._rows:
+            rows = len(raw) if valid is None else len(valid)
+            x[start : start + rows][slice(None) if valid is None else valid] = unit_rows(raw)[0]
+            start += rows
+        self._rows = []
+        return x
+
+    def labels(self, active: np.ndarray) -> np.ndarray:
+        """Group label per active row: components of the close-pair graph in each cluster."""
+        if (preset := self.preset(active)) is not None:
+            return preset
+        x = self._unit_rows()
+        if len(active) < len(x):
+            x = np.ascontiguousarray(x[active])
+        k = self.clusters or default_clusters(len(x))
+        return duplicate_labels(x, cluster(x, k, self.seed, active), self.eps)
+
+    def ray_groups(self, keys) -> tuple[np.ndarray, np.ndarray]:
+        """With Ray Data: the workers hand the driver the sampled rows, the driver fits the
+        k-means model (as `cluster` does); then the workers assign every row to its cluster
+        and Ray's groupby on the cluster finds the close pairs (as `duplicate_labels` does)."""
+        n = self._n - len(self.failures)
+        if n == 0:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        k = max(1, min(self.clusters or default_clusters(n), n))
+        rate = sample_rate(n, k)
+        rows = keys.select_columns([self.column, ERROR, POSITION])
+        sample = rows.map_batches(lambda t: self.unit_table(t, rate), batch_format="pyarrow")
+        tables = list(sample.iter_batches(batch_size=None, batch_format="pyarrow"))
+        found = pa.concat_tables(tables).sort_by(POSITION) if tables else None
+        x = _matrix(found) if found and found.num_rows else np.zeros((0, self.dim), np.float32)
+        self.model = KMeans.fit(x, k, self.seed)
+        return super().ray_groups(keys)
+
+    def unit_table(self, keys: pa.Table, rate: float = 1.0) -> pa.Table:
+        """The usable rows of `keys` (the `sampled` ones at `rate` < 1) as (position, unit
+        embedding), with their cluster once the model is fitted."""
+        keys = keys.filter(keys[ERROR].is_null())
+        pos = keys[POSITION].to_numpy()
+        keep = sampled(pos, rate, self.seed)
+        arr = keys[self.column].combine_chunks().filter(pa.array(keep))
+        x = unit_rows(embedding_rows(arr, self.dim)[0])[0]
+        out = {
+            POSITION: pa.array(pos[keep], pa.int64()),
+            "x": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), self.dim),
+        }
+        if self.model is not None:
+            out[CLUSTER] = pa.array(self.model.assign(x), pa.int64())
+        return pa.table(out)
+
+    def ray_rows(self, keys: pa.Table, buckets: int) -> pa.Table:
+        """For Ray: the usable rows with their cluster, bucketed by it."""
+        rows = self.unit_table(keys)
+        return with_bucket(rows, rows[CLUSTER].to_numpy().astype(np.uint64), buckets)
+
+    def ray_edges(self, bucket: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        """For Ray: the close pairs within each cluster of a bucket, its rows in input order
+        (as `duplicate_labels` orders them)."""
+        bucket = bucket.sort_by([(CLUSTER, "ascending"), (POSITION, "ascending")])
+        x, pos = _matrix(bucket), bucket[POSITION].to_numpy()
+        clusters = bucket[CLUSTER].to_numpy()
+        bounds = np.flatnonzero(np.r_[True, clusters[1:] != clusters[:-1], True])
+        found_i, found_j = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
+        for a, b in itertools.pairwise(bounds):
+            i, j = close_pairs(x[a:b], 1.0 - self.eps)
+            found_i.append(pos[a:b][i])
+            found_j.append(pos[a:b][j])
+        return np.concatenate(found_i), np.concatenate(found_j)
+
+    def release(self) -> None:
+        """Drop the embeddings and the model."""
+        self._rows, self._groups, self.model = [], None, None
+
+
+def _matrix(table: pa.Table) -> np.ndarray:
+    """The unit rows of a `unit_table` as one float32 array."""
+    values = table["x"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return np.ascontiguousarray(values.reshape(table.num_rows, -1), dtype=np.float32)

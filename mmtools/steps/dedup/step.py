@@ -1,0 +1,260 @@
+"""`Dedup`: drop or mark duplicate rows found by exact, perceptual, MinHash or semantic keys.
+
+Pass 1 keeps only keys (ids, the keep-rule column, hashes, captions, embeddings); between
+the passes each method, in the order given, groups the rows the previous methods kept and
+the keep rule picks one row per group; pass 2 streams the rows and drops or marks them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mmtools import columns as C
+from mmtools.errors import DataContractError, UsageError
+from mmtools.step import GlobalStep, Result, reject_batch
+from mmtools.steps.dedup.groups import cluster_ids, keep_best, parse_keep, priority
+
+METHODS = ("exact", "phash", "minhash", "semantic")
+ALIVE, REJECTED = -1, -2
+log = logging.getLogger("mmtools")
+
+
+@dataclass
+class DedupConfig:
+    """Options of `Dedup`; all of them change the output."""
+
+    methods: tuple[str, ...] = ("exact",)
+    keep: str = "first"
+    mark: bool = False
+    exact_key: str = "auto"
+    max_distance: int = 6
+    threshold: float = 0.6
+    num_perm: int = 128
+    shingle: int = 2
+    eps: float = 0.05
+    clusters: int | None = None
+    column: str = C.IMAGE_EMBEDDING
+    seed: int = 0
+
+    def check(self) -> None:
+        """Raise a usage error for an impossible option value."""
+        if not self.methods:
+            raise UsageError("give at least one --method")
+        if bad := [m for m in self.methods if m not in METHODS]:
+            raise UsageError(f"--method must be one of {', '.join(METHODS)}, not {bad[0]!r}")
+        if len(set(self.methods)) != len(self.methods):
+            raise UsageError("each --method may be given once")
+        parse_keep(self.keep)
+        if not 0 <= self.max_distance <= 32:
+            raise UsageError("--max-distance must be between 0 and 32 bits")
+        if not 0.0 < self.threshold <= 1.0:
+            raise UsageError("--threshold must be in (0, 1]")
+        if not 0.0 <= self.eps < 1.0:
+            raise UsageError("--eps must be in [0, 1)")
+        if (
+            self.num_perm < 2
+            or self.shingle < 1
+            or (self.clusters is not None and self.clusters < 1)
+        ):
+            raise UsageError("--num-perm must be >= 2, --shingle and --clusters >= 1")
+
+
+def _method(name: str, c: DedupConfig):
+    from mmtools.steps.dedup.step import exact, minhash, phash, semantic
+
+    if name == "exact":
+        return exact.Exact(c.exact_key)
+    if name == "phash":
+        return phash.PHash(c.max_distance)
+    if name == "minhash":
+        return minhash.MinHashText(c.threshold, c.num_perm, c.shingle, c.seed)
+    return semantic.Semantic(c.column, c.eps, c.clusters, c.seed)
+
+
+class Dedup(GlobalStep):
+    """Find duplicate groups, keep one row of each by the keep rule, drop or mark the rest."""
+
+    name = "dedup"
+
+    def __init__(self, config: DedupConfig):
+        super().__init__(config)
+        config.check()
+        self.keep_mode, self.keep_column = parse_keep(config.keep)
+        self.methods = [_method(m, config) for m in config.methods]
+        self.requires = (C.ID,) + ((self.keep_column,) if self.keep_column else ())
+        self.scan_columns = self.requires
+        self.stats: dict[str, dict[str, int]] = {}
+        self._ids: list = []
+        self._values: list = []
+        self._n = 0
+        self._pos: int | None = None
+
+    def params(self) -> dict:
+        """The options, JSON-ready, for the resume fingerprint."""
+        return {**super().params(), "methods": list(self.config.methods)}
+
+    def output_schema(self, schema: pa.Schema) -> pa.Schema:
+        """The input schema, plus dup_cluster and is_duplicate with --mark."""
+        C.require(schema, self.requires, self.name)
+        if self.keep_column and not _orderable(schema.field(self.keep_column).type):
+            raise DataContractError(
+                f"--keep column {self.keep_column} is "
+                f"{schema.field(self.keep_column).type}, which has no order"
+            )
+        if self.keep_column:
+            self._keep_type = schema.field(self.keep_column).type
+        needed = list(self.requires)
+        for method in self.methods:
+            needed += method.bind(schema)
+        self.scan_columns = tuple(dict.fromkeys(needed))
+        if not self.config.mark:
+            return schema
+        kept = [f for f in schema if f.name not in (C.DUP_CLUSTER, C.IS_DUPLICATE)]
+        extra = [pa.field(C.DUP_CLUSTER, pa.int64()), pa.field(C.IS_DUPLICATE, pa.bool_())]
+        return pa.schema(kept + extra, metadata=schema.metadata)
+
+    def column_info(self) -> dict:
+        """Provenance of the mark columns: the methods and options that made them."""
+        if not self.config.mark:
+            return {}
+        info = {"step": self.name, **self.params()}
+        return {C.DUP_CLUSTER: info, C.IS_DUPLICATE: info}
+
+    # -- pass 1 ----------------------------------------------------------------------------
+
+    def keys(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """The ids, the keep-rule values and each method's keys (hashes, not media) of `batch`."""
+        cols = {n: batch.column(n) for n in self.requires}
+        for method in self.methods:
+            cols |= method.keys(batch)
+        return pa.RecordBatch.from_pydict(cols)
+
+    def scan(self, batch: pa.RecordBatch) -> None:
+        """Remember the ids, the keep-rule values and each method's keys of `batch`."""
+        self._ids.append(batch.column(C.ID).cast(pa.large_string()))
+        if self.keep_column:
+            self._values.append(batch.column(self.keep_column))
+        for method in self.methods:
+            method.scan(batch, self._n)
+        self._n += batch.num_rows
+
+    def finish_scan(self) -> None:
+        """Run each method on the rows still kept, apply the keep rule, number the clusters."""
+        n = self._n
+        self._ids = pa.chunked_array(self._ids, pa.large_string()).combine_chunks()
+        values = pa.chunked_array(self._values, self._keep_type) if self.keep_column else None
+        prio = priority(pa.chunked_array([self._ids]), values, self.keep_mode)
+        self._values = []
+        self._state = np.full(n, ALIVE, dtype=np.int8)
+        self._rejects: dict[int, tuple[str, str]] = {}
+        members, keepers = [], []
+        for k, method in enumerate(self.methods):
+            for pos, why in method.failures.items():
+                if self._state[pos] == ALIVE:
+                    self._state[pos], self._rejects[pos] = REJECTED, why
+            active = np.flatnonzero(self._state == ALIVE)
+            grouping = keep_best(method.labels(active), prio[active])
+            method.release()
+            self._state[active[grouping.drop]] = k
+            members.append(active[grouping.members])
+            keepers.append(active[grouping.keepers])
+            self.stats[method.name] = {
+                "clusters": grouping.groups,
+                "duplicates": int(grouping.drop.sum()),
+            }
+            log.info(
+                "dedup %s: %d clusters, %d duplicate rows",
+                method.name,
+                grouping.groups,
+                int(grouping.drop.sum()),
+            )
+        if self.config.mark:
+            self._cluster = cluster_ids(n, np.concatenate(members), np.concatenate(keepers))
+
+    def finish_on_ray(self, keys, in_order) -> bool:
+        """Ray Data's groupby finds the first method's groups (its keys never gather on the
+        driver); the ids, keep-rule values and the other methods' keys are scanned in order."""
+        first = self.methods[0]
+        for batch in in_order(keys.drop_columns(list(first.ray_columns))):
+            self.scan(batch)
+        first.set_groups(self._n, *first.ray_groups(keys))
+        self.finish_scan()
+        return True
+
+    # -- pass 2 ----------------------------------------------------------------------------
+
+    def seek(self, rows: int) -> None:
+        """The next pass-2 batch starts after `rows` input rows (a resumed run, a Ray worker)."""
+        self._pos = rows
+
+    def process(self, batch: pa.RecordBatch) -> Result:
+        """Drop (or mark) the duplicates of `batch` and reject the rows no method could key."""
+        ids = batch.column(C.ID).cast(pa.large_string())
+        start = self._locate(ids)
+        state = self._state[start : start + batch.num_rows]
+        rejected = np.flatnonzero(state == REJECTED)
+        rejects = None
+        if len(rejected):
+            why = [self._rejects[start + int(i)] for i in rejected]
+            rejects = reject_batch(
+                self.name,
+                ids.take(rejected).cast(pa.string()).to_pylist(),
+                [w[0] for w in why],
+                [w[1] for w in why],
+            )
+        if self.config.mark:
+            keep = state != REJECTED
+            out = batch.filter(pa.array(keep))
+            return Result(self._marked(out, state[keep], start, keep), rejects)
+        dropped = {m.name: int((state == k).sum()) for k, m in enumerate(self.methods)}
+        out = batch.filter(pa.array(state == ALIVE))
+        return Result(out, rejects, {k: v for k, v in dropped.items() if v})
+
+    def _marked(self, out: pa.RecordBatch, state: np.ndarray, start: int, keep: np.ndarray):
+        cluster = self._cluster[start : start + len(keep)][keep]
+        names = [n for n in out.schema.names if n not in (C.DUP_CLUSTER, C.IS_DUPLICATE)]
+        cols = [out.column(n) for n in names]
+        cols.append(pa.array(cluster, pa.int64(), mask=cluster < 0))
+        cols.append(pa.array(state >= 0, pa.bool_()))
+        return pa.RecordBatch.from_arrays(cols, names=[*names, C.DUP_CLUSTER, C.IS_DUPLICATE])
+
+    def _locate(self, ids: pa.Array) -> int:
+        """Input position of this batch's first row, checked against the ids of pass 1."""
+        if self._pos is None:
+            self._pos = self._align(ids)
+        start, self._pos = self._pos, self._pos + len(ids)
+        if start + len(ids) > len(self._ids) or not self._ids.slice(start, len(ids)).equals(ids):
+            raise DataContractError("the input changed between dedup's two passes; rerun dedup")
+        return start
+
+    def _align(self, ids: pa.Array) -> int:
+        # The engine does not tell a step where a resumed pass 2 starts: find the batch's ids.
+        if len(ids) == 0 or self._ids.slice(0, len(ids)).equals(ids):
+            return 0
+        hits = np.flatnonzero(pc.equal(self._ids, ids[0]).to_numpy(zero_copy_only=False))
+        found = [int(p) for p in hits if self._ids.slice(p, len(ids)).equals(ids)]
+        if len(found) > 1:
+            log.warning(
+                "dedup: resumed at one of %d places with the same ids; took the first", len(found)
+            )
+        return found[0] if found else 0
+
+
+def _orderable(t: pa.DataType) -> bool:
+    return (
+        pa.types.is_integer(t)
+        or pa.types.is_floating(t)
+        or pa.types.is_string(t)
+        or pa.types.is_large_string(t)
+        or pa.types.is_temporal(t)
+        or pa.types.is_boolean(t)
+        or pa.types.is_decimal(t)
+    )
+
+
+__all__ = ["METHODS", "Dedup", "DedupConfig"]

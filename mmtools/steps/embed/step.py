@@ -1,0 +1,273 @@
+"""The machinery `embed`'s model families share: schema, prefetching run loop, rejects.
+
+Decoding and preprocessing run in a thread pool for the next batches while the model runs
+the current one; each batch's inputs are written straight into one preallocated (pinned, on
+CUDA) tensor, so the model never waits on a copy. A row is rejected (never output) when one
+of its media cannot be decoded (the decoder's reason: corrupt, truncated, not_image, ...),
+its text is null or blank (`no_text`), or its embedding comes out NaN, infinite or zero
+(`bad_embedding`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from mmtools import columns as C
+from mmtools import models
+from mmtools.errors import DataContractError, UsageError
+from mmtools.media import DEFAULT_MAX_PIXELS, MediaError
+from mmtools.models.device import PRECISIONS, check_precision, resolve_device
+from mmtools.step import Result, Step, reject_batch
+
+log = logging.getLogger("mmtools")
+
+PREFETCH = 2  # batches decoded ahead of the one the model is running
+MIN_PIECE = 8  # rows per decoding task, at least
+DTYPES = ("float16", "float32")
+
+Reason = tuple[str, str] | None
+
+
+@dataclass
+class EmbedConfig:
+    """Options of an embedding step; `model` is an open_clip model or a CLAP model."""
+
+    modalities: list[str] = field(default_factory=lambda: ["image", "text"])
+    model: str = models.DEFAULT_MODEL
+    pretrained: str | None = None
+    device: str = "auto"
+    precision: str = "fp32"
+    dtype: str = "float16"
+    batch_size: int = 256
+    workers: int = min(8, os.cpu_count() or 1)
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+class EmbedStep(Step):
+    """Shared machinery: schema, prefetching run loop, normalisation, reject rows."""
+
+    media: str = ""  # the media column this family embeds
+    allowed: tuple[str, ...] = ()
+    loads_model = True
+
+    def __init__(self, config: EmbedConfig):
+        super().__init__(config)
+        bad = [m for m in config.modalities if m not in self.allowed] or (
+            [] if config.modalities else ["(none)"]
+        )
+        if bad:
+            raise UsageError(f"{self.name} embeds {' and '.join(self.allowed)}, not {bad[0]}")
+        if config.dtype not in DTYPES:
+            raise UsageError(f"--dtype must be float16 or float32, not {config.dtype!r}")
+        if config.precision not in PRECISIONS:
+            raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}")
+        self.modalities = list(config.modalities)
+        sources = {"text": C.TEXT, self.media: self.media}
+        self.requires = (C.ID, *[sources[m] for m in self.modalities])
+        self.produces = tuple(C.EMBEDDINGS[m] for m in self.modalities)
+        self.num_gpus = 1.0 if config.device.startswith("cuda") else 0.0
+        self._spec = None
+        self.device = None
+        self._towers: dict = {}
+
+    def __getstate__(self) -> dict:
+        # A copy sent to another worker resolves its own device and loads its own model.
+        return {**self.__dict__, "device": None, "_towers": {}}
+
+    def spec(self):
+        """The resolved model (fetched on first use)."""
+        raise NotImplementedError
+
+    def params(self) -> dict:
+        """What changes the output; device, batch size and workers do not."""
+        spec, c = self.spec(), self.config
+        return {
+            self.name: {
+                "modalities": self.modalities,
+                "model": spec.name,
+                "pretrained": getattr(spec, "pretrained", None),
+                "precision": c.precision,
+                "dtype": c.dtype,
+                "max_pixels": c.max_pixels,
+                "model_files": spec.files(),
+            }
+        }
+
+    def output_schema(self, schema: pa.Schema) -> pa.Schema:
+        """The input columns plus one embedding column per modality (replacing any old one)."""
+        C.require(schema, self.requires, self.name)
+        if self.media in self.modalities and schema.field(self.media).type != C.MEDIA_TYPE:
+            raise DataContractError(
+                f"column {self.media} is {schema.field(self.media).type}, "
+                "not the struct<bytes, path> that mmtools ingest writes"
+            )
+        self._device()  # a bad --device or --precision fails before any output is written
+        dim = self.spec().dim
+        fields = [f for f in schema if f.name not in self.produces]
+        fields += [pa.field(c, C.embedding_type(dim, self.config.dtype)) for c in self.produces]
+        return C.with_metadata(pa.schema(fields, metadata=schema.metadata), self.column_info())
+
+    def column_info(self) -> dict:
+        """Model, weights, size and precision of each produced embedding."""
+        info = self.spec().info(self.config.precision)
+        return {c: dict(info) for c in self.produces}
+
+    def setup(self) -> None:
+        """Load the model on the chosen device (once; later calls keep it)."""
+        if not self._towers:
+            self.device = None  # resolved again where it runs: a Ray worker may have a GPU
+            self._towers = self._load(self._device())
+
+    def _device(self):
+        if self.device is None:
+            dev = resolve_device(self.config.device)
+            check_precision(self.config.precision, dev)
+            self.device = dev
+        return self.device
+
+    def _load(self, device) -> dict:
+        raise NotImplementedError
+
+    def process(self, batch: pa.RecordBatch) -> Result:
+        """Embed one batch."""
+        return next(iter(self.run([batch])))
+
+    def run(self, batches: Iterable[pa.RecordBatch]) -> Iterator[Result]:
+        """Embed a stream, decoding up to PREFETCH batches ahead of the model."""
+        self.setup()
+        pool = ThreadPoolExecutor(self.config.workers, thread_name_prefix=f"mmtools-{self.name}")
+        pending: deque = deque()
+        try:
+            for batch in batches:
+                pending.append((batch, self._submit(pool, batch)))
+                if len(pending) > PREFETCH:
+                    yield self._finish(*pending.popleft())
+            while pending:
+                yield self._finish(*pending.popleft())
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _submit(self, pool: ThreadPoolExecutor, batch: pa.RecordBatch):
+        n = batch.num_rows
+        pin = self.device.type == "cuda"
+        bufs = {m: t.alloc(n, pin) for m, t in self._towers.items()}
+        step = max(MIN_PIECE, math.ceil(n / self.config.workers))
+        futures = [
+            pool.submit(self._fill, bufs, batch, start, min(n, start + step))
+            for start in range(0, n, step)
+        ]
+        return bufs, futures
+
+    def _fill(self, bufs: dict, batch: pa.RecordBatch, start: int, end: int) -> dict:
+        piece = batch.slice(start, end - start)
+        reasons = {}
+        for m, tower in self._towers.items():
+            values = column_values(piece, C.TEXT if m == "text" else self.media)
+            reasons[m] = tower.fill(bufs[m], start, values)
+        return reasons
+
+    def _finish(self, batch: pa.RecordBatch, job: tuple[dict, list[Future]]) -> Result:
+        bufs, futures = job
+        pieces = [f.result() for f in futures]
+        reasons = {m: [r for p in pieces for r in p[m]] for m in self._towers}
+        embeddings = {m: self._encode(m, bufs[m], reasons[m]) for m in self._towers}
+        row_reason = [
+            next((r[i] for r in reasons.values() if r[i]), None) for i in range(batch.num_rows)
+        ]
+        keep = np.array([r is None for r in row_reason], dtype=bool)
+        out = batch.filter(pa.array(keep)).drop_columns(
+            [c for c in self.produces if c in batch.schema.names]
+        )
+        for m in self.modalities:
+            out = out.append_column(C.EMBEDDINGS[m], self._to_arrow(embeddings[m][keep]))
+        if keep.all():
+            return Result(out)
+        bad = np.flatnonzero(~keep)
+        ids = batch.column(C.ID).take(pa.array(bad)).to_pylist()
+        rejects = reject_batch(
+            self.name, ids, [row_reason[i][0] for i in bad], [row_reason[i][1] for i in bad]
+        )
+        return Result(out, rejects)
+
+    def _encode(self, modality: str, bufs: dict, reasons: list[Reason]) -> np.ndarray:
+        """Run the model over the rows in model-sized chunks; normalise; flag bad vectors."""
+        tower, n, size = self._towers[modality], len(reasons), self.config.batch_size
+        parts = []
+        for start in range(0, n, size):
+            chunk = {
+                k: v[start : start + size].to(self.device, non_blocking=True)
+                for k, v in bufs.items()
+            }
+            parts.append(tower.encode(chunk).cpu().numpy())
+        emb = np.concatenate(parts) if parts else np.zeros((0, self.spec().dim), np.float32)
+        with np.errstate(invalid="ignore", over="ignore"):
+            norm = np.linalg.norm(emb, axis=1, keepdims=True)
+            bad = ~np.isfinite(emb).all(axis=1) | ~np.isfinite(norm[:, 0]) | (norm[:, 0] == 0)
+            emb = emb / np.where(bad[:, None], 1.0, norm)
+        for i in np.flatnonzero(bad):
+            if reasons[i] is None:
+                reasons[i] = ("bad_embedding", f"the {modality} embedding is NaN, infinite or zero")
+        return emb
+
+    def _to_arrow(self, emb: np.ndarray) -> pa.Array:
+        dim = self.spec().dim
+        values = pa.array(emb.astype(self.config.dtype).reshape(-1))
+        return pa.FixedSizeListArray.from_arrays(
+            values, type=C.embedding_type(dim, self.config.dtype)
+        )
+
+
+def column_values(piece: pa.RecordBatch, column: str) -> list:
+    """Texts, or (bytes, path) pairs of a media column, as Python values."""
+    col = piece.column(column)
+    if column == C.TEXT:
+        return col.to_pylist()
+    nulls = col.is_null().to_pylist()
+    data, paths = col.field("bytes").to_pylist(), col.field("path").to_pylist()
+    return [None if z else (d, p) for z, d, p in zip(nulls, data, paths, strict=True)]
+
+
+def media_bytes(value, kind: str) -> bytes:
+    """The media bytes of a row, read from its path when only the path was ingested."""
+    data, path = value if value is not None else (None, None)
+    if data == b"":
+        raise MediaError("zero_byte", "empty file")
+    if data is not None:
+        return data
+    if not path:
+        raise MediaError(f"no_{kind}", f"the row has no {kind}")
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise MediaError("missing_file", f"{path}: {e.strerror or e}") from None
+
+
+def split_preprocess(preprocess):
+    """The PIL part of a `[..., ToTensor, Normalize]` transform and its mean and std."""
+    from torchvision import transforms as T
+
+    steps = list(getattr(preprocess, "transforms", []))
+    if len(steps) < 2 or not isinstance(steps[-2], T.ToTensor):
+        return None, None, None
+    if not isinstance(steps[-1], T.Normalize):
+        return None, None, None
+    mean = np.asarray(steps[-1].mean, np.float32)
+    std = np.asarray(steps[-1].std, np.float32)
+    return T.Compose(steps[:-2]), mean, std
+
+
+def text_reasons(texts: list) -> list[Reason]:
+    return [
+        None if t is not None and t.strip() else ("no_text", "the text is null or blank")
+        for t in texts
+    ]

@@ -1,0 +1,199 @@
+"""`score`: cosine similarity of media and text embeddings (`clip_score`, `audio_text_score`).
+
+Scores are raw cosines in [-1, 1] (not x100, not times the logit scale). LAION-400M kept
+pairs whose cosine under OpenAI's ViT-B/32 (`--model ViT-B-32 --pretrained openai`) was at
+least 0.28 on this scale; other models need their own threshold. Embeddings are compared
+only when their metadata says one model made both; missing ones are computed on the fly
+with the same steps `mmtools embed` runs, so `embed | score` and `score` agree.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from mmtools import columns as C
+from mmtools import models
+from mmtools.errors import DataContractError, UsageError
+from mmtools.step import Result, Step, reject_batch
+from mmtools.steps.embed import ClapEmbed, ClipEmbed, ModelOptions
+
+log = logging.getLogger("mmtools")
+
+SCORES = {"image": C.CLIP_SCORE, "audio": C.AUDIO_TEXT_SCORE}
+
+
+@dataclass
+class ScoreConfig:
+    """Which media to score against the text: "image" (clip_score) or "audio"."""
+
+    media: str = "image"
+
+
+def _describe(info: dict) -> str:
+    pretrained = info.get("pretrained")
+    return f"{info.get('model')}" + (f" ({pretrained})" if pretrained else "")
+
+
+def check_same_model(schema: pa.Schema, a: str, b: str) -> dict:
+    """Refuse to compare embeddings of different sizes or models; return their provenance."""
+    dims = []
+    for name in (a, b):
+        t = schema.field(name).type
+        if not pa.types.is_fixed_size_list(t) or not pa.types.is_floating(t.value_type):
+            raise DataContractError(
+                f"{name} is {t}, not a fixed-size list of floats; re-embed it with mmtools embed"
+            )
+        dims.append(t.list_size)
+    if dims[0] != dims[1]:
+        raise DataContractError(
+            f"{a} has {dims[0]} dimensions but {b} has {dims[1]}: they come "
+            "from different models; re-embed both with mmtools embed"
+        )
+    info = C.column_info(schema)
+    ia, ib = info.get(a), info.get(b)
+    if ia and ib:
+        if (ia.get("model"), ia.get("pretrained")) != (ib.get("model"), ib.get("pretrained")):
+            raise DataContractError(
+                f"{a} was made by {_describe(ia)} but {b} by {_describe(ib)}; their cosine means "
+                "nothing. Re-embed both with one model (mmtools embed --model ...)"
+            )
+        return ia
+    if ia or ib:
+        log.warning(
+            "%s has no model metadata; assuming it comes from %s",
+            b if ia else a,
+            _describe(ia or ib),
+        )
+        return ia or ib
+    log.warning("%s and %s carry no model metadata; cannot check they share a model", a, b)
+    return {}
+
+
+class Score(Step):
+    """Add the cosine of a media embedding and the text embedding as a float32 column."""
+
+    name = "score"
+
+    def __init__(self, config: ScoreConfig | None = None):
+        super().__init__(config or ScoreConfig())
+        if self.config.media not in SCORES:
+            raise UsageError(f"--media must be image or audio, not {self.config.media!r}")
+        self.pair = (C.EMBEDDINGS[self.config.media], C.TEXT_EMBEDDING)
+        self.requires = (C.ID, *self.pair)
+        self.produces = (SCORES[self.config.media],)
+        self._info: dict = {}
+
+    def output_schema(self, schema: pa.Schema) -> pa.Schema:
+        """The input plus the score column (replacing an old one)."""
+        C.require(schema, self.requires, self.name)
+        emb = check_same_model(schema, *self.pair)
+        self._info = {k: emb[k] for k in ("model", "pretrained", "library") if k in emb}
+        self._info["of"] = list(self.pair)
+        fields = [f for f in schema if f.name not in self.produces]
+        fields.append(pa.field(self.produces[0], pa.float32()))
+        return C.with_metadata(pa.schema(fields, metadata=schema.metadata), self.column_info())
+
+    def column_info(self) -> dict:
+        """The model behind the score and the columns it compares."""
+        return {self.produces[0]: dict(self._info)} if self._info else {}
+
+    def process(self, batch: pa.RecordBatch) -> Result:
+        """Score one batch; rows with a missing or broken embedding become rejects."""
+        (a, ok_a), (b, ok_b) = (_unit_rows(batch.column(c)) for c in self.pair)
+        score = np.clip(np.einsum("ij,ij->i", a, b), -1.0, 1.0).astype(np.float32)
+        reasons = _reasons(
+            batch.column(self.pair[0]), ok_a, batch.column(self.pair[1]), ok_b, self.pair
+        )
+        keep = np.array([r is None for r in reasons], dtype=bool)
+        out = batch.drop_columns([c for c in self.produces if c in batch.schema.names])
+        out = out.append_column(self.produces[0], pa.array(score, pa.float32()))
+        if keep.all():
+            return Result(out)
+        bad = np.flatnonzero(~keep)
+        ids = batch.column(C.ID).take(pa.array(bad)).to_pylist()
+        rejects = reject_batch(
+            self.name, ids, [reasons[i][0] for i in bad], [reasons[i][1] for i in bad]
+        )
+        return Result(out.filter(pa.array(keep)), rejects)
+
+
+def _unit_rows(col: pa.FixedSizeListArray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows as a float32 matrix normalised in float32, and which rows are usable."""
+    dim = col.type.list_size
+    values = col.values.slice(col.offset * dim, len(col) * dim)
+    mat = values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(col), dim)
+    with np.errstate(invalid="ignore", over="ignore"):
+        norm = np.linalg.norm(mat, axis=1)
+        ok = np.isfinite(mat).all(axis=1) & np.isfinite(norm) & (norm > 0)
+    ok &= ~np.asarray(col.is_null())
+    mat = np.where(ok[:, None], mat, 0.0) / np.where(ok, norm, 1.0)[:, None]
+    return mat, ok
+
+
+def _reasons(col_a, ok_a, col_b, ok_b, names) -> list:
+    null_a, null_b = np.asarray(col_a.is_null()), np.asarray(col_b.is_null())
+    out = []
+    for i in range(len(ok_a)):
+        if ok_a[i] and ok_b[i]:
+            out.append(None)
+        elif null_a[i] or null_b[i]:
+            out.append(("no_embedding", f"{names[0] if null_a[i] else names[1]} is null"))
+        else:
+            out.append(
+                (
+                    "bad_embedding",
+                    f"{names[0] if not ok_a[i] else names[1]} is NaN, infinite or zero",
+                )
+            )
+    return out
+
+
+def score_steps(schema: pa.Schema, media: str | None, opts: ModelOptions) -> list:
+    """Embedding steps for what is missing (with the model of what is there), then `Score`."""
+    names = schema.names
+    if media is None:
+        found = [m for m in SCORES if C.EMBEDDINGS[m] in names or m in names]
+        if len(found) != 1:
+            what = "both image and audio" if found else "no image or audio (or embedding)"
+            raise UsageError(f"the input has {what}; choose with --media image or --media audio")
+        media = found[0]
+    missing = [m for m in (media, "text") if C.EMBEDDINGS[m] not in names]
+    if not missing:
+        return [Score(ScoreConfig(media))]
+    recorded = (
+        next(
+            (
+                C.column_info(schema).get(C.EMBEDDINGS[m])
+                for m in (media, "text")
+                if m not in missing
+            ),
+            None,
+        )
+        or {}
+    )
+    opts = _default_to(opts, media, recorded)
+    if media == "audio":
+        steps = [ClapEmbed(opts.config(missing, opts.audio_model, None))]
+    else:
+        steps = [ClipEmbed(opts.config(missing, opts.model, opts.pretrained))]
+    return [*steps, Score(ScoreConfig(media))]
+
+
+def _default_to(opts: ModelOptions, media: str, recorded: dict) -> ModelOptions:
+    """Fill unset model options from the embedding already present, else the defaults."""
+    values = dict(opts.__dict__)
+    if media == "audio":
+        values["audio_model"] = (
+            opts.audio_model or recorded.get("model") or models.DEFAULT_AUDIO_MODEL
+        )
+    elif opts.model is None and recorded.get("model"):
+        values["model"] = recorded["model"]
+        if opts.pretrained is None and recorded.get("pretrained") != models.BUNDLED:
+            values["pretrained"] = recorded.get("pretrained")
+    elif opts.model is None:
+        values["model"] = models.DEFAULT_MODEL
+    return ModelOptions(**values)

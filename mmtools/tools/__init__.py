@@ -1,0 +1,1 @@
+"""Tools over whole datasets that are not steps: stats, export, info, previews."""
