@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import shlex
 import shutil
 import subprocess
 import sys
@@ -183,81 +184,47 @@ def run_demo(out: Path, cfg: DemoConfig, threshold: float, log) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     images = out / "sample" / "images"
     truth = make_sample(images, cfg)
-    seed = str(cfg.seed)
-    stages = [
+    timings = [(name, run_pipe(cmds, log)) for name, cmds in stages(out, images, cfg, threshold)]
+    return _report(out, truth, timings, threshold)
+
+
+def stages(out: Path, images: Path, cfg: DemoConfig, threshold: float) -> list:
+    """The demo chain: (stage name, the piped commands of the stage) in order."""
+    q = shlex.quote
+    scored, filtered, deduped, final = (q(str(out / n)) for n in STAGE_DIRS)
+    where = q(f"clip_score >= {threshold}")
+    seed = cfg.seed
+    spec = [
         (
             "ingest | embed | score",
             [
-                ["ingest", str(images), "-q"],
-                ["embed", "--model", "mmtools-shapes", "-q"],
-                ["score", "-o", str(out / "scored"), "--json"],
+                f"ingest {q(str(images))} -q",
+                "embed --model mmtools-shapes -q",
+                f"score -o {scored} --json",
             ],
         ),
         (
             f"filter clip_score >= {threshold}",
-            [
-                [
-                    "filter",
-                    str(out / "scored"),
-                    "--where",
-                    f"clip_score >= {threshold}",
-                    "-o",
-                    str(out / "filtered"),
-                    "--json",
-                ]
-            ],
+            [f"filter {scored} --where {where} -o {filtered} --json"],
         ),
         (
             "dedup exact + phash",
-            [
-                [
-                    "dedup",
-                    str(out / "filtered"),
-                    "-m",
-                    "exact",
-                    "-m",
-                    "phash",
-                    "--keep",
-                    "highest:clip_score",
-                    "-o",
-                    str(out / "deduped"),
-                    "--json",
-                ]
-            ],
+            [f"dedup {filtered} -m exact -m phash --keep highest:clip_score -o {deduped} --json"],
         ),
         (
             "rewrite (template) | mixup",
             [
-                [
-                    "rewrite",
-                    str(out / "deduped"),
-                    "--backend",
-                    "template",
-                    "--mix",
-                    "0.5",
-                    "--seed",
-                    seed,
-                    "-q",
-                ],
-                [
-                    "mixup",
-                    "--mode",
-                    "image-text",
-                    "--fraction",
-                    "0.2",
-                    "--keep-originals",
-                    "--seed",
-                    seed,
-                    "-o",
-                    str(out / "final"),
-                    "--json",
-                ],
+                f"rewrite {deduped} --backend template --mix 0.5 --seed {seed} -q",
+                "mixup --mode image-text --fraction 0.2 --keep-originals "
+                f"--seed {seed} -o {final} --json",
             ],
         ),
-        ("stats --plot", [["stats", str(out / "final"), "--plot", str(out / "plots")]]),
+        ("stats --plot", [f"stats {final} --plot {q(str(out / 'plots'))}"]),
     ]
-    timings = [(name, run_pipe(cmds, log)) for name, cmds in stages]
-    return _report(out, truth, timings, threshold)
+    return [(name, [shlex.split(c) for c in commands]) for name, commands in spec]
+
+
+STAGE_DIRS = ("scored", "filtered", "deduped", "final")
 
 
 def _report(out: Path, truth: Truth, timings, threshold: float) -> dict:

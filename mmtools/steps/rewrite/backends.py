@@ -1,11 +1,51 @@
-"""Build the backend a `RewriteConfig` asks for."""
+"""The caption backend contract, and building the backend a `RewriteConfig` asks for."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Protocol
+
+from mmtools.steps.rewrite.prompts import Outcome, Request
+
+OnDone = Callable[[int, str], None]  # called with (request index, caption) as each finishes
 
 
-def make_backend(config):
+class CaptionBackend(Protocol):
+    """What `Rewrite` needs of a backend: load, caption a list of requests, close."""
+
+    def load(self) -> None:
+        """Load the model or open the connection; called once per worker, in `setup()`."""
+
+    def submit(self, requests: list[Request], on_done: OnDone) -> Future:
+        """Start captioning `requests`; the future holds one `Outcome` per request, in order."""
+
+    def close(self) -> None:
+        """Release the model or connection."""
+
+
+class InProcessBackend:
+    """A backend that captions in the calling thread: `submit` is `generate`, done at once."""
+
+    def load(self) -> None:
+        """Nothing to load."""
+
+    def generate(self, requests: list[Request], on_done: OnDone) -> list[Outcome]:
+        """One `Outcome` per request, in order."""
+        raise NotImplementedError
+
+    def submit(self, requests: list[Request], on_done: OnDone) -> Future:
+        """`generate` now; its result as a finished future."""
+        future: Future = Future()
+        future.set_result(self.generate(requests, on_done))
+        return future
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def make_backend(config) -> CaptionBackend:
     """The openai, transformers or template backend for `config` (not loaded yet)."""
     if config.backend == "template":
         from mmtools.steps.rewrite.template_backend import TemplateBackend

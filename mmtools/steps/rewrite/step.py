@@ -262,11 +262,7 @@ class Rewrite(Step):
                 self.cache.put(keys[job.todo[j]], text)
 
         todo = [requests[i] for i in job.todo]
-        if hasattr(self.backend, "submit"):
-            job.future = self.backend.submit(todo, done)
-        else:
-            job.future = Future()
-            job.future.set_result(self.backend.generate(todo, done))
+        job.future = self.backend.submit(todo, done)
         return job
 
     def _finish(self, job: _Pending) -> Result:

@@ -12,6 +12,7 @@ import random
 import re
 
 from mmtools.media import MediaError
+from mmtools.steps.rewrite.backends import InProcessBackend
 from mmtools.steps.rewrite.prompts import Outcome, Request, open_image
 
 VERSION = "rules-v1"
@@ -119,17 +120,11 @@ def describe_image(image, rng: random.Random) -> str:
     return rng.choice(CAPTION_TEMPLATES).format(tone=tone, shape=shape, colour=colour)
 
 
-class TemplateBackend:
+class TemplateBackend(InProcessBackend):
     """Rule-based captions; needs no model and no network."""
 
     def __init__(self, mode: str, seed: int = 0, max_image_side: int = 256):
         self.mode, self.seed, self.max_image_side = mode, seed, max_image_side
-
-    def load(self) -> None:
-        """Nothing to load."""
-
-    def close(self) -> None:
-        """Nothing to release."""
 
     def generate(self, requests: list[Request], on_done) -> list[Outcome]:
         """One caption per request."""

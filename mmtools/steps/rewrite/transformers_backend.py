@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from mmtools.errors import UsageError
 from mmtools.media import MediaError
 from mmtools.models.device import resolve_device, torch_dtype
+from mmtools.steps.rewrite.backends import InProcessBackend
 from mmtools.steps.rewrite.prompts import Outcome, Request, chat_messages, open_image
 
 
@@ -25,7 +26,7 @@ class TransformersOptions:
     max_image_side: int = 768
 
 
-class TransformersBackend:
+class TransformersBackend(InProcessBackend):
     """Generate with a local model; one `generate` call per `batch_size` rows."""
 
     def __init__(self, options: TransformersOptions):
