@@ -1,12 +1,13 @@
 """`Mixup`: a two-pass step that writes mixed rows with their provenance.
 
 Pass 1 scans ids (and the pairing key) and fixes the plan: which rows are first parents,
-their partners and λ (see `plan.py`). A gather pass then copies the partners' media (or
-embeddings) to a temporary Arrow file and decodes each partner once, so that a partner that
-cannot be decoded is known before any output is written. Pass 2 streams the input: each
-mixed row is made and emitted with the batch holding its first parent, and a row that cannot
-be decoded becomes a reject row in its own batch. The output is therefore the same whatever
-the input order, shard layout, batch size or resume point.
+their partners and λ (see `plan.py`). A gather pass then copies the partners' media bytes
+(read from their paths where the rows hold paths) or embeddings to a temporary Arrow file and
+decodes each partner once, so that a partner that cannot be decoded is known before any
+output is written. Pass 2 streams the input: each mixed row is made and emitted with the
+batch holding its first parent, and a row that cannot be decoded becomes a reject row in its
+own batch. The output is therefore the same whatever the input order, shard layout, batch
+size or resume point.
 """
 
 from __future__ import annotations
@@ -313,8 +314,7 @@ class Mixup(GlobalStep):
         return pa.RecordBatch.from_arrays(cols, schema=self.schema)
 
     def _mix_one(self, a, b, lam: float):
-        """One mixed clip or image of two media cells, or the `ParentError` naming the parent
-        that failed."""
+        """One mix of two media cells, or the `ParentError` naming the parent that failed."""
         c = self.config
         try:
             a, b = _read_parent(0, a, self.media), _read_parent(1, b, self.media)
