@@ -1,4 +1,10 @@
-"""Safe probing and decoding of image and audio bytes; bad media raise `MediaError(reason)`."""
+"""Reading, probing and decoding image and audio; bad media raise `MediaError(reason)`.
+
+Every step gets media bytes through `read`, so a row fails for the same reason everywhere:
+`no_media` (neither bytes nor a path), `missing_file` (a path or URL that cannot be read),
+then the decoders' `zero_byte`, `corrupt`, `truncated`, `not_image`, `not_audio`,
+`empty_audio`, `decompression_bomb` and `decode_timeout`.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,8 @@ MAX_JPEG_SCANS = 100  # progressive JPEGs have ~10; thousands take minutes to de
 ENV_DECODE_TIMEOUT = "MMTOOLS_DECODE_TIMEOUT"  # seconds one image may take to decode
 DEFAULT_DECODE_TIMEOUT = 60.0
 ENV_DECODE_PIXELS = "MMTOOLS_DECODE_PIXELS"  # pixels all decoding threads may hold at once
+ENV_FETCH_TIMEOUT = "MMTOOLS_FETCH_TIMEOUT"  # seconds one read of a URL may wait for an answer
+DEFAULT_FETCH_TIMEOUT = 30.0
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".opus", ".aiff", ".aif"}
@@ -47,6 +55,65 @@ class MediaError(Exception):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+def read(value, kind: str, timeout: float | None = None) -> bytes:
+    """The bytes of one `image`/`audio` cell: its inline bytes, else the file its path names.
+
+    `value` is the {bytes, path} struct as a dict, a (bytes, path) pair, a pyarrow scalar or
+    None. A path may be local, `file://`, `http(s)://`, or an object-store URI (`s3://`,
+    `gs://`, ...); `timeout` (default `MMTOOLS_FETCH_TIMEOUT`) bounds each network wait.
+    """
+    data, path = _parts(value)
+    if data is None:
+        if not path:
+            raise MediaError("no_media", f"the row holds no {kind} bytes and no path")
+        data = read_path(path, timeout)
+    if not data:
+        raise MediaError("zero_byte", "empty file")
+    return data
+
+
+def read_path(path: str, timeout: float | None = None) -> bytes:
+    """The bytes of a local path, URL or object-store URI; `missing_file` if unreadable."""
+    from mmtools.io.fs import read_file
+
+    try:
+        return read_file(path, _seconds(ENV_FETCH_TIMEOUT, DEFAULT_FETCH_TIMEOUT, timeout))
+    except OSError as e:
+        detail = f"{path}: {e.strerror}" if e.strerror else str(e)
+        raise MediaError("missing_file", detail) from None
+
+
+def cells(column) -> list[tuple[bytes | None, str | None] | None]:
+    """The (bytes, path) pairs of a media column (None where the cell is null), for `read`."""
+    import pyarrow as pa
+
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    nulls = column.is_null().to_pylist()
+    data, paths = column.field("bytes").to_pylist(), column.field("path").to_pylist()
+    return [None if z else (d, p) for z, d, p in zip(nulls, data, paths, strict=True)]
+
+
+def _parts(value) -> tuple[bytes | None, str | None]:
+    if hasattr(value, "as_py"):  # a pyarrow StructScalar
+        value = value.as_py()
+    if value is None:
+        return None, None
+    if isinstance(value, dict):
+        return value.get("bytes"), value.get("path")
+    data, path = value
+    return data, path
+
+
+def _seconds(env: str, default: float, given: float | None = None) -> float:
+    if given is not None:
+        return given
+    try:
+        return float(os.environ.get(env) or default)
+    except ValueError:
+        return default
 
 
 @dataclass
@@ -106,20 +173,13 @@ def _load(img) -> None:
         raise MediaError("corrupt", f"{type(e).__name__}: {e}") from None
 
 
-def _decode_timeout() -> float:
-    try:
-        return float(os.environ.get(ENV_DECODE_TIMEOUT) or DEFAULT_DECODE_TIMEOUT)
-    except ValueError:
-        return DEFAULT_DECODE_TIMEOUT
-
-
 def _within_time_limit(fn) -> None:
     """Run `fn` in a daemon thread; past the limit, reject the item and leave the thread.
 
     A decoder stuck in C cannot be stopped from Python; the abandoned thread finishes (or
     dies with the process) on its own, and the row becomes a `decode_timeout` reject.
     """
-    limit = _decode_timeout()
+    limit = _seconds(ENV_DECODE_TIMEOUT, DEFAULT_DECODE_TIMEOUT)
     if limit <= 0:
         fn()
         return

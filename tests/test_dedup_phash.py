@@ -143,7 +143,7 @@ def test_undecodable_images_become_rejects_and_no_row_is_lost(tmp_path):
         "r07": "zero_byte",
         "r08": "not_image",
         "r10": "truncated",
-        "r11": "missing_image",
+        "r11": "no_media",
     }
     assert set(rejects[C.REJECT_STEP].to_pylist()) == {"dedup"}
     assert kept == ids[:6]

@@ -239,7 +239,7 @@ def test_bad_rows_become_rejects_and_good_rows_all_come_out(mixed):
         "r012": "truncated",
         "r013": "not_image",
         "r014": "zero_byte",
-        "r015": "no_image",
+        "r015": "no_media",
         "r016": "no_text",
         "r019": "missing_file",
     }

@@ -216,7 +216,7 @@ def test_caption_mode_sends_images_as_jpeg_data_urls(tmp_path, server):
     assert set(t[C.CAPTION_SOURCE].to_pylist()) == {"caption:openai:tiny"}
     assert by_id(read_rejects(out), C.REJECT_REASON) == {
         "garbage": "not_image",
-        "none": "missing_image",
+        "none": "no_media",
     }
 
 

@@ -48,7 +48,7 @@ def export(
     if not quiet:
         print(
             f"mmtools export: {stats.rows} rows, {stats.files} files "
-            f"({stats.skipped_no_media} without media), {time.monotonic() - t0:.1f} s "
+            f"({stats.skipped_text()}), {time.monotonic() - t0:.1f} s "
             f"-> {output}",
             file=sys.stderr,
         )

@@ -7,13 +7,14 @@ import json
 import os
 import shutil
 import tarfile
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 
 from mmtools import columns as C
 from mmtools.errors import UsageError
-from mmtools.media import sniff_format
+from mmtools.media import MediaError, read, sniff_format
 
 FORMATS = ("webdataset", "jsonl", "folder")
 _EXT = {"jpeg": "jpg", "bytes": "bin", "riff": "bin"}
@@ -25,7 +26,17 @@ class ExportStats:
 
     rows: int = 0
     files: int = 0
-    skipped_no_media: int = 0
+    skipped: Counter = field(default_factory=Counter)  # rows written without media, by reason
+
+    @property
+    def skipped_no_media(self) -> int:
+        """Rows written without a media file."""
+        return sum(self.skipped.values())
+
+    def skipped_text(self) -> str:
+        """'3 without media: missing_file 2, no_media 1' for the summary line."""
+        reasons = ", ".join(f"{r} {n}" for r, n in sorted(self.skipped.items()))
+        return f"{self.skipped_no_media} without media" + (f": {reasons}" if reasons else "")
 
 
 def _ext(data: bytes) -> str:
@@ -44,15 +55,13 @@ def _scalars(row: dict, schema: pa.Schema) -> dict:
     return out
 
 
-def _media(row: dict) -> tuple[str, bytes] | None:
+def _media(row: dict) -> tuple[str, bytes]:
+    """The row's first media cell that holds bytes or a path, read; else `no_media`."""
     for kind in C.MEDIA:
         m = row.get(kind)
-        if m and m.get("bytes") is not None:
-            return kind, m["bytes"]
-        if m and m.get("path") and os.path.exists(m["path"]):
-            with open(m["path"], "rb") as f:
-                return kind, f.read()
-    return None
+        if m and (m.get("bytes") is not None or m.get("path")):
+            return kind, read(m, kind)
+    raise MediaError("no_media", "the row holds no media bytes and no path")
 
 
 def prepare_output(path: str, overwrite: bool) -> None:
@@ -74,8 +83,11 @@ def export(source, out: str, fmt: str, shard_rows: int = 10_000) -> ExportStats:
         for batch in source.batches(batch_size=256):
             for row in batch.to_pylist():
                 key = f"{stats.rows:09d}"
-                media = _media(row)
-                stats.skipped_no_media += media is None
+                try:
+                    media = _media(row)
+                except MediaError as e:
+                    media = None
+                    stats.skipped[e.reason] += 1
                 stats.files += w.add(key, row, media, _scalars(row, batch.schema))
                 stats.rows += 1
     return stats

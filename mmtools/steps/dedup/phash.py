@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pyarrow as pa
 
 from mmtools import columns as C
 from mmtools.errors import DataContractError, require_module
-from mmtools.media import DEFAULT_MAX_PIXELS, MediaError, decode_image
+from mmtools.media import DEFAULT_MAX_PIXELS, MediaError, cells, decode_image, read
 from mmtools.step import POSITION
 from mmtools.steps.dedup.groups import (
     RayGrouped,
@@ -110,13 +108,12 @@ class PHash(RayGrouped):
 
     def keys(self, batch: pa.RecordBatch) -> dict[str, pa.Array]:
         """The pHash of each image, and why an image could not be hashed (else null)."""
-        images = batch.column(C.IMAGE)
-        data, paths = images.field("bytes").to_pylist(), images.field("path").to_pylist()
-        out = np.zeros(len(data), dtype=np.uint64)
-        errors: list[str | None] = [None] * len(data)
-        for i, (blob, path) in enumerate(zip(data, paths, strict=True)):
+        images = cells(batch.column(C.IMAGE))
+        out = np.zeros(len(images), dtype=np.uint64)
+        errors: list[str | None] = [None] * len(images)
+        for i, value in enumerate(images):
             try:
-                out[i] = image_phash(_image_bytes(blob, path), self.max_pixels)
+                out[i] = image_phash(read(value, "image"), self.max_pixels)
             except MediaError as e:
                 errors[i] = f"{e.reason}{_SEP}{e.detail}"
         return {KEY: pa.array(out, pa.uint64()), ERROR: pa.array(errors, pa.string())}
@@ -179,12 +176,3 @@ class PHash(RayGrouped):
     def release(self) -> None:
         """Drop the hashes."""
         self._hashes, self._groups = [], None
-
-
-def _image_bytes(blob: bytes | None, path: str | None) -> bytes:
-    if blob is not None:
-        return blob
-    if path and os.path.isfile(path):
-        with open(path, "rb") as f:
-            return f.read()
-    raise MediaError("missing_image", "the row holds no image bytes and no readable local path")

@@ -8,11 +8,10 @@ import numpy as np
 
 from mmtools import columns as C
 from mmtools import models
-from mmtools.media import MediaError
+from mmtools.media import MediaError, read
 from mmtools.steps.embed.step import (
     EmbedStep,
     Reason,
-    media_bytes,
     text_reasons,
 )
 
@@ -43,7 +42,7 @@ class _AudioTower:
         sr, reasons, waves, rows = self.encoder.sample_rate, [], [], []
         for i, value in enumerate(values):
             try:
-                wav, _ = decode_audio(media_bytes(value, "audio"), sample_rate=sr, mono=True)
+                wav, _ = decode_audio(read(value, "audio"), sample_rate=sr, mono=True)
                 # Cut to the first window: longer clips would get random crops otherwise.
                 waves.append(wav[: self.encoder.max_samples])
                 rows.append(offset + i)

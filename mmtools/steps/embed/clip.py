@@ -8,11 +8,10 @@ import numpy as np
 
 from mmtools import columns as C
 from mmtools import models
-from mmtools.media import MediaError
+from mmtools.media import MediaError, read
 from mmtools.steps.embed.step import (
     EmbedStep,
     Reason,
-    media_bytes,
     split_preprocess,
     text_reasons,
 )
@@ -40,7 +39,7 @@ class _ImageTower:
         reasons: list[Reason] = []
         for i, value in enumerate(values):
             try:
-                with decoded_image(media_bytes(value, "image"), self.max_pixels) as img:
+                with decoded_image(read(value, "image"), self.max_pixels) as img:
                     pixels[offset + i] = self._pixels(img)
                 reasons.append(None)
             except MediaError as e:

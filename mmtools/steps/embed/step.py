@@ -24,7 +24,7 @@ import pyarrow as pa
 from mmtools import columns as C
 from mmtools import models
 from mmtools.errors import DataContractError, UsageError
-from mmtools.media import DEFAULT_MAX_PIXELS, MediaError
+from mmtools.media import DEFAULT_MAX_PIXELS, cells
 from mmtools.models.device import PRECISIONS, check_precision, resolve_device
 from mmtools.step import Result, Step, reject_batch
 
@@ -227,29 +227,10 @@ class EmbedStep(Step):
 
 
 def column_values(piece: pa.RecordBatch, column: str) -> list:
-    """Texts, or (bytes, path) pairs of a media column, as Python values."""
-    col = piece.column(column)
+    """Texts, or the (bytes, path) cells of a media column, as Python values."""
     if column == C.TEXT:
-        return col.to_pylist()
-    nulls = col.is_null().to_pylist()
-    data, paths = col.field("bytes").to_pylist(), col.field("path").to_pylist()
-    return [None if z else (d, p) for z, d, p in zip(nulls, data, paths, strict=True)]
-
-
-def media_bytes(value, kind: str) -> bytes:
-    """The media bytes of a row, read from its path when only the path was ingested."""
-    data, path = value if value is not None else (None, None)
-    if data == b"":
-        raise MediaError("zero_byte", "empty file")
-    if data is not None:
-        return data
-    if not path:
-        raise MediaError(f"no_{kind}", f"the row has no {kind}")
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise MediaError("missing_file", f"{path}: {e.strerror or e}") from None
+        return piece.column(column).to_pylist()
+    return cells(piece.column(column))
 
 
 def split_preprocess(preprocess):

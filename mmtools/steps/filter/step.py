@@ -322,10 +322,10 @@ class Filter(Step):
 
     def _audio(self, batch: pa.RecordBatch, rules: list[AudioRule], v: _Verdict) -> None:
         """Decode the live rows' audio once and apply every audio rule."""
+        from mmtools.media import cells
+
         rows = np.flatnonzero(v.alive)
-        media = batch.column(C.AUDIO).take(pa.array(rows))
-        items = zip(media.field("bytes").to_pylist(), media.field("path").to_pylist(), strict=True)
-        levels = list(self._pool.map(lambda item: _levels(*item), items))
+        levels = list(self._pool.map(_levels, cells(batch.column(C.AUDIO).take(pa.array(rows)))))
         for rule in rules:
             keep = np.ones(batch.num_rows, bool)
             for i, level in zip(rows, levels, strict=True):
@@ -395,20 +395,12 @@ def make_filter(config: FilterConfig) -> Filter:
     return RankedFilter(config)
 
 
-def _levels(data: bytes | None, path: str | None):
+def _levels(value):
     """(per-frame RMS in dBFS, overall RMS in dBFS) of one clip, or the MediaError."""
-    from mmtools.media import MediaError, decode_audio
+    from mmtools.media import MediaError, decode_audio, read
 
     try:
-        if data is None:
-            if not path:
-                raise MediaError("no_media", "the row has no audio bytes or path")
-            try:
-                with open(path, "rb") as f:
-                    data = f.read()
-            except OSError as e:
-                raise MediaError("missing_file", str(e)) from None
-        wav, _ = decode_audio(data)
+        wav, _ = decode_audio(read(value, "audio"))
         import librosa
 
         rms = librosa.feature.rms(y=wav, frame_length=FRAME_LENGTH, hop_length=HOP_LENGTH)[0]

@@ -5,14 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 
 from mmtools import columns as C
-from mmtools.media import DEFAULT_MAX_PIXELS, MediaError, probe_audio, probe_image
+from mmtools.media import DEFAULT_MAX_PIXELS, MediaError, probe_audio, probe_image, read_path
 from mmtools.step import Result, Step, reject_batch
 from mmtools.steps.ingest.listing import (
     LISTING_SCHEMA,
@@ -236,37 +235,12 @@ def read_sidecar(path: str) -> str | None:
 
 
 def read_bytes(location: str, offset: int | None, size: int | None, timeout: float) -> bytes:
-    """Bytes of a local file, a slice of a tar, or a URL."""
-    if "://" in location and not location.startswith("file://"):
-        return fetch_url(location, timeout)
-    path = location.removeprefix("file://")
+    """Bytes of a file (local, URL or object store), or of a slice of a local tar."""
+    if offset is None:
+        return read_path(location, timeout)
     try:
-        with open(path, "rb") as f:
-            if offset is None:
-                return f.read()
+        with open(location.removeprefix("file://"), "rb") as f:
             f.seek(offset)
             return f.read(size)
-    except FileNotFoundError:
-        raise MediaError("missing_file", f"{path} does not exist") from None
     except OSError as e:
-        raise MediaError("unreadable", str(e)) from None
-
-
-def fetch_url(url: str, timeout: float, retries: int = 2) -> bytes:
-    """GET a URL with a timeout and a few retries on transient errors."""
-    import urllib.error
-    import urllib.request
-
-    for attempt in range(retries + 1):
-        try:
-            req = urllib.request.Request(url, headers={"User-Agent": "mmtools"})
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                return r.read()
-        except urllib.error.HTTPError as e:
-            if (e.code < 500 and e.code != 429) or attempt == retries:
-                raise MediaError("download_failed", f"HTTP {e.code} for {url}") from None
-        except (urllib.error.URLError, TimeoutError, OSError) as e:
-            if attempt == retries:
-                raise MediaError("download_failed", f"{url}: {e}") from None
-        time.sleep(0.5 * 2**attempt)
-    raise AssertionError("unreachable")
+        raise MediaError("missing_file", f"{location}: {e.strerror or e}") from None

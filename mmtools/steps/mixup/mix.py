@@ -49,8 +49,8 @@ def encode_image(pixels: np.ndarray, fmt: str, quality: int) -> bytes:
 
 
 def mix_images(
-    a: bytes | None,
-    b: bytes | None,
+    a: bytes,
+    b: bytes,
     lam: float,
     fmt: str,
     quality: int,
@@ -86,7 +86,7 @@ def mix_waveforms(a: np.ndarray, b: np.ndarray, lam: float) -> tuple[np.ndarray,
 
 
 def mix_audio(
-    a: bytes | None, b: bytes | None, lam: float, fmt: str, sample_rate: int | None
+    a: bytes, b: bytes, lam: float, fmt: str, sample_rate: int | None
 ) -> tuple[bytes, int, float]:
     """Mix two encoded clips at one rate: (encoded mono mix, sample rate, duration in s).
 
@@ -102,9 +102,7 @@ def mix_audio(
     return buf.getvalue(), sr, len(mix) / sr
 
 
-def _decode(which: int, data: bytes | None, decode, arg):
-    if data is None:
-        raise ParentError(which, MediaError("no_media", "the row holds no media bytes"))
+def _decode(which: int, data: bytes, decode, arg):
     try:
         return decode(data, arg)
     except MediaError as e:

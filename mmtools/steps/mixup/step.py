@@ -1,12 +1,13 @@
 """`Mixup`: a two-pass step that writes mixed rows with their provenance.
 
 Pass 1 scans ids (and the pairing key) and fixes the plan: which rows are first parents,
-their partners and λ (see `plan.py`). A gather pass then copies the partners' media (or
-embeddings) to a temporary Arrow file and decodes each partner once, so that a partner that
-cannot be decoded is known before any output is written. Pass 2 streams the input: each
-mixed row is made and emitted with the batch holding its first parent, and a row that cannot
-be decoded becomes a reject row in its own batch. The output is therefore the same whatever
-the input order, shard layout, batch size or resume point.
+their partners and λ (see `plan.py`). A gather pass then copies the partners' media bytes
+(read from their paths where the rows hold paths) or embeddings to a temporary Arrow file and
+decodes each partner once, so that a partner that cannot be decoded is known before any
+output is written. Pass 2 streams the input: each mixed row is made and emitted with the
+batch holding its first parent, and a row that cannot be decoded becomes a reject row in its
+own batch. The output is therefore the same whatever the input order, shard layout, batch
+size or resume point.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pyarrow.compute as pc
 
 from mmtools import columns as C
 from mmtools.errors import UsageError
-from mmtools.media import DEFAULT_MAX_PIXELS, MediaError, decode_audio, decode_image
+from mmtools.media import DEFAULT_MAX_PIXELS, MediaError, cells, decode_audio, decode_image, read
 from mmtools.step import GlobalStep, Result, reject_batch
 from mmtools.steps.mixup import mix
 from mmtools.steps.mixup.plan import Plan, parse_pairing, plan_pairs
@@ -183,10 +184,11 @@ class Mixup(GlobalStep):
         with os.fdopen(fd, "wb") as f:
             for batch in batches:
                 rows = batch.filter(pc.is_in(batch.column(C.ID), value_set=wanted))
+                rows, failed = self._check_partners(rows)
                 if writer is None:
                     writer = pa.ipc.new_file(f, rows.schema)
                 writer.write_batch(rows)
-                bad += self._check_partners(rows)
+                bad += failed
             if writer is not None:
                 writer.close()
         if writer is None:
@@ -197,14 +199,20 @@ class Mixup(GlobalStep):
         self._bad_ids = pa.array([b[0] for b in bad], pa.string())
         self._bad = bad
 
-    def _check_partners(self, rows: pa.RecordBatch) -> list[tuple[str, str, str]]:
+    def _check_partners(self, rows: pa.RecordBatch) -> tuple[pa.RecordBatch, list[tuple]]:
+        """The rows with their media bytes read in (a path is read once), and the bad ones."""
         ids = rows.column(C.ID).to_pylist()
         if not self.media:
             problems = embedding_problems(rows, spec_columns(self.specs))
-            return [(ids[i], reason, detail) for i, reason, detail in problems]
-        data = pc.struct_field(rows.column(self.media), "bytes").to_pylist()
-        found = self._pool.map(self._check_one, data)
-        return [(i, *p) for i, p in zip(ids, found, strict=True) if p is not None]
+            return rows, [(ids[i], reason, detail) for i, reason, detail in problems]
+        values = cells(rows.column(self.media))
+        found = list(self._pool.map(self._check_one, values))
+        data = [d if isinstance(d, bytes) else None for d in found]
+        media = C.media_array(data, [v[1] if v else None for v in values])
+        at = rows.schema.get_field_index(self.media)
+        rows = rows.set_column(at, self.media, media.cast(rows.schema.field(at).type))
+        bad = [(i, *d) for i, d in zip(ids, found, strict=True) if not isinstance(d, bytes)]
+        return rows, bad
 
     # -- pass 2 -----------------------------------------------------------------------------------
 
@@ -267,8 +275,7 @@ class Mixup(GlobalStep):
         return self._generated(pairs[ok], values), failed
 
     def _mix_media(self, firsts: pa.RecordBatch, partners: pa.Table, lam: np.ndarray):
-        a = pc.struct_field(firsts.column(self.media), "bytes").to_pylist()
-        b = pc.struct_field(partners.column(self.media).combine_chunks(), "bytes").to_pylist()
+        a, b = cells(firsts.column(self.media)), cells(partners.column(self.media))
         results = list(self._pool.map(self._mix_one, a, b, lam.tolist()))
         ok = np.array(
             [i for i, r in enumerate(results) if not isinstance(r, mix.ParentError)], np.int64
@@ -306,28 +313,35 @@ class Mixup(GlobalStep):
         ]
         return pa.RecordBatch.from_arrays(cols, schema=self.schema)
 
-    def _mix_one(self, a: bytes | None, b: bytes | None, lam: float):
-        """One mixed clip or image, or the `ParentError` saying which parent failed."""
+    def _mix_one(self, a, b, lam: float):
+        """One mix of two media cells, or the `ParentError` naming the parent that failed."""
         c = self.config
         try:
+            a, b = _read_parent(0, a, self.media), _read_parent(1, b, self.media)
             if self.media == C.IMAGE:
                 return mix.mix_images(a, b, lam, self.format, c.quality, c.max_pixels)
             return mix.mix_audio(a, b, lam, self.format, c.sample_rate)
         except mix.ParentError as e:
             return e
 
-    def _check_one(self, data: bytes | None) -> tuple[str, str] | None:
-        """(reason, detail) if a partner's media cannot be decoded."""
+    def _check_one(self, value) -> bytes | tuple[str, str]:
+        """A partner's media bytes, or (reason, detail) if they cannot be read or decoded."""
         try:
-            if data is None:
-                raise MediaError("no_media", "the row holds no media bytes")
+            data = read(value, self.media)
             if self.media == C.IMAGE:
                 decode_image(data, self.config.max_pixels)
             else:
                 decode_audio(data)
         except MediaError as e:
             return e.reason, e.detail
-        return None
+        return data
+
+
+def _read_parent(which: int, value, kind: str) -> bytes:
+    try:
+        return read(value, kind)
+    except MediaError as e:
+        raise mix.ParentError(which, e) from None
 
 
 def _media_columns(media: str, fmt: str, made: list[tuple]) -> dict[str, pa.Array]:

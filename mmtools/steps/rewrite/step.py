@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 
 from mmtools import columns as C
 from mmtools.errors import TemporaryError, UsageError
+from mmtools.media import MediaError, cells, read
 from mmtools.step import Result, Step, reject_batch
 from mmtools.steps.rewrite.cache import CaptionCache, cache_key
 from mmtools.steps.rewrite.clean import clean_caption
@@ -361,19 +362,10 @@ class Rewrite(Step):
 
 def _image_bytes(batch: pa.RecordBatch) -> list[tuple[bytes | None, tuple | None]]:
     """Per row: the image bytes (read from `path` when not stored), or a reject reason."""
-    col = batch.column(C.IMAGE)
-    data = pc.struct_field(col, "bytes").to_pylist()
-    paths = pc.struct_field(col, "path").to_pylist()
     out = []
-    for b, p in zip(data, paths, strict=True):
-        if b is None and p:
-            try:
-                with open(p, "rb") as f:
-                    b = f.read()
-            except OSError as e:
-                out.append((None, ("missing_file", f"{p}: {e.strerror}")))
-                continue
-        out.append(
-            (b, None) if b is not None else (None, ("missing_image", "no image bytes or path"))
-        )
+    for value in cells(batch.column(C.IMAGE)):
+        try:
+            out.append((read(value, "image"), None))
+        except MediaError as e:
+            out.append((None, (e.reason, e.detail)))
     return out
