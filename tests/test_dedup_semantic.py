@@ -142,7 +142,7 @@ def test_semantic_cluster_buckets_give_the_same_groups_as_the_local_search(monke
     """The Ray path (a model fitted on the rows `sampled` picks, rows assigned per batch,
     buckets of clusters searched per cluster) makes the local groups; bad rows are left out."""
     from mmtools.steps.dedup.semantic import ERROR, KMeans, Semantic, problems, sample_rate
-    from mmtools.steps.dedup.step import semantic
+    from mmtools.steps.dedup import semantic
 
     monkeypatch.setattr(semantic, "SAMPLE_PER_CLUSTER", 8)
     x, _ = planted(400, 24, seed=11)

@@ -65,7 +65,7 @@ class DedupConfig:
 
 
 def _method(name: str, c: DedupConfig):
-    from mmtools.steps.dedup.step import exact, minhash, phash, semantic
+    from mmtools.steps.dedup import exact, minhash, phash, semantic
 
     if name == "exact":
         return exact.Exact(c.exact_key)
