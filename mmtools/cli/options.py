@@ -172,8 +172,9 @@ class Bundle:
         ]
 
     def build(self, values: dict[str, Any], given: set[str]) -> Any:
-        """The dataclass from the parsed options; a field another bundle declares (as
-        embed's --batch-size, which is also the model batch) is filled from it too."""
+        """The dataclass from the parsed options (`given`: the names every bundle declares)."""
+        # A field another bundle declares is filled from that option too: embed's
+        # --batch-size is the run's batch and the model's.
         names = {f.name for f in fields(self.cls)} & given
         return self.cls(**{n: values[n] for n in names})
 
@@ -195,7 +196,7 @@ def expand(**bundles: Bundle):
         for bundle in bundles.values():
             for p in bundle.parameters():
                 if p.name not in seen:
-                    params.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY))
+                    params.append(p)
                     seen.add(p.name)
         given = seen - {p.name for p in own}
 
