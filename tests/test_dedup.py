@@ -188,7 +188,9 @@ def test_keep_rule_highest_lowest_and_ties_by_id(tmp_path):
     # Ties on the score go to the smaller id; NaN and null scores rank last.
     assert read_dataset(tmp_path / "cli")[C.ID].to_pylist() == ["b", "e"]
     for keep, expected in {"first": ["d", "g"], "lowest:clip_score": ["d", "f"]}.items():
-        out = run_dedup(ds, tmp_path / keep, DedupConfig(("exact",), keep, exact_key="text"))
+        out = run_dedup(
+            ds, tmp_path / keep, DedupConfig(methods=("exact",), keep=keep, exact_key="text")
+        )
         assert out[C.ID].to_pylist() == expected, keep
 
 
@@ -212,7 +214,7 @@ def test_pass_one_reads_keys_never_media():
         ("phash",): {C.ID, C.IMAGE},  # hashed batch by batch; only 64 bits a row are kept
     }
     for methods, columns in expected.items():
-        step = Dedup(DedupConfig(methods, "highest:clip_score"))
+        step = Dedup(DedupConfig(methods=methods, keep="highest:clip_score"))
         assert step.output_schema(schema) == schema
         assert set(step.scan_columns) == columns | {C.CLIP_SCORE}
 
@@ -241,7 +243,7 @@ def test_mark_equals_the_dropped_set_and_one_kept_per_cluster(tmp_path):
     ds = write_dataset(tmp_path / "ds", mixed_table(), shards=3)
     args = ["-m", "exact", "-m", "minhash", "--exact-key", "text", "--keep", "highest:clip_score"]
     mmtools("dedup", ds, "-o", tmp_path / "mark", *args, "--mark", "-q")
-    config = DedupConfig(("exact", "minhash"), "highest:clip_score", exact_key="text")
+    config = DedupConfig(methods=("exact", "minhash"), keep="highest:clip_score", exact_key="text")
     kept = run_dedup(ds, tmp_path / "drop", config)
     full = read_dataset(tmp_path / "mark")
     assert full.num_rows == read_dataset(ds).num_rows
@@ -271,7 +273,7 @@ def test_same_output_across_runs_shard_layouts_and_batch_sizes(tmp_path):
     many = write_dataset(tmp_path / "many", table, shards=7)
     mmtools("dedup", one, "-o", tmp_path / "cli", "-m", "exact,minhash", "--mark", "-q")
     outs = [read_dataset(tmp_path / "cli").select([C.ID, C.DUP_CLUSTER, C.IS_DUPLICATE])]
-    config = DedupConfig(("exact", "minhash"), exact_key="text", mark=True)
+    config = DedupConfig(methods=("exact", "minhash"), exact_key="text", mark=True)
     for k, (src, batch) in enumerate([(many, 5), (one, 3), (many, 1024), (one, 1024)]):
         out = run_dedup(src, tmp_path / f"out{k}", config, batch_size=batch)
         outs.append(out.select([C.ID, C.DUP_CLUSTER, C.IS_DUPLICATE]))
@@ -317,7 +319,7 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, row_group):
     from mmtools.steps.dedup.step import Dedup, DedupConfig
 
     ds = write_dataset(tmp_path / "ds", mixed_table(seed=3), shards=3, row_group=row_group)
-    config = DedupConfig(("exact", "minhash"), "highest:clip_score", exact_key="text")
+    config = DedupConfig(methods=("exact", "minhash"), keep="highest:clip_score", exact_key="text")
     out = tmp_path / "out"
     sink = DatasetSink(str(out), shard_rows=4)
     with pytest.raises(Interrupted):
@@ -340,7 +342,7 @@ def test_pass_two_finds_its_place_with_repeated_ids():
     batch = table.to_batches()[0]
 
     def scanned() -> Dedup:
-        step = Dedup(DedupConfig(("exact",), exact_key="text"))
+        step = Dedup(DedupConfig(methods=("exact",), exact_key="text"))
         step.output_schema(table.schema)
         step.scan(step.keys(batch))
         step.finish_scan()
@@ -373,7 +375,7 @@ def test_dedup_is_idempotent_and_accounts_for_every_row(texts, batch_size, metho
     table = text_table(texts)
 
     def run(t: pa.Table) -> pa.Table:
-        step = Dedup(DedupConfig(methods, exact_key="text", threshold=0.5))
+        step = Dedup(DedupConfig(methods=methods, exact_key="text", threshold=0.5))
         step.output_schema(t.schema)
         batches = t.to_batches(max_chunksize=batch_size)
         for b in batches:

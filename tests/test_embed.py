@@ -369,7 +369,7 @@ def test_clap_embeds_audio_at_any_rate_and_channel_count(clap_dir, tmp_path):
 def test_clap_embeddings_stable_across_batch_sizes(clap_dir):
     table = audio_table().slice(0, 6)
     config = {
-        "model": str(clap_dir),
+        "audio_model": str(clap_dir),
         "modalities": ["audio", "text"],
         "device": "cpu",
         "dtype": "float32",

@@ -223,7 +223,7 @@ def test_top_k_matches_a_full_sort_for_any_batching(keys, k, batch):
             C.CLIP_SCORE: pa.array(keys, pa.float32()),
         }
     )
-    step = TopFraction(TopFractionConfig(C.CLIP_SCORE, k=k))
+    step = TopFraction(TopFractionConfig(by=C.CLIP_SCORE, k=k))
     step.output_schema(table.schema)
     batches = table.to_batches(max_chunksize=batch)
     for b in batches:

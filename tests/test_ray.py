@@ -163,10 +163,12 @@ def test_ingest_on_ray_equals_local_with_the_same_rejects(cluster, folder, tmp_p
 @pytest.fixture(scope="module")
 def scored(cluster, ingested, clip_json) -> tuple[Path, dict]:
     """embed (an actor pool, tiny model) then score (tasks), by both engines."""
-    from mmtools.steps.embed import ModelOptions
+    from mmtools.steps.embed import EmbedConfig
     from mmtools.steps.score.step import score_steps
 
-    opts = ModelOptions(str(clip_json), "none", device="cpu", batch_size=BATCH, workers=1)
+    opts = EmbedConfig(
+        model=str(clip_json), pretrained="none", device="cpu", batch_size=BATCH, workers=1
+    )
     tmp = ingested.parent / "scored"
     manifests = run_both(
         tmp, "score", lambda src: score_steps(src.schema, None, opts), dataset_source(ingested)
@@ -242,7 +244,7 @@ def test_top_fraction_cut_by_rays_sort_equals_local_with_ties_and_bad_keys(
 def test_dedup_on_ray_equals_local(scored, tmp_path, methods, keep, mark, dropped):
     from mmtools.steps.dedup.step import Dedup, DedupConfig
 
-    config = DedupConfig(methods, keep=keep, mark=mark, threshold=0.5)  # "a photo number N"
+    config = DedupConfig(methods=methods, keep=keep, mark=mark, threshold=0.5)  # "a photo number N"
     manifests = run_both(
         tmp_path, "dedup", lambda src: [Dedup(config)], dataset_source(scored[0] / "local")
     )
@@ -266,7 +268,7 @@ def test_semantic_dedup_by_rays_groupby_equals_local(cluster, tmp_path, clusters
     table = embedding_table(x)
     for k, part in enumerate(table.to_batches(max_chunksize=len(x) // 3 + 1)):
         pq.write_table(pa.Table.from_batches([part]), tmp_path / f"in-{k}.parquet")
-    config = DedupConfig(("semantic",), mark=True, clusters=clusters)
+    config = DedupConfig(methods=("semantic",), mark=True, clusters=clusters)
     manifests = run_both(
         tmp_path,
         "dedup",
@@ -287,7 +289,7 @@ def test_small_input_is_grouped_on_the_driver_with_the_same_result(scored, tmp_p
     monkeypatch.setattr(
         Dedup, "finish_on_ray", lambda *a: pytest.fail("a shuffle ran on a small input")
     )
-    config = DedupConfig(("exact", "phash"), mark=True)
+    config = DedupConfig(methods=("exact", "phash"), mark=True)
     manifests = run_both(
         tmp_path, "dedup", lambda src: [Dedup(config)], dataset_source(scored[0] / "local")
     )

@@ -20,7 +20,7 @@ from test_embed import (
 
 from mmtools import columns as C
 from mmtools.errors import DataContractError
-from mmtools.steps.embed import ClipEmbed, EmbedConfig, ModelOptions
+from mmtools.steps.embed import ClipEmbed, EmbedConfig
 from mmtools.steps.score.step import Score, ScoreConfig, score_steps
 
 TINY = ("--pretrained", "none")
@@ -96,7 +96,11 @@ def test_clip_score_is_the_raw_cosine_with_the_model_recorded(piped, clip_a):
 @pytest.fixture(scope="module")
 def image_only(root, images, clip_a):
     """A Parquet file holding image embeddings (and their metadata) but no text embeddings."""
-    step = ClipEmbed(EmbedConfig(["image"], str(clip_a), "none", device="cpu", workers=2))
+    step = ClipEmbed(
+        EmbedConfig(
+            modalities=["image"], model=str(clip_a), pretrained="none", device="cpu", workers=2
+        )
+    )
     source = pq.read_table(images)
     schema = step.output_schema(source.schema)
     step.setup()
@@ -106,7 +110,9 @@ def image_only(root, images, clip_a):
 
 
 def test_missing_embeddings_use_the_model_already_recorded(image_only, clip_a):
-    steps = score_steps(pq.read_schema(image_only), None, ModelOptions(device="cpu"))
+    steps = score_steps(
+        pq.read_schema(image_only), None, EmbedConfig(model=None, audio_model=None, device="cpu")
+    )
     assert [type(s) for s in steps] == [ClipEmbed, Score]
     embed = steps[0].config
     assert (embed.modalities, embed.model, embed.pretrained) == (["text"], str(clip_a), "none")
@@ -131,7 +137,7 @@ def test_null_nan_and_zero_embeddings_become_rejects():
     batch = pa.record_batch(
         [pa.array(list("abcdef")), image, text], names=[C.ID, C.IMAGE_EMBEDDING, C.TEXT_EMBEDDING]
     )
-    step = Score(ScoreConfig("image"))
+    step = Score(ScoreConfig(media="image"))
     assert step.output_schema(batch.schema).field(C.CLIP_SCORE).type == pa.float32()
     result = step.process(batch)
     result.check(6, step.name)
@@ -161,7 +167,7 @@ def test_refuses_embeddings_of_different_sizes():
         ]
     )
     with pytest.raises(DataContractError, match="512 dimensions but text_embedding has 768"):
-        Score(ScoreConfig("image")).output_schema(schema)
+        Score(ScoreConfig(media="image")).output_schema(schema)
 
 
 def test_audio_text_score_on_the_fly(root):

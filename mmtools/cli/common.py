@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from mmtools.errors import UsageError
 
@@ -14,8 +14,9 @@ log = logging.getLogger("mmtools")
 
 @dataclass
 class Common:
-    """The shared options of a dataset-to-dataset command."""
+    """The shared options of a dataset-to-dataset command (declared in `options.DATASET`)."""
 
+    inputs: list[str] | None = None
     output: str | None = None
     overwrite: bool = False
     shard_rows: int = 10_000
@@ -29,11 +30,6 @@ class Common:
     ray_address: str | None = None
     ray_concurrency: int | None = None
     num_gpus_per_worker: float | None = None
-
-    @classmethod
-    def of(cls, options: dict) -> Common:
-        """The shared options out of a command's arguments (its `locals()`)."""
-        return cls(**{f.name: options[f.name] for f in fields(cls) if f.name in options})
 
 
 def setup_logging(verbose: bool, quiet: bool) -> None:

@@ -9,11 +9,12 @@ from typing import Annotated
 import typer
 
 from mmtools.cli import options as O
-from mmtools.cli.common import setup_logging
+from mmtools.cli.common import Common, open_source, setup_logging
 
 
+@O.expand(common=O.DATASET.only("inputs", "overwrite", "shard_rows", "quiet", "verbose"))
 def export(
-    inputs: O.Inputs = None,
+    common: Common,
     output: Annotated[str, typer.Option("-o", "--output", help="Output directory.")] = ...,
     fmt: Annotated[
         str,
@@ -24,10 +25,6 @@ def export(
             "media/), or folder (media + .txt captions).",
         ),
     ] = "webdataset",
-    overwrite: O.Overwrite = False,
-    shard_rows: O.ShardRows = 10_000,
-    quiet: O.Quiet = False,
-    verbose: O.Verbose = False,
 ) -> None:
     """Write a dataset out as WebDataset tars, JSONL with a media folder, or a media folder.
 
@@ -36,16 +33,15 @@ def export(
     WebDataset samples are numbered keys with .jpg/.png/.wav, .txt (caption) and .json (the
     other scalar columns, id included), as img2dataset writes them.
     """
-    from mmtools.cli.common import open_source
     from mmtools.tools.export import export as run_export
     from mmtools.tools.export import prepare_output
 
-    setup_logging(verbose, quiet)
+    setup_logging(common.verbose, common.quiet)
     t0 = time.monotonic()
-    source = open_source(inputs)
-    prepare_output(output, overwrite)
-    stats = run_export(source, output, fmt, shard_rows)
-    if not quiet:
+    source = open_source(common.inputs)
+    prepare_output(output, common.overwrite)
+    stats = run_export(source, output, fmt, common.shard_rows)
+    if not common.quiet:
         print(
             f"mmtools export: {stats.rows} rows, {stats.files} files "
             f"({stats.skipped_text()}), {time.monotonic() - t0:.1f} s "

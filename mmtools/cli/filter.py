@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated
 
 import typer
@@ -9,92 +10,80 @@ import typer
 from mmtools.cli import options as O
 from mmtools.cli.common import Common, execute, open_source
 from mmtools.errors import UsageError
+from mmtools.steps.filter.step import FilterConfig
 
 
-def filter_rows(
-    inputs: O.Inputs = None,
-    output: O.Output = None,
-    where: Annotated[
-        str | None,
-        typer.Option(
-            "--where",
-            help="SQL condition over any columns (polars SQL), e.g. "
-            '"clip_score >= 0.28 AND width >= 256".',
-            show_default=False,
+def _audio(help: str, **kw) -> object:
+    """An audio rule's option: a number, unset by default."""
+    return Annotated[float | None, typer.Option(help=f"Audio: {help}", show_default=False, **kw)]
+
+
+OPTIONS = O.Bundle(
+    FilterConfig,
+    {
+        "where": Annotated[
+            str | None,
+            typer.Option(
+                "--where",
+                help="SQL condition over any columns (polars SQL), e.g. "
+                '"clip_score >= 0.28 AND width >= 256".',
+                show_default=False,
+            ),
+        ],
+        "presets": Annotated[
+            list[str] | None,
+            typer.Option(
+                "--preset",
+                help="Named rules: datacomp-basic, laion, audio-basic (repeatable).",
+                show_default=False,
+            ),
+        ],
+        "top_fraction": Annotated[
+            float | None,
+            typer.Option(
+                "--top-fraction",
+                help="Keep this fraction of the whole input with the highest --by (e.g. 0.3).",
+                show_default=False,
+            ),
+        ],
+        "top_k": Annotated[
+            int | None,
+            typer.Option(
+                "--top-k",
+                min=0,
+                help="Keep this many rows of the whole input with the highest --by.",
+                show_default=False,
+            ),
+        ],
+        "by": Annotated[
+            str | None,
+            typer.Option(
+                "--by",
+                help="Numeric column to rank by (ties: smaller id first).",
+                show_default=False,
+            ),
+        ],
+        "min_duration": _audio("shortest clip kept, seconds."),
+        "max_duration": _audio("longest clip kept, seconds."),
+        "max_silence": _audio(
+            "largest fraction of silent frames kept (decodes the audio).", min=0, max=1
         ),
-    ] = None,
-    preset: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--preset",
-            help="Named rules: datacomp-basic, laion, audio-basic (repeatable).",
-            show_default=False,
+        "min_loudness": _audio(
+            "quietest overall RMS level kept, dBFS (e.g. -50; decodes the audio)."
         ),
-    ] = None,
-    top_fraction: Annotated[
-        float | None,
-        typer.Option(
-            "--top-fraction",
-            help="Keep this fraction of the whole input with the highest --by (e.g. 0.3).",
-            show_default=False,
-        ),
-    ] = None,
-    top_k: Annotated[
-        int | None,
-        typer.Option(
-            "--top-k",
-            min=0,
-            help="Keep this many rows of the whole input with the highest --by.",
-            show_default=False,
-        ),
-    ] = None,
-    by: Annotated[
-        str | None,
-        typer.Option(
-            "--by", help="Numeric column to rank by (ties: smaller id first).", show_default=False
-        ),
-    ] = None,
-    min_duration: Annotated[
-        float | None, typer.Option(help="Audio: shortest clip kept, seconds.", show_default=False)
-    ] = None,
-    max_duration: Annotated[
-        float | None, typer.Option(help="Audio: longest clip kept, seconds.", show_default=False)
-    ] = None,
-    max_silence: Annotated[
-        float | None,
-        typer.Option(
-            min=0,
-            max=1,
-            help="Audio: largest fraction of silent frames kept (decodes the audio).",
-            show_default=False,
-        ),
-    ] = None,
-    min_loudness: Annotated[
-        float | None,
-        typer.Option(
-            help="Audio: quietest overall RMS level kept, dBFS (e.g. -50; decodes the audio).",
-            show_default=False,
-        ),
-    ] = None,
-    silence_db: Annotated[
-        float, typer.Option(help="Audio: frames with RMS below this dBFS level count as silent.")
-    ] = -60.0,
-    invert: Annotated[
-        bool, typer.Option("--invert", help="Write the rows the rules would drop instead.")
-    ] = False,
-    overwrite: O.Overwrite = False,
-    shard_rows: O.ShardRows = 10_000,
-    shard_bytes: O.ShardBytes = 1 << 30,
-    batch_size: O.BatchSize = 8192,
-    engine: O.Engine = "local",
-    ray_address: O.RayAddress = None,
-    ray_concurrency: O.Concurrency = None,
-    num_gpus_per_worker: O.GpusPerWorker = None,
-    quiet: O.Quiet = False,
-    verbose: O.Verbose = False,
-    json: O.Json = False,
-    wait_lock: O.WaitLock = False,
-) -> None:
+        "silence_db": Annotated[
+            float,
+            typer.Option(help="Audio: frames with RMS below this dBFS level count as silent."),
+        ],
+        "invert": Annotated[
+            bool, typer.Option("--invert", help="Write the rows the rules would drop instead.")
+        ],
+    },
+)
+
+
+@O.expand(config=OPTIONS, common=O.DATASET.but(batch_size=8192))
+def filter_rows(config: FilterConfig, common: Common) -> None:
     """Keep the rows that pass every rule; count the rest by the rule that dropped them.
 
     Example: mmtools filter scored/ --where "clip_score >= 0.28 AND width >= 256" -o kept/
@@ -117,29 +106,14 @@ def filter_rows(
     --invert writes exactly the rows that would be dropped; the kept ones are then counted
     as dropped by 'inverted'.
     """
-    from mmtools.steps.filter.step import FilterConfig, make_filter
+    from mmtools.steps.filter.step import make_filter
 
-    config = FilterConfig(
-        where,
-        tuple(preset or ()),
-        by,
-        top_fraction,
-        top_k,
-        min_duration,
-        max_duration,
-        max_silence,
-        min_loudness,
-        silence_db,
-        invert,
-    )
-    step = make_filter(config)
+    step = make_filter(replace(config, presets=tuple(config.presets or ())))
     if not step.rules and step.top is None:
         raise UsageError(
             "give at least one rule: --where, --top-fraction/--top-k, --preset, or an audio option"
         )
-    source = open_source(inputs)
-    common = Common.of(locals())
-    execute("filter", source, [step], common)
+    execute("filter", open_source(common.inputs), [step], common)
 
 
 def register(app: typer.Typer) -> None:

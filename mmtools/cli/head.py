@@ -7,18 +7,18 @@ from typing import Annotated
 import typer
 
 from mmtools.cli import options as O
-from mmtools.cli.common import setup_logging
+from mmtools.cli.common import Common, open_source, setup_logging
 
 
+@O.expand(common=O.DATASET.only("inputs", "verbose"))
 def head(
-    inputs: O.Inputs = None,
+    common: Common,
     n: Annotated[int, typer.Option("-n", "--rows", min=0, help="Number of rows to show.")] = 5,
     columns: Annotated[
         str | None, typer.Option("-c", "--columns", help="Comma-separated columns to show.")
     ] = None,
     json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
     width: Annotated[int, typer.Option(help="Widest cell in the table, in characters.")] = 40,
-    verbose: O.Verbose = False,
 ) -> None:
     """Show the first rows of a dataset; media appear as format and size, not bytes.
 
@@ -26,11 +26,10 @@ def head(
 
     Reads only what it shows, so it ends a pipe early without errors upstream.
     """
-    from mmtools.cli.common import open_source
     from mmtools.tools.preview import preview_rows, render_table
 
-    setup_logging(verbose, False)
-    source = open_source(inputs)
+    setup_logging(common.verbose, False)
+    source = open_source(common.inputs)
     wanted = [c.strip() for c in columns.split(",")] if columns else None
     if wanted:
         from mmtools.columns import require

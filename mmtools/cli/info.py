@@ -8,13 +8,13 @@ from typing import Annotated
 import typer
 
 from mmtools.cli import options as O
-from mmtools.cli.common import human_bytes, setup_logging
+from mmtools.cli.common import Common, human_bytes, open_source, setup_logging
 
 
+@O.expand(common=O.DATASET.only("inputs", "verbose"))
 def info(
-    inputs: O.Inputs = None,
+    common: Common,
     json: Annotated[bool, typer.Option("--json", help="Print the description as JSON.")] = False,
-    verbose: O.Verbose = False,
 ) -> None:
     """Describe a dataset: schema, rows, shards, size, rejects and lineage.
 
@@ -24,12 +24,11 @@ def info(
     behind each embedding column and the rejects by reason. A stream on stdin is read to the
     end to count its rows.
     """
-    from mmtools.cli.common import open_source
     from mmtools.tools.info import describe
 
-    setup_logging(verbose, False)
-    source = open_source(inputs)
-    desc = describe(source, inputs or ["-"])
+    setup_logging(common.verbose, False)
+    source = open_source(common.inputs)
+    desc = describe(source, common.inputs or ["-"])
     if json:
         typer.echo(jsonlib.dumps(desc, indent=2, sort_keys=True))
         return

@@ -3,14 +3,43 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Annotated
 
 import typer
 
 from mmtools.cli import options as O
 from mmtools.cli.common import Common, execute
+from mmtools.steps.ingest.listing import ListingOptions
+from mmtools.steps.ingest.step import IngestConfig
+
+LISTING = O.Bundle(
+    ListingOptions,
+    {
+        "path_col": Annotated[str | None, typer.Option(help="Listing column with paths or URLs.")],
+        "caption_col": Annotated[str | None, typer.Option(help="Listing column with captions.")],
+        "id_col": Annotated[str | None, typer.Option(help="Listing column with ids.")],
+    },
+)
+OPTIONS = O.Bundle(
+    IngestConfig,
+    {
+        "embed_media": Annotated[
+            bool,
+            typer.Option("--embed-media/--paths-only", help="Store media bytes, or paths only."),
+        ],
+        "max_pixels": Annotated[
+            int, typer.Option(help="Reject images with more pixels (decompression bombs).")
+        ],
+        "verify": Annotated[
+            bool, typer.Option("--verify/--no-verify", help="Fully decode images to catch damage.")
+        ],
+        "timeout": Annotated[float, typer.Option(help="Seconds per URL download.")],
+    },
+)
 
 
+@O.expand(listing=LISTING, config=OPTIONS, common=O.DATASET.without("inputs").but(batch_size=256))
 def ingest(
     inputs: Annotated[
         list[str],
@@ -20,35 +49,12 @@ def ingest(
             "CSV/TSV/JSONL/Parquet listings, or WebDataset .tar shards.",
         ),
     ],
-    output: O.Output = None,
-    path_col: Annotated[str | None, typer.Option(help="Listing column with paths or URLs.")] = None,
-    caption_col: Annotated[str | None, typer.Option(help="Listing column with captions.")] = None,
-    id_col: Annotated[str | None, typer.Option(help="Listing column with ids.")] = None,
-    embed_media: Annotated[
-        bool, typer.Option("--embed-media/--paths-only", help="Store media bytes, or paths only.")
-    ] = True,
-    max_pixels: Annotated[
-        int, typer.Option(help="Reject images with more pixels (decompression bombs).")
-    ] = 89_478_485,
-    verify: Annotated[
-        bool, typer.Option("--verify/--no-verify", help="Fully decode images to catch damage.")
-    ] = True,
-    timeout: Annotated[float, typer.Option(help="Seconds per URL download.")] = 30.0,
+    listing: ListingOptions,
+    config: IngestConfig,
+    common: Common,
     workers: Annotated[int, typer.Option(min=1, help="Parallel readers.")] = min(
         16, 4 * (os.cpu_count() or 1)
     ),
-    overwrite: O.Overwrite = False,
-    shard_rows: O.ShardRows = 10_000,
-    shard_bytes: O.ShardBytes = 1 << 30,
-    batch_size: O.BatchSize = 256,
-    engine: O.Engine = "local",
-    ray_address: O.RayAddress = None,
-    ray_concurrency: O.Concurrency = None,
-    num_gpus_per_worker: O.GpusPerWorker = None,
-    quiet: O.Quiet = False,
-    verbose: O.Verbose = False,
-    json: O.Json = False,
-    wait_lock: O.WaitLock = False,
 ) -> None:
     """Read media and captions into a dataset.
 
@@ -62,14 +68,10 @@ def ingest(
     rows in _rejects/ with a reason (zero_byte, not_image, truncated, corrupt,
     decompression_bomb, missing_file, not_audio, ...).
     """
-    from mmtools.steps.ingest.listing import ListingOptions
-    from mmtools.steps.ingest.step import Ingest, IngestConfig, ListingSource
+    from mmtools.steps.ingest.step import Ingest, ListingSource
 
-    opts = ListingOptions(path_col, caption_col, id_col)
-    config = IngestConfig(embed_media, max_pixels, verify, timeout, opts)
-    source = ListingSource(inputs, opts)
-    step = Ingest(config, source.kinds, workers=workers)
-    common = Common.of(locals())
+    source = ListingSource(inputs, listing)
+    step = Ingest(replace(config, listing=listing), source.kinds, workers=workers)
     execute("ingest", source, [step], common)
 
 

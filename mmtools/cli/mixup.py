@@ -2,84 +2,79 @@
 
 from __future__ import annotations
 
-import logging
 import os
+from dataclasses import replace
 from typing import Annotated
 
 import typer
 
 from mmtools.cli import options as O
 from mmtools.cli.common import Common, execute, open_source
+from mmtools.steps.mixup.step import MixupConfig
 
-log = logging.getLogger("mmtools")
+OPTIONS = O.Bundle(
+    MixupConfig,
+    {
+        "mode": Annotated[
+            str, typer.Option(help="image-text (MixGen), audio-text, or embedding (geodesic).")
+        ],
+        "alpha": Annotated[float, typer.Option(help="λ is drawn from Beta(α, α).")],
+        "lam": Annotated[
+            float | None,
+            typer.Option(
+                "--lam",
+                help="Fixed λ (weight of the first parent) instead of Beta(α, α).",
+                show_default=False,
+            ),
+        ],
+        "fraction": Annotated[
+            float, typer.Option(help="Mixed rows to make, as a fraction of the pairable rows.")
+        ],
+        "pairing": Annotated[
+            str,
+            typer.Option(
+                help="random, nearest[:COLUMN] (nearest neighbour in an embedding "
+                "column) or same:COLUMN (within a label or group)."
+            ),
+        ],
+        "columns": Annotated[
+            str | None,
+            typer.Option(
+                help="Embedding mode: comma-separated columns to mix; A:B mixes the first "
+                "parent's A with the partner's B (cross-modal). Default: all embeddings.",
+                show_default=False,
+            ),
+        ],
+        "keep_originals": Annotated[
+            bool,
+            typer.Option("--keep-originals", help="Write the input rows too, not only mixes."),
+        ],
+        "format": Annotated[
+            str | None,
+            typer.Option(
+                "--format",
+                help="Encoding of mixed media: jpeg, png or webp (images; "
+                "default jpeg), wav or flac (audio; default wav).",
+                show_default=False,
+            ),
+        ],
+        "quality": Annotated[int, typer.Option(help="JPEG/WebP quality of mixed images.")],
+        "sample_rate": Annotated[
+            int | None,
+            typer.Option(
+                help="Audio rate of the mix (default: the first parent's).", show_default=False
+            ),
+        ],
+        "seed": O.Seed,
+    },
+).but(columns=None)  # a comma-separated string on the command line; a list in the config
 
 
+@O.expand(config=OPTIONS, common=O.DATASET.but(batch_size=256))
 def mixup(
-    inputs: O.Inputs = None,
-    output: O.Output = None,
-    mode: Annotated[
-        str, typer.Option(help="image-text (MixGen), audio-text, or embedding (geodesic).")
-    ] = "image-text",
-    alpha: Annotated[float, typer.Option(help="λ is drawn from Beta(α, α).")] = 0.2,
-    lam: Annotated[
-        float | None,
-        typer.Option(
-            "--lam",
-            help="Fixed λ (weight of the first parent) instead of Beta(α, α).",
-            show_default=False,
-        ),
-    ] = None,
-    fraction: Annotated[
-        float, typer.Option(help="Mixed rows to make, as a fraction of the pairable rows.")
-    ] = 1.0,
-    pairing: Annotated[
-        str,
-        typer.Option(
-            help="random, nearest[:COLUMN] (nearest neighbour in an embedding "
-            "column) or same:COLUMN (within a label or group)."
-        ),
-    ] = "random",
-    columns: Annotated[
-        str | None,
-        typer.Option(
-            help="Embedding mode: comma-separated columns to mix; A:B mixes the first "
-            "parent's A with the partner's B (cross-modal). Default: all embeddings.",
-            show_default=False,
-        ),
-    ] = None,
-    keep_originals: Annotated[
-        bool, typer.Option("--keep-originals", help="Write the input rows too, not only mixes.")
-    ] = False,
-    fmt: Annotated[
-        str | None,
-        typer.Option(
-            "--format",
-            help="Encoding of mixed media: jpeg, png or webp (images; "
-            "default jpeg), wav or flac (audio; default wav).",
-            show_default=False,
-        ),
-    ] = None,
-    quality: Annotated[int, typer.Option(help="JPEG/WebP quality of mixed images.")] = 95,
-    sample_rate: Annotated[
-        int | None,
-        typer.Option(
-            help="Audio rate of the mix (default: the first parent's).", show_default=False
-        ),
-    ] = None,
-    seed: O.Seed = 0,
+    config: MixupConfig,
+    common: Common,
     workers: Annotated[int, typer.Option(min=1, help="Decoding threads.")] = os.cpu_count() or 1,
-    overwrite: O.Overwrite = False,
-    shard_rows: O.ShardRows = 10_000,
-    shard_bytes: O.ShardBytes = 1 << 30,
-    batch_size: O.BatchSize = 256,
-    engine: O.Engine = "local",
-    ray_address: O.RayAddress = None,
-    ray_concurrency: O.Concurrency = None,
-    num_gpus_per_worker: O.GpusPerWorker = None,
-    quiet: O.Quiet = False,
-    verbose: O.Verbose = False,
-    json: O.Json = False,
-    wait_lock: O.WaitLock = False,
 ) -> None:
     """Write mixed rows (MixGen, audio or embedding mixup) with their provenance.
 
@@ -96,15 +91,10 @@ def mixup(
     --seed, so the output is the same whatever the shard layout, batch size or resume. A
     parent that cannot be decoded becomes a reject row and its pairs are skipped.
     """
-    from mmtools.steps.mixup import Mixup, MixupConfig
+    from mmtools.steps.mixup import Mixup
 
-    specs = [c.strip() for c in columns.split(",") if c.strip()] if columns else []
-    config = MixupConfig(
-        mode, alpha, lam, fraction, pairing, specs, keep_originals, fmt, quality, sample_rate, seed
-    )
-    source = open_source(inputs)
-    step = Mixup(config, workers=workers)
-    common = Common.of(locals())
+    source = open_source(common.inputs)
+    step = Mixup(replace(config, columns=O.split_commas(config.columns)), workers=workers)
     execute("mixup", source, [step], common)
 
 

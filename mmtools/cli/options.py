@@ -1,12 +1,22 @@
-"""Options every command shares, spelled the same everywhere."""
+"""Options shared by the commands, declared once, and the bundles that fill a config from them.
+
+A `Bundle` pairs a dataclass with the Typer declaration of each field it takes from the
+command line; its defaults are the dataclass's own. `expand` puts the bundles' options into a
+command's signature (Typer reads `__signature__`) and hands the command the built objects.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+import functools
+import inspect
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Annotated, Any
 
 import typer
 
+from mmtools.cli.common import Common
 from mmtools.engines.ray.cluster import ENV_ADDRESS, ENV_CONCURRENCY, ENV_GPUS
+from mmtools.steps.embed.step import EmbedConfig
 
 Inputs = Annotated[
     list[str] | None,
@@ -101,3 +111,138 @@ Pretrained = Annotated[
 ]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 Precision = Annotated[str, typer.Option("--precision", help="fp32, fp16 or bf16.")]
+
+Dtype = Annotated[str, typer.Option("--dtype", help="Stored embedding type: float16 or float32.")]
+Workers = Annotated[
+    int, typer.Option("--workers", min=1, help="Threads decoding media ahead of the model.")
+]
+AudioModel = Annotated[
+    str,
+    typer.Option(
+        "--audio-model",
+        help="CLAP model: a Hugging Face id or a local directory saved with save_pretrained.",
+    ),
+]
+
+
+def split_commas(values: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """'a, b' or ['a,b', 'c'] -> ['a', 'b', 'c']: repeated and comma-joined values alike."""
+    items = [values] if isinstance(values, str) else values or []
+    return [v.strip() for item in items for v in item.split(",") if v.strip()]
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """Command-line options that fill one dataclass; defaults are the dataclass's own."""
+
+    cls: type
+    options: dict[str, Any]  # field name -> its Annotated Typer declaration
+    defaults: dict[str, Any] = field(default_factory=dict)  # a command's own defaults
+
+    def but(self, **defaults: Any) -> Bundle:
+        """The same options with some of a command's own defaults."""
+        return Bundle(self.cls, self.options, {**self.defaults, **defaults})
+
+    def declare(self, **options: Any) -> Bundle:
+        """The same options with some declared differently (other help, other names)."""
+        return Bundle(self.cls, {**self.options, **options}, self.defaults)
+
+    def only(self, *names: str) -> Bundle:
+        """A subset of the options."""
+        return Bundle(self.cls, {n: self.options[n] for n in names}, self.defaults)
+
+    def without(self, *names: str) -> Bundle:
+        """All the options but some."""
+        kept = [n for n in self.options if n not in names]
+        return self.only(*kept)
+
+    def default(self, name: str) -> Any:
+        """An option's default: the command's own, else the dataclass field's."""
+        if name in self.defaults:
+            return self.defaults[name]
+        f = next(f for f in fields(self.cls) if f.name == name)
+        return f.default_factory() if f.default is MISSING else f.default
+
+    def parameters(self) -> list[inspect.Parameter]:
+        """The options as keyword-only parameters, as Typer reads them."""
+        kind = inspect.Parameter.KEYWORD_ONLY
+        return [
+            inspect.Parameter(name, kind, default=self.default(name), annotation=annotation)
+            for name, annotation in self.options.items()
+        ]
+
+    def build(self, values: dict[str, Any], given: set[str]) -> Any:
+        """The dataclass from the parsed options (`given`: the names every bundle declares)."""
+        # A field another bundle declares is filled from that option too: embed's
+        # --batch-size is the run's batch and the model's.
+        names = {f.name for f in fields(self.cls)} & given
+        return self.cls(**{n: values[n] for n in names})
+
+
+def expand(**bundles: Bundle):
+    """Decorator: replace each parameter named in `bundles` by that bundle's options.
+
+    The command keeps its own parameters and receives one built object per bundle, so its
+    signature lists only what is its own; an option two bundles share is declared once.
+    """
+
+    def wrap(command):
+        own = [
+            p
+            for p in inspect.signature(command, eval_str=True).parameters.values()
+            if p.name not in bundles
+        ]
+        params, seen = list(own), {p.name for p in own}
+        for bundle in bundles.values():
+            for p in bundle.parameters():
+                if p.name not in seen:
+                    params.append(p)
+                    seen.add(p.name)
+        given = seen - {p.name for p in own}
+
+        @functools.wraps(command)
+        def run(**values: Any) -> Any:
+            built = {name: b.build(values, given) for name, b in bundles.items()}
+            return command(**{p.name: values[p.name] for p in own}, **built)
+
+        run.__signature__ = inspect.Signature(params)
+        run.__annotations__ = {p.name: p.annotation for p in params}
+        return run
+
+    return wrap
+
+
+# The options of a dataset-to-dataset command.
+DATASET = Bundle(
+    Common,
+    {
+        "inputs": Inputs,
+        "output": Output,
+        "overwrite": Overwrite,
+        "shard_rows": ShardRows,
+        "shard_bytes": ShardBytes,
+        "batch_size": BatchSize,
+        "engine": Engine,
+        "ray_address": RayAddress,
+        "ray_concurrency": Concurrency,
+        "num_gpus_per_worker": GpusPerWorker,
+        "quiet": Quiet,
+        "verbose": Verbose,
+        "json": Json,
+        "wait_lock": WaitLock,
+    },
+)
+
+# The model options `embed` and `score` share; DATASET's --batch-size is the model batch.
+MODEL = Bundle(
+    EmbedConfig,
+    {
+        "model": Model,
+        "pretrained": Pretrained,
+        "audio_model": AudioModel,
+        "device": Device,
+        "precision": Precision,
+        "dtype": Dtype,
+        "workers": Workers,
+    },
+)

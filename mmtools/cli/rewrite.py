@@ -3,131 +3,120 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Annotated
 
 import typer
 
 from mmtools.cli import options as O
 from mmtools.cli.common import Common, execute, open_source
+from mmtools.steps.rewrite.step import RewriteConfig
 
 _HTTP = "OpenAI-compatible server"
 _LOCAL = "transformers backend"
 
 
+def _http(help: str, type_: type, **kw) -> object:
+    """An option of the OpenAI-compatible backend."""
+    return Annotated[type_, typer.Option(help=help, rich_help_panel=_HTTP, **kw)]
+
+
+OPTIONS = O.Bundle(
+    RewriteConfig,
+    {
+        "mode": Annotated[
+            str,
+            typer.Option(
+                help="rewrite (alt-text with an LLM), caption (the image "
+                "with a VLM) or fuse (alt-text + a description)."
+            ),
+        ],
+        "backend": Annotated[
+            str,
+            typer.Option(
+                help="openai (any OpenAI-compatible server), "
+                "transformers (a local model) or template (offline "
+                "rules)."
+            ),
+        ],
+        "model": Annotated[
+            str,
+            typer.Option(
+                help="Model name on the server, or a Hugging Face model id or local directory."
+            ),
+        ],
+        "prompt": Annotated[
+            str | None,
+            typer.Option(
+                help="Prompt file, or the name of a shipped one "
+                "(rewrite, caption, caption_hint, fuse); {text} "
+                "and {column} are filled per row."
+            ),
+        ],
+        "examples": Annotated[
+            str | None,
+            typer.Option(
+                help="Few-shot examples: 'alt => caption' lines or JSONL with an output key."
+            ),
+        ],
+        "column": Annotated[str, typer.Option(help="Output column.")],
+        "description_column": Annotated[
+            str, typer.Option(help="fuse: the column with the generated description.")
+        ],
+        "mix": Annotated[
+            float | None,
+            typer.Option(
+                help="Put the synthetic caption into text with "
+                "this probability per row, the alt-text "
+                "otherwise (kept in text_original)."
+            ),
+        ],
+        "seed": O.Seed,
+        "base_url": _http(f"{_HTTP}: base URL.", str),
+        "api_key_env": _http("Environment variable holding the API key.", str),
+        "concurrency": _http("Requests in flight.", int, min=1),
+        "timeout": _http("Seconds per request attempt, in all.", float),
+        "connect_timeout": _http("Seconds to connect.", float),
+        "retries": _http("Retries per row (429, 5xx, timeouts, dropped connections).", int, min=0),
+        "backoff": _http("First retry delay in seconds; doubles, with jitter.", float),
+        "max_tokens": Annotated[int, typer.Option(min=1, help="Tokens to generate per row.")],
+        "temperature": Annotated[float, typer.Option(help="0 means greedy.")],
+        "max_chars": Annotated[
+            int,
+            typer.Option(
+                help="Cut captions to this many characters at a word boundary (0: no limit)."
+            ),
+        ],
+        "max_image_side": Annotated[
+            int,
+            typer.Option(help="caption: shrink images to this many pixels on the long side first."),
+        ],
+        "cache": Annotated[
+            str | None,
+            typer.Option(
+                help="Cache of finished generations (SQLite); default "
+                "OUTPUT/_cache/rewrite.sqlite.",
+                show_default=False,
+            ),
+        ],
+        "device": O.Device,
+        "precision": O.Precision,
+        "gen_batch_size": Annotated[
+            int, typer.Option(min=1, help="Rows per generate() call.", rich_help_panel=_LOCAL)
+        ],
+    },
+).but(prompt=None, examples=None)  # a file or name, and a file; loaded into the config
+# --concurrency is the requests in flight here; Ray's is --ray-concurrency only.
+DATASET = O.DATASET.declare(ray_concurrency=O.RayConcurrency).but(batch_size=256)
+
+
+@O.expand(config=OPTIONS, common=DATASET)
 def rewrite(
-    inputs: O.Inputs = None,
-    output: O.Output = None,
-    mode: Annotated[
-        str,
-        typer.Option(
-            help="rewrite (alt-text with an LLM), caption (the image "
-            "with a VLM) or fuse (alt-text + a description)."
-        ),
-    ] = "rewrite",
-    backend: Annotated[
-        str,
-        typer.Option(
-            help="openai (any OpenAI-compatible server), "
-            "transformers (a local model) or template (offline "
-            "rules)."
-        ),
-    ] = "openai",
-    model: Annotated[
-        str,
-        typer.Option(
-            help="Model name on the server, or a Hugging Face model id or local directory."
-        ),
-    ] = "",
-    prompt: Annotated[
-        str | None,
-        typer.Option(
-            help="Prompt file, or the name of a shipped one "
-            "(rewrite, caption, caption_hint, fuse); {text} "
-            "and {column} are filled per row."
-        ),
-    ] = None,
-    examples: Annotated[
-        str | None,
-        typer.Option(help="Few-shot examples: 'alt => caption' lines or JSONL with an output key."),
-    ] = None,
-    column: Annotated[str, typer.Option(help="Output column.")] = "text_synthetic",
-    description_column: Annotated[
-        str, typer.Option(help="fuse: the column with the generated description.")
-    ] = "text_synthetic",
-    mix: Annotated[
-        float | None,
-        typer.Option(
-            help="Put the synthetic caption into text with "
-            "this probability per row, the alt-text "
-            "otherwise (kept in text_original)."
-        ),
-    ] = None,
-    seed: O.Seed = 0,
-    base_url: Annotated[
-        str, typer.Option(help=f"{_HTTP}: base URL.", rich_help_panel=_HTTP)
-    ] = "http://127.0.0.1:8000/v1",
-    api_key_env: Annotated[
-        str, typer.Option(help="Environment variable holding the API key.", rich_help_panel=_HTTP)
-    ] = "OPENAI_API_KEY",
-    concurrency: Annotated[
-        int, typer.Option(min=1, help="Requests in flight.", rich_help_panel=_HTTP)
-    ] = 16,
-    timeout: Annotated[
-        float, typer.Option(help="Seconds per request attempt, in all.", rich_help_panel=_HTTP)
-    ] = 120.0,
-    connect_timeout: Annotated[
-        float, typer.Option(help="Seconds to connect.", rich_help_panel=_HTTP)
-    ] = 10.0,
-    retries: Annotated[
-        int,
-        typer.Option(
-            min=0,
-            help="Retries per row (429, 5xx, timeouts, dropped connections).",
-            rich_help_panel=_HTTP,
-        ),
-    ] = 4,
-    backoff: Annotated[
-        float,
-        typer.Option(
-            help="First retry delay in seconds; doubles, with jitter.", rich_help_panel=_HTTP
-        ),
-    ] = 1.0,
-    max_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate per row.")] = 128,
-    temperature: Annotated[float, typer.Option(help="0 means greedy.")] = 0.0,
-    max_chars: Annotated[
-        int,
-        typer.Option(help="Cut captions to this many characters at a word boundary (0: no limit)."),
-    ] = 300,
-    max_image_side: Annotated[
-        int, typer.Option(help="caption: shrink images to this many pixels on the long side first.")
-    ] = 768,
-    cache: Annotated[
-        str | None,
-        typer.Option(
-            help="Cache of finished generations (SQLite); default OUTPUT/_cache/rewrite.sqlite.",
-            show_default=False,
-        ),
-    ] = None,
+    config: RewriteConfig,
+    common: Common,
     no_cache: Annotated[
         bool, typer.Option("--no-cache", help="Neither read nor write the cache.")
     ] = False,
-    device: O.Device = "auto",
-    precision: O.Precision = "fp32",
-    gen_batch_size: Annotated[
-        int, typer.Option(min=1, help="Rows per generate() call.", rich_help_panel=_LOCAL)
-    ] = 8,
-    overwrite: O.Overwrite = False,
-    shard_rows: O.ShardRows = 10_000,
-    shard_bytes: O.ShardBytes = 1 << 30,
-    batch_size: O.BatchSize = 256,
-    engine: O.Engine = "local",
-    ray_address: O.RayAddress = None,
-    ray_concurrency: O.RayConcurrency = None,
-    num_gpus_per_worker: O.GpusPerWorker = None,
-    quiet: O.Quiet = False,
-    verbose: O.Verbose = False,
-    json: O.Json = False,
-    wait_lock: O.WaitLock = False,
 ) -> None:
     """Add synthetic captions (text_synthetic) beside the alt-text, with caption_source.
 
@@ -143,38 +132,18 @@ def rewrite(
     --cache PATH), so a rerun after a crash pays only for the rows left.
     """
     from mmtools.steps.rewrite.prompts import load_examples, load_prompt
-    from mmtools.steps.rewrite.step import Rewrite, RewriteConfig
+    from mmtools.steps.rewrite.step import Rewrite
 
-    cache_path = None if no_cache else cache or _default_cache(output, overwrite, wait_lock)
-    config = RewriteConfig(
-        mode=mode,
-        backend=backend,
-        model=model,
-        prompt=load_prompt(prompt) if prompt else "",
-        examples=load_examples(examples),
-        column=column,
-        description_column=description_column,
-        mix=mix,
-        seed=seed,
-        max_tokens=max_tokens,
-        temperature=temperature,
-        max_chars=max_chars,
-        max_image_side=max_image_side,
-        precision=precision,
-        base_url=base_url,
-        api_key_env=api_key_env,
-        concurrency=concurrency,
-        timeout=timeout,
-        connect_timeout=connect_timeout,
-        retries=retries,
-        backoff=backoff,
-        device=device,
-        gen_batch_size=gen_batch_size,
-        cache=cache_path and os.path.abspath(cache_path),
+    c = common
+    cache = None if no_cache else config.cache or _default_cache(c.output, c.overwrite, c.wait_lock)
+    config = replace(
+        config,
+        prompt=load_prompt(config.prompt) if config.prompt else "",
+        examples=load_examples(config.examples),
+        cache=cache and os.path.abspath(cache),
     )
     step = Rewrite(config)
-    common = Common.of(locals())
-    execute("rewrite", open_source(inputs), [step], common)
+    execute("rewrite", open_source(c.inputs), [step], c)
 
 
 def _default_cache(output: str | None, overwrite: bool, wait_lock: bool) -> str | None:

@@ -8,7 +8,7 @@ import typer
 
 from mmtools.cli import options as O
 from mmtools.cli.common import Common, execute, open_source
-from mmtools.cli.embed import Dtype, Workers, default_workers
+from mmtools.steps.embed.step import EmbedConfig
 
 Media = Annotated[
     str | None,
@@ -37,32 +37,14 @@ ScoreAudioModel = Annotated[
         show_default=False,
     ),
 ]
+# The models default to the one recorded for the embedding present (None: not given).
+MODEL = O.MODEL.declare(model=ScoreModel, audio_model=ScoreAudioModel).but(
+    model=None, audio_model=None
+)
 
 
-def score(
-    inputs: O.Inputs = None,
-    output: O.Output = None,
-    media: Media = None,
-    model: ScoreModel = None,
-    pretrained: O.Pretrained = None,
-    audio_model: ScoreAudioModel = None,
-    device: O.Device = "auto",
-    precision: O.Precision = "fp32",
-    dtype: Dtype = "float16",
-    workers: Workers = default_workers(),
-    overwrite: O.Overwrite = False,
-    shard_rows: O.ShardRows = 10_000,
-    shard_bytes: O.ShardBytes = 1 << 30,
-    batch_size: O.BatchSize = 256,
-    engine: O.Engine = "local",
-    ray_address: O.RayAddress = None,
-    ray_concurrency: O.Concurrency = None,
-    num_gpus_per_worker: O.GpusPerWorker = None,
-    quiet: O.Quiet = False,
-    verbose: O.Verbose = False,
-    json: O.Json = False,
-    wait_lock: O.WaitLock = False,
-) -> None:
+@O.expand(common=O.DATASET.but(batch_size=256), config=MODEL)
+def score(common: Common, config: EmbedConfig, media: Media = None) -> None:
     """Add clip_score (image-text) or audio_text_score: the cosine of the two embeddings.
 
     Example: mmtools score embedded/ -o scored/
@@ -75,15 +57,10 @@ def score(
     present. Embeddings made by different models (per the metadata) are refused. Rows with
     a null, NaN or zero embedding become reject rows.
     """
-    from mmtools.steps.embed import ModelOptions
     from mmtools.steps.score.step import score_steps
 
-    source = open_source(inputs)
-    opts = ModelOptions(
-        model, pretrained, audio_model, device, precision, dtype, batch_size, workers
-    )
-    steps = score_steps(source.schema, media, opts)
-    common = Common.of(locals())
+    source = open_source(common.inputs)
+    steps = score_steps(source.schema, media, config)
     execute("score", source, steps, common)
 
 

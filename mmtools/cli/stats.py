@@ -4,26 +4,44 @@ from __future__ import annotations
 
 import json as jsonlib
 import sys
+from dataclasses import replace
 from typing import Annotated
 
 import typer
 
 from mmtools.cli import options as O
-from mmtools.cli.common import setup_logging
+from mmtools.cli.common import Common, open_source, setup_logging
+from mmtools.tools.stats import StatsConfig
+
+OPTIONS = O.Bundle(
+    StatsConfig,
+    {
+        "columns": Annotated[
+            str | None,
+            typer.Option(
+                "-c",
+                "--columns",
+                help="Comma-separated columns to describe (default: all "
+                "but media bytes; name a media column to measure its byte sizes).",
+                show_default=False,
+            ),
+        ],
+        "sample_size": Annotated[
+            int, typer.Option(min=1, help="Values kept per column for quantiles and histograms.")
+        ],
+        "top": Annotated[int, typer.Option(min=0, help="Most frequent string values to show.")],
+        "bins": Annotated[int, typer.Option(min=1, help="Histogram bins.")],
+    },
+)
 
 
+@O.expand(
+    config=OPTIONS,
+    common=O.DATASET.only("inputs", "batch_size", "verbose").but(batch_size=8192),
+)
 def stats(
-    inputs: O.Inputs = None,
-    columns: Annotated[
-        str | None,
-        typer.Option(
-            "-c",
-            "--columns",
-            help="Comma-separated columns to describe (default: all "
-            "but media bytes; name a media column to measure its byte sizes).",
-            show_default=False,
-        ),
-    ] = None,
+    config: StatsConfig,
+    common: Common,
     json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     plot: Annotated[
         str | None,
@@ -35,13 +53,6 @@ def stats(
             show_default=False,
         ),
     ] = None,
-    sample_size: Annotated[
-        int, typer.Option(min=1, help="Values kept per column for quantiles and histograms.")
-    ] = 100_000,
-    top: Annotated[int, typer.Option(min=0, help="Most frequent string values to show.")] = 10,
-    bins: Annotated[int, typer.Option(min=1, help="Histogram bins.")] = 20,
-    batch_size: O.BatchSize = 8192,
-    verbose: O.Verbose = False,
 ) -> None:
     """Show per-column distributions: counts, nulls, range, mean, quantiles, top values.
 
@@ -54,29 +65,35 @@ def stats(
     to --sample-size values per column and come from a uniform sample beyond. The report
     goes to stdout (a table, or JSON with --json); nothing is written unless --plot is given.
     """
-    from mmtools.cli.common import open_source
-    from mmtools.tools.stats import StatsConfig, profile, render
     from mmtools.tools.stats import plot as plot_report
 
-    setup_logging(verbose, False)
-    wanted = tuple(c.strip() for c in columns.split(",") if c.strip()) if columns else None
-    config = StatsConfig(wanted, sample_size=sample_size, top=top, bins=bins)
-    if plot:
-        from mmtools.errors import require_module
-
-        require_module("matplotlib", "plot")  # fail before the pass, not after it
-    source = open_source(inputs)
-    try:
-        report = profile(source, config, batch_size=batch_size)
-    finally:
-        source.close()
+    setup_logging(common.verbose, False)
+    config = replace(config, columns=tuple(O.split_commas(config.columns)) or None)
+    report = _profile(common, config, plot)
     if plot:
         paths = plot_report(report, plot)
         print(f"mmtools stats: wrote {len(paths)} plots to {plot}", file=sys.stderr)
     if json:
         typer.echo(jsonlib.dumps(report, indent=2, sort_keys=True, allow_nan=False, default=str))
     else:
+        from mmtools.tools.stats import render
+
         typer.echo(render(report))
+
+
+def _profile(common: Common, config: StatsConfig, plot: str | None) -> dict:
+    """The report over the whole input (checking first that a plot can be drawn)."""
+    from mmtools.tools.stats import profile
+
+    if plot:
+        from mmtools.errors import require_module
+
+        require_module("matplotlib", "plot")  # fail before the pass, not after it
+    source = open_source(common.inputs)
+    try:
+        return profile(source, config, batch_size=common.batch_size)
+    finally:
+        source.close()
 
 
 def register(app: typer.Typer) -> None:

@@ -127,10 +127,16 @@ def end_to_end(steps, data: Path, out: Path, batch: int) -> float:
 
 
 def measure(args, images: list[bytes], data: Path, tmp: Path, batch: int, precision: str):
-    from mmtools.steps.embed import ModelOptions, embed_steps
+    from mmtools.steps.embed import EmbedConfig, embed_steps
 
-    opts = ModelOptions(
-        args.model, args.pretrained, None, args.device, precision, "float16", batch, args.workers
+    opts = EmbedConfig(
+        model=args.model,
+        pretrained=args.pretrained,
+        device=args.device,
+        precision=precision,
+        dtype="float16",
+        batch_size=batch,
+        workers=args.workers,
     )
     steps = embed_steps([C.ID, C.IMAGE, C.TEXT], ["image", "text"], opts)
     steps[0].setup()

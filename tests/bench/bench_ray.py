@@ -64,7 +64,7 @@ def pipeline(work: Path, images: Path) -> list[tuple[str, object, object]]:
     """(command, make_source, make_steps) for each step; each reads the previous output."""
     from mmtools.io.source import Source
     from mmtools.steps.dedup.step import Dedup, DedupConfig
-    from mmtools.steps.embed import ClipEmbed, EmbedConfig, ModelOptions
+    from mmtools.steps.embed import ClipEmbed, EmbedConfig
     from mmtools.steps.filter.step import FilterConfig, make_filter
     from mmtools.steps.ingest.listing import ListingOptions
     from mmtools.steps.ingest.step import Ingest, IngestConfig, ListingSource
@@ -74,8 +74,9 @@ def pipeline(work: Path, images: Path) -> list[tuple[str, object, object]]:
     work.mkdir(exist_ok=True)
     model = work / "tiny-clip.json"
     model.write_text(json.dumps(TINY_CLIP))
-    embed = EmbedConfig(["image", "text"], str(model), "none", "cpu", batch_size=BATCH, workers=2)
-    opts = ModelOptions(str(model), "none", device="cpu", batch_size=BATCH, workers=2)
+    embed = EmbedConfig(
+        model=str(model), pretrained="none", device="cpu", batch_size=BATCH, workers=2
+    )
 
     def src(name):
         return lambda: Source([str(work / name)])
@@ -87,9 +88,9 @@ def pipeline(work: Path, images: Path) -> list[tuple[str, object, object]]:
             lambda s: [Ingest(IngestConfig(), s.kinds, workers=2)],
         ),
         ("embed", src("ingest"), lambda s: [ClipEmbed(embed)]),
-        ("score", src("embed"), lambda s: score_steps(s.schema, None, opts)),
+        ("score", src("embed"), lambda s: score_steps(s.schema, None, embed)),
         ("filter", src("score"), lambda s: [make_filter(FilterConfig(where="clip_score > -1"))]),
-        ("dedup", src("filter"), lambda s: [Dedup(DedupConfig(("exact",)))]),
+        ("dedup", src("filter"), lambda s: [Dedup(DedupConfig(methods=("exact",)))]),
         ("mixup", src("dedup"), lambda s: [Mixup(MixupConfig(fraction=0.3, seed=1))]),
     ]
 
@@ -160,7 +161,7 @@ def bench_forced_shuffle(tmp: Path) -> None:
     threshold, ray_engine.SHUFFLE_MIN_ROWS = ray_engine.SHUFFLE_MIN_ROWS, 0
     print(f"\ndedup with Ray's groupby forced (it runs from {threshold:,} rows on):")
     for methods in (("exact",), ("phash",), ("semantic",)):
-        config = DedupConfig(methods, clusters=4)
+        config = DedupConfig(methods=methods, clusters=4)
         seconds = [
             run_once(
                 eng,
@@ -207,7 +208,7 @@ def bench_dedup_rows(n: int, tmp: Path) -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     print(f"\ndedup on {n:,} rows (4 files), local vs Ray's groupby:")
     for methods in (("exact",), ("minhash",), ("semantic",)):
-        config = DedupConfig(methods)
+        config = DedupConfig(methods=methods)
         seconds, rows = [], []
         for name, eng in (("local", engine), ("ray", ray_engine)):
             out = tmp / f"dedup-{name}-{methods[0]}"

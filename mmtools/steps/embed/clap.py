@@ -105,7 +105,7 @@ class ClapEmbed(EmbedStep):
     def spec(self) -> models.ClapSpec:
         """The resolved CLAP model."""
         if self._spec is None:
-            self._spec = models.resolve_clap(self.config.model)
+            self._spec = models.resolve_clap(self.config.audio_model)
         return self._spec
 
     def _load(self, device) -> dict:

@@ -1,45 +1,17 @@
-"""The model options `embed` and `score` share, and the embedding steps they make."""
+"""The embedding steps `embed` (and `score`, for missing embeddings) make from one config."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
 
 from mmtools import columns as C
-from mmtools import models
 from mmtools.errors import UsageError
 from mmtools.steps.embed.clap import ClapEmbed
 from mmtools.steps.embed.clip import ClipEmbed
 from mmtools.steps.embed.step import EmbedConfig
 
 
-@dataclass
-class ModelOptions:
-    """The model options `embed` and `score` share."""
-
-    model: str | None = None
-    pretrained: str | None = None
-    audio_model: str | None = None
-    device: str = "auto"
-    precision: str = "fp32"
-    dtype: str = "float16"
-    batch_size: int = 256
-    workers: int = EmbedConfig.workers
-
-    def config(self, modalities: list[str], model: str, pretrained: str | None) -> EmbedConfig:
-        """An embedding step's config with these options."""
-        return EmbedConfig(
-            modalities,
-            model,
-            pretrained,
-            self.device,
-            self.precision,
-            self.dtype,
-            self.batch_size,
-            self.workers,
-        )
-
-
-def embed_steps(names: list[str], modalities: list[str] | None, opts: ModelOptions) -> list:
+def embed_steps(names: list[str], modalities: list[str] | None, config: EmbedConfig) -> list:
     """The embedding steps for `modalities` (default: every media and text the input has).
 
     Text goes to the image model when images are embedded, else to the audio model when
@@ -60,11 +32,7 @@ def embed_steps(names: list[str], modalities: list[str] | None, opts: ModelOptio
     clap = [m for m in ("audio", "text") if m in modalities and (m == "audio" or audio_text)]
     steps: list = []
     if clip:
-        steps.append(
-            ClipEmbed(opts.config(clip, opts.model or models.DEFAULT_MODEL, opts.pretrained))
-        )
+        steps.append(ClipEmbed(replace(config, modalities=clip)))
     if clap:
-        steps.append(
-            ClapEmbed(opts.config(clap, opts.audio_model or models.DEFAULT_AUDIO_MODEL, None))
-        )
+        steps.append(ClapEmbed(replace(config, modalities=clap)))
     return steps

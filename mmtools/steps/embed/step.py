@@ -39,11 +39,14 @@ Reason = tuple[str, str] | None
 
 @dataclass
 class EmbedConfig:
-    """Options of an embedding step; `model` is an open_clip model or a CLAP model."""
+    """Options of an embedding step: open_clip reads `model` and `pretrained`, CLAP reads
+    `audio_model`; `embed` and `score` fill one from the command line for all their steps.
+    A model of None (score's default) means the one recorded for the embedding present."""
 
     modalities: list[str] = field(default_factory=lambda: ["image", "text"])
-    model: str = models.DEFAULT_MODEL
+    model: str | None = models.DEFAULT_MODEL
     pretrained: str | None = None
+    audio_model: str | None = models.DEFAULT_AUDIO_MODEL
     device: str = "auto"
     precision: str = "fp32"
     dtype: str = "float16"

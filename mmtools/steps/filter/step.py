@@ -251,7 +251,9 @@ class Filter(Step):
         self.rules = build_rules(config)
         self.top = None
         if config.top_fraction is not None or config.top_k is not None:
-            self.top = TopFraction(TopFractionConfig(config.by, config.top_fraction, config.top_k))
+            self.top = TopFraction(
+                TopFractionConfig(by=config.by, fraction=config.top_fraction, k=config.top_k)
+            )
         self._active: list | None = None
         self._exprs = None
         self._pool: ThreadPoolExecutor | None = None

@@ -10,7 +10,7 @@ with the same steps `mmtools embed` runs, so `embed | score` and `score` agree.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -19,7 +19,7 @@ from mmtools import columns as C
 from mmtools import models
 from mmtools.errors import DataContractError, UsageError
 from mmtools.step import Result, Step, reject_batch
-from mmtools.steps.embed import ClapEmbed, ClipEmbed, ModelOptions
+from mmtools.steps.embed import ClapEmbed, ClipEmbed, EmbedConfig
 
 log = logging.getLogger("mmtools")
 
@@ -152,7 +152,7 @@ def _reasons(col_a, ok_a, col_b, ok_b, names) -> list:
     return out
 
 
-def score_steps(schema: pa.Schema, media: str | None, opts: ModelOptions) -> list:
+def score_steps(schema: pa.Schema, media: str | None, config: EmbedConfig) -> list:
     """Embedding steps for what is missing (with the model of what is there), then `Score`."""
     names = schema.names
     if media is None:
@@ -163,7 +163,7 @@ def score_steps(schema: pa.Schema, media: str | None, opts: ModelOptions) -> lis
         media = found[0]
     missing = [m for m in (media, "text") if C.EMBEDDINGS[m] not in names]
     if not missing:
-        return [Score(ScoreConfig(media))]
+        return [Score(ScoreConfig(media=media))]
     recorded = (
         next(
             (
@@ -175,25 +175,24 @@ def score_steps(schema: pa.Schema, media: str | None, opts: ModelOptions) -> lis
         )
         or {}
     )
-    opts = _default_to(opts, media, recorded)
-    if media == "audio":
-        steps = [ClapEmbed(opts.config(missing, opts.audio_model, None))]
-    else:
-        steps = [ClipEmbed(opts.config(missing, opts.model, opts.pretrained))]
-    return [*steps, Score(ScoreConfig(media))]
+    config = replace(_default_to(config, media, recorded), modalities=missing)
+    steps = [ClapEmbed(config) if media == "audio" else ClipEmbed(config)]
+    return [*steps, Score(ScoreConfig(media=media))]
 
 
-def _default_to(opts: ModelOptions, media: str, recorded: dict) -> ModelOptions:
-    """Fill unset model options from the embedding already present, else the defaults."""
-    values = dict(opts.__dict__)
+def _default_to(config: EmbedConfig, media: str, recorded: dict) -> EmbedConfig:
+    """Fill unset model options from the embedding already present, else `embed`'s defaults
+    (the class attributes of `EmbedConfig`)."""
     if media == "audio":
-        values["audio_model"] = (
-            opts.audio_model or recorded.get("model") or models.DEFAULT_AUDIO_MODEL
+        return replace(
+            config,
+            audio_model=config.audio_model or recorded.get("model") or EmbedConfig.audio_model,
         )
-    elif opts.model is None and recorded.get("model"):
-        values["model"] = recorded["model"]
-        if opts.pretrained is None and recorded.get("pretrained") != models.BUNDLED:
-            values["pretrained"] = recorded.get("pretrained")
-    elif opts.model is None:
-        values["model"] = models.DEFAULT_MODEL
-    return ModelOptions(**values)
+    if config.model is not None:
+        return config
+    if not recorded.get("model"):
+        return replace(config, model=EmbedConfig.model)
+    pretrained = config.pretrained
+    if pretrained is None and recorded.get("pretrained") != models.BUNDLED:
+        pretrained = recorded.get("pretrained")
+    return replace(config, model=recorded["model"], pretrained=pretrained)
