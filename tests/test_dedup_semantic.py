@@ -141,8 +141,8 @@ def test_semantic_on_text_embeddings_rejects_bad_rows(tmp_path):
 def test_semantic_cluster_buckets_give_the_same_groups_as_the_local_search(monkeypatch):
     """The Ray path (a model fitted on the rows `sampled` picks, rows assigned per batch,
     buckets of clusters searched per cluster) makes the local groups; bad rows are left out."""
+    from mmtools.steps.dedup import semantic
     from mmtools.steps.dedup.semantic import ERROR, KMeans, Semantic, problems, sample_rate
-    from mmtools.steps.dedup.step import semantic
 
     monkeypatch.setattr(semantic, "SAMPLE_PER_CLUSTER", 8)
     x, _ = planted(400, 24, seed=11)
