@@ -352,6 +352,12 @@ class Flaky(Step):
         return Result(batch)
 
 
+def run_ray(command: str, source, steps: list, sink, **kw):
+    """One run on the Ray engine, in batches of BATCH rows."""
+    executor = ray_engine.RayExecutor()
+    return engines.run(command, source, steps, sink, executor=executor, batch_size=BATCH, **kw)
+
+
 def attempts(marker: Path) -> int:
     """How many times the target batch was attempted."""
     return marker.stat().st_size
@@ -368,15 +374,7 @@ def test_failed_or_killed_worker_is_retried_and_no_row_is_lost(
     target = read(ingested).column(C.ID)[17].as_py()
     sink = DatasetSink(str(tmp_path / "out"), shard_rows=SHARD)
     steps = [Flaky(str(marker), target, how, actor)]
-    summary, manifest = engines.run(
-        "flaky",
-        Source([str(ingested)]),
-        steps,
-        sink,
-        executor=ray_engine.RayExecutor(),
-        batch_size=BATCH,
-        quiet=True,
-    )
+    summary, manifest = run_ray("flaky", Source([str(ingested)]), steps, sink, quiet=True)
     assert attempts(marker) == 2
     assert read(tmp_path / "out").equals(read(ingested))
     assert summary.rows_out == manifest["rows"] == 33
@@ -389,14 +387,7 @@ def test_worker_that_always_dies_stops_the_run_after_bounded_retries(cluster, in
     sink = DatasetSink(str(tmp_path / "out"), shard_rows=SHARD)
     steps = [Flaky(str(marker), target, "kill-always")]
     with pytest.raises(PartialError, match="a Ray worker kept dying on one batch"):
-        engines.run(
-            "flaky",
-            Source([str(ingested)]),
-            steps,
-            sink,
-            executor=ray_engine.RayExecutor(),
-            batch_size=BATCH,
-        )
+        run_ray("flaky", Source([str(ingested)]), steps, sink)
     assert attempts(marker) == ray_engine.RETRIES + 1
     assert not (tmp_path / "out" / "_manifest.json").exists()
 
@@ -411,15 +402,8 @@ def test_step_error_is_not_retried_and_a_rerun_resumes(cluster, ingested, tmp_pa
 
     def run():
         sink = DatasetSink(str(out), shard_rows=SHARD)
-        return engines.run(
-            "flaky",
-            Source([str(ingested)]),
-            [Flaky(str(marker), target, "usage")],
-            sink,
-            executor=ray_engine.RayExecutor(),
-            batch_size=BATCH,
-            quiet=True,
-        )
+        steps = [Flaky(str(marker), target, "usage")]
+        return run_ray("flaky", Source([str(ingested)]), steps, sink, quiet=True)
 
     with pytest.raises(UsageError, match="injected usage error"):
         run()
