@@ -109,13 +109,13 @@ class _ShardReader:
         self.batch_size, self.columns = batch_size, columns
 
     def __call__(self, table: pa.Table) -> Iterator[pa.Table]:
-        from mmtools.io.source import Source
+        from mmtools.io import source as files
 
         for path, start, skip in zip(
             *(table.column(n).to_pylist() for n in ("path", "start", "skip")), strict=True
         ):
             skip = max(0, skip)
-            shard = Source([path])
+            shard = files.Source([path])
             for batch in shard.batches(self.columns, batch_size=self.batch_size, skip_rows=skip):
                 yield wrap(start, batch)
                 start += batch.num_rows
