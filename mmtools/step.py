@@ -5,11 +5,21 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import pyarrow as pa
 
 from mmtools import columns as C
+
+if TYPE_CHECKING:
+    import numpy as np
+
+
+def add_counts(total: dict[str, int], more: dict[str, int]) -> None:
+    """Add the counters of `more` into `total`."""
+    for k, n in more.items():
+        if n:
+            total[k] = total.get(k, 0) + n
 
 
 @dataclass
@@ -40,6 +50,21 @@ class Result:
                 f"({self.generated} generated), {self.rejected} rejected, {self.dropped} dropped"
             )
 
+    def then(self, after: Result) -> Result:
+        """This result followed by the next step's result on its batch: that step's rows and
+        the row accounting of both, as if one step had made them."""
+        rejects = [r for r in (self.rejects, after.rejects) if r is not None and r.num_rows]
+        dropped, notes = dict(self.dropped), dict(self.notes)
+        add_counts(dropped, after.dropped)
+        add_counts(notes, after.notes)
+        return Result(
+            after.batch,
+            pa.concat_batches(rejects) if len(rejects) > 1 else (rejects or [None])[0],
+            dropped,
+            self.generated + after.generated,
+            notes,
+        )
+
 
 def reject_batch(step: str, ids: Iterable[str], reasons: Iterable[str], details: Iterable[str]):
     """Build reject rows (id, step, reason, detail) for `step`."""
@@ -62,6 +87,11 @@ class Step:
     load models in `setup()`, and implement `process()`. `run()` may be overridden to
     overlap work across batches, as long as it yields exactly one `Result` per input batch,
     in order.
+
+    A step travels to other processes (Ray workers) by pickling, one way for all steps:
+    `__getstate__` leaves out the attributes named in `transient` (thread pools, loaded
+    models, clients, temporary files), which arrive as None; `setup()`, called again where
+    the step runs, rebuilds them. Everything else must pickle.
     """
 
     name: ClassVar[str] = "step"
@@ -71,9 +101,19 @@ class Step:
     # Loads something heavy in `setup()` (a model): on Ray it runs in an actor pool, loaded
     # once per actor, not in tasks that would load it per batch.
     loads_model: ClassVar[bool] = False
+    # Attributes that stay behind when the step is pickled; `setup()` rebuilds them.
+    transient: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Any = None):
         self.config = config
+
+    def __getstate__(self) -> dict:
+        """The step's state without its `transient` attributes (those arrive as None)."""
+        state = dict(self.__dict__)
+        for name in self.transient:
+            if name in state:
+                state[name] = None
+        return state
 
     def params(self) -> dict:
         """Parameters that change the output; they go into the resume fingerprint."""
@@ -106,11 +146,61 @@ class Step:
         """Release resources."""
 
 
-POSITION = "_pos"  # on Ray, each key row's input position
+POSITION = "_pos"  # in a distributed pass 1, each key row's input position
+BUCKET = "_bucket"  # in a distributed pass 1, the bucket a groupby brings together
+
+
+class Bucketed(Protocol):
+    """Groups that a groupby on buckets finds, without all keys in one place (dedup's methods).
+
+    An engine that spreads pass 1 (Ray) turns key rows, each with its input position
+    (POSITION), into bucket rows (`bucket_rows`: a BUCKET column, equal for every two rows
+    that may be in one group), brings each bucket to one call of `bucket_edges`, and hands
+    the components of the edges to `set_groups`. A method that needs a model first
+    (`sample_rate` not None) is fitted on the rows `sample_rows` picks (`fit`).
+    """
+
+    bucket_columns: tuple[str, ...]  # key columns that then need no scan in input order
+    bucket_inputs: tuple[str, ...]  # columns `bucket_rows` reads
+
+    def fanout(self) -> int:
+        """Bucket rows per key row (hash chunks, LSH bands)."""
+        ...
+
+    def bucket_rows(self, keys: pa.Table, buckets: int) -> pa.Table:
+        """Rows for the groupby, from key rows: each with its POSITION and BUCKET."""
+        ...
+
+    def bucket_edges(self, bucket: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        """The edges (input positions) between the rows of one bucket that are in one group."""
+        ...
+
+    def set_groups(self, n: int, positions: np.ndarray, labels: np.ndarray) -> None:
+        """The rows in groups of two or more and their group labels (of `n` rows)."""
+        ...
+
+    def sample_rate(self) -> float | None:
+        """Share of the rows a model is fitted on before `bucket_rows`; None: no model."""
+        ...
+
+    def sample_rows(self, keys: pa.Table, rate: float) -> pa.Table:
+        """The rows of `keys` the model is fitted on, at `rate`, with their POSITION."""
+        ...
+
+    def fit(self, sample: pa.Table | None) -> None:
+        """Fit the model on the `sample_rows` of all key rows, in any order (None: none)."""
+        ...
 
 
 class GlobalStep(Step):
-    """A step that must see every row first: pass 1 scans small keys, pass 2 streams."""
+    """A step that must see every row first: pass 1 scans small keys, pass 2 streams.
+
+    The engine runs pass 1 (`keys` where the batches are, `scan` in input order, then
+    `finish_scan`), the middle pass (`gather`) if any, calls `seek` and streams pass 2.
+    An engine that spreads pass 1 over workers may instead decide with a distributed sort
+    (when `sort_order` is not None: `wanted`, `set_cut`) or groupby (when `bucketed` is not
+    None); the hooks say what to compute, the engine how.
+    """
 
     scan_columns: tuple[str, ...] = ()
 
@@ -126,12 +216,24 @@ class GlobalStep(Step):
     def finish_scan(self) -> None:
         """Between the passes: decide (e.g. compute a threshold or the duplicate set)."""
 
-    def finish_on_ray(self, keys, in_order) -> bool:
-        """Pass 1 on Ray: decide from `keys` (a materialized Ray Dataset of `keys()` rows plus
-        their input position, POSITION) with Ray Data's own operations, instead of `scan` +
-        `finish_scan`; `in_order(ds)` yields a dataset's batches in input order. False: not
-        done this way, so the driver scans the keys in order and calls `finish_scan`."""
-        return False
+    def sort_order(self) -> list[tuple[str, str]] | None:
+        """The order ((key column, "ascending" or "descending"), ...) of the `keys` rows in
+        which the first `wanted(n)` decide pass 1 (`set_cut`); None: not decided that way."""
+        return None
+
+    def wanted(self, n: int) -> int:
+        """How many of `n` rows, in `sort_order`, pass 1 keeps."""
+        raise NotImplementedError
+
+    def set_cut(self, n: int, last: dict | None) -> None:
+        """Decide pass 1 from the `wanted(n)`-th of `n` key rows in `sort_order` (`last`, a
+        dict of its columns), instead of `scan` + `finish_scan`; None when that is 0 or n."""
+        raise NotImplementedError
+
+    def bucketed(self) -> Bucketed | None:
+        """Groups that a groupby on buckets may find instead of the scan (the rest of the key
+        columns are then scanned in order, then `finish_scan`); None: not done that way."""
+        return None
 
     def gather_columns(self) -> list[str] | None:
         """Columns for an optional middle pass after `finish_scan()` (mixup: partner rows)."""
@@ -139,3 +241,8 @@ class GlobalStep(Step):
 
     def gather(self, batches: Iterable[pa.RecordBatch]) -> None:
         """The middle pass over `gather_columns()`, when there is one."""
+
+    def seek(self, rows: int) -> None:
+        """Pass 2's next batch starts after `rows` input rows: called before the first batch
+        of pass 2 (a resumed run starts late) and, where batches run apart (Ray workers),
+        before each. Nothing to do for a pass 2 that needs no position (the default)."""

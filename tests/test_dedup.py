@@ -52,7 +52,7 @@ def read_stream(data: bytes) -> pa.Table:
 
 def run_dedup(src: Path, out: Path, config, batch_size: int = 1024) -> pa.Table:
     """Run the dedup step in this process (engine, Parquet source and sink); return the rows."""
-    from mmtools.engines import local as engine
+    from mmtools import engines as engine
     from mmtools.io.dataset import DatasetSink
     from mmtools.io.source import Source
     from mmtools.steps.dedup.step import Dedup
@@ -65,8 +65,8 @@ def run_dedup(src: Path, out: Path, config, batch_size: int = 1024) -> pa.Table:
 
 
 def assert_ray_buckets_give_local_groups(make_method, keys: pa.Table, min_groups: int) -> None:
-    """What the Ray path computes (`ray_rows` over uneven batches, Ray's groupby on the
-    bucket, `ray_edges` per bucket), done here without Ray, gives the local engine's groups."""
+    """What the Ray path computes (`bucket_rows` over uneven batches, Ray's groupby on the
+    bucket, `bucket_edges` per bucket), done here without Ray, gives the local engine's groups."""
     import pyarrow.compute as pc
 
     from mmtools.step import POSITION
@@ -78,9 +78,9 @@ def assert_ray_buckets_give_local_groups(make_method, keys: pa.Table, min_groups
     local, ray = make_method(), make_method()
     local.scan(keys.to_batches()[0], 0)
     rows = pa.concat_tables(
-        [ray.ray_rows(keys.slice(a, b - a), buckets) for a, b in itertools.pairwise(cuts)]
+        [ray.bucket_rows(keys.slice(a, b - a), buckets) for a, b in itertools.pairwise(cuts)]
     )
-    found = [ray.ray_edges(rows.filter(pc.equal(rows[BUCKET], k))) for k in range(buckets)]
+    found = [ray.bucket_edges(rows.filter(pc.equal(rows[BUCKET], k))) for k in range(buckets)]
     i, j = (np.concatenate([f[k] for f in found]).astype(np.int64) for k in (0, 1))
     ray.set_groups(n, *position_components(i, j))
     active = np.array([p for p in range(n) if p not in local.failures])  # as Dedup does
@@ -313,7 +313,7 @@ class _Stop(Step):
 
 @pytest.mark.parametrize("row_group", [1000, 7])
 def test_resumed_run_equals_an_uninterrupted_one(tmp_path, row_group):
-    from mmtools.engines import local as engine
+    from mmtools import engines as engine
     from mmtools.io.dataset import DatasetSink
     from mmtools.io.source import Source
     from mmtools.steps.dedup.step import Dedup, DedupConfig

@@ -187,7 +187,7 @@ def test_undecodable_parent_becomes_a_reject_and_the_rest_is_made(tmp_path, data
 
 
 def test_resume_after_a_crash_gives_the_uninterrupted_rows(tmp_path, dataset):
-    from mmtools.engines import local as engine
+    from mmtools import engines as engine
     from mmtools.io.dataset import DatasetSink
     from mmtools.steps.mixup import Mixup, MixupConfig
 

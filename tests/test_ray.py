@@ -22,8 +22,10 @@ from conftest import MMTOOLS, image_bytes, make_image_folder, mmtools
 from test_embed import tiny_clip
 
 from mmtools import columns as C
-from mmtools.engines import local as engine
+from mmtools import engines
+from mmtools.engines.local import LocalExecutor
 from mmtools.engines.ray import executor as ray_engine
+from mmtools.engines.ray import global_ops
 from mmtools.errors import PartialError, UsageError
 from mmtools.io.dataset import DatasetSink
 from mmtools.io.layout import REJECTS_DIR
@@ -89,11 +91,17 @@ def clip_json(folder) -> Path:
 def run_both(tmp: Path, command: str, make_steps, make_source) -> dict:
     """Run the same steps with each engine into tmp/local and tmp/ray; their manifests."""
     manifests = {}
-    for name, eng in (("local", engine), ("ray", ray_engine)):
+    for name, executor in (("local", LocalExecutor), ("ray", ray_engine.RayExecutor)):
         source = make_source()
         sink = DatasetSink(str(tmp / name), shard_rows=SHARD)
-        _, manifests[name] = eng.run(
-            command, source, make_steps(source), sink, batch_size=BATCH, quiet=True
+        _, manifests[name] = engines.run(
+            command,
+            source,
+            make_steps(source),
+            sink,
+            executor=executor(),
+            batch_size=BATCH,
+            quiet=True,
         )
     return manifests
 
@@ -287,7 +295,7 @@ def test_small_input_is_grouped_on_the_driver_with_the_same_result(scored, tmp_p
 
     monkeypatch.setattr(ray_engine, "SHUFFLE_MIN_ROWS", 1000)
     monkeypatch.setattr(
-        Dedup, "finish_on_ray", lambda *a: pytest.fail("a shuffle ran on a small input")
+        global_ops, "decide", lambda *a: pytest.fail("a shuffle ran on a small input")
     )
     config = DedupConfig(methods=("exact", "phash"), mark=True)
     manifests = run_both(
@@ -346,6 +354,12 @@ class Flaky(Step):
         return Result(batch)
 
 
+def run_ray(command: str, source, steps: list, sink, **kw):
+    """One run on the Ray engine, in batches of BATCH rows."""
+    executor = ray_engine.RayExecutor()
+    return engines.run(command, source, steps, sink, executor=executor, batch_size=BATCH, **kw)
+
+
 def attempts(marker: Path) -> int:
     """How many times the target batch was attempted."""
     return marker.stat().st_size
@@ -362,9 +376,7 @@ def test_failed_or_killed_worker_is_retried_and_no_row_is_lost(
     target = read(ingested).column(C.ID)[17].as_py()
     sink = DatasetSink(str(tmp_path / "out"), shard_rows=SHARD)
     steps = [Flaky(str(marker), target, how, actor)]
-    summary, manifest = ray_engine.run(
-        "flaky", Source([str(ingested)]), steps, sink, batch_size=BATCH, quiet=True
-    )
+    summary, manifest = run_ray("flaky", Source([str(ingested)]), steps, sink, quiet=True)
     assert attempts(marker) == 2
     assert read(tmp_path / "out").equals(read(ingested))
     assert summary.rows_out == manifest["rows"] == 33
@@ -377,7 +389,7 @@ def test_worker_that_always_dies_stops_the_run_after_bounded_retries(cluster, in
     sink = DatasetSink(str(tmp_path / "out"), shard_rows=SHARD)
     steps = [Flaky(str(marker), target, "kill-always")]
     with pytest.raises(PartialError, match="a Ray worker kept dying on one batch"):
-        ray_engine.run("flaky", Source([str(ingested)]), steps, sink, batch_size=BATCH)
+        run_ray("flaky", Source([str(ingested)]), steps, sink)
     assert attempts(marker) == ray_engine.RETRIES + 1
     assert not (tmp_path / "out" / "_manifest.json").exists()
 
@@ -392,14 +404,8 @@ def test_step_error_is_not_retried_and_a_rerun_resumes(cluster, ingested, tmp_pa
 
     def run():
         sink = DatasetSink(str(out), shard_rows=SHARD)
-        return ray_engine.run(
-            "flaky",
-            Source([str(ingested)]),
-            [Flaky(str(marker), target, "usage")],
-            sink,
-            batch_size=BATCH,
-            quiet=True,
-        )
+        steps = [Flaky(str(marker), target, "usage")]
+        return run_ray("flaky", Source([str(ingested)]), steps, sink, quiet=True)
 
     with pytest.raises(UsageError, match="injected usage error"):
         run()

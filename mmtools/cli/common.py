@@ -78,7 +78,7 @@ def open_sink(c: Common, argv: list[str]):
 
 def execute(command: str, source, steps: list, c: Common):
     """Run `steps` from `source` to the output and print the summary; return it."""
-    from mmtools.engines import local as engine
+    from mmtools.engines import run
 
     setup_logging(c.verbose, c.quiet)
     if c.engine not in ("local", "ray"):
@@ -89,27 +89,27 @@ def execute(command: str, source, steps: list, c: Common):
         log.warning("%s applies to --engine ray only; ignored", ", ".join(given))
     argv = ["mmtools", *sys.argv[1:]]
     sink = open_sink(c, argv)
-    # Batches no larger than a shard, so that shards come out close to --shard-rows.
-    batch_size = min(c.batch_size, c.shard_rows)
     if c.engine == "ray":
-        from mmtools.engines.ray.executor import RayOptions
-        from mmtools.engines.ray.executor import run as run_ray
+        from mmtools.engines.ray.executor import RayExecutor, RayOptions
 
         options = RayOptions(c.ray_address or None, c.ray_concurrency, c.num_gpus_per_worker)
-        summary, _ = run_ray(
-            command,
-            source,
-            steps,
-            sink,
-            batch_size=batch_size,
-            quiet=c.quiet,
-            argv=argv,
-            options=options,
-        )
+        executor = RayExecutor(options)  # a missing Ray fails here, before the output is opened
     else:
-        summary, _ = engine.run(
-            command, source, steps, sink, batch_size=batch_size, quiet=c.quiet, argv=argv
-        )
+        from mmtools.engines.local import LocalExecutor
+
+        executor = LocalExecutor()
+    # Batches no larger than a shard, so that shards come out close to --shard-rows.
+    batch_size = min(c.batch_size, c.shard_rows)
+    summary, _ = run(
+        command,
+        source,
+        steps,
+        sink,
+        executor=executor,
+        batch_size=batch_size,
+        quiet=c.quiet,
+        argv=argv,
+    )
     report(summary, c)
     return summary
 

@@ -70,6 +70,11 @@ class DatasetSink:
         self._pending_bytes = 0
         self.complete = False
 
+    @property
+    def remote(self) -> bool:
+        """True when the dataset is on an object store."""
+        return self.store.remote
+
     # -- opening and resuming -------------------------------------------------------------
 
     def open(self, schema: pa.Schema, fingerprint: dict, locate=None) -> Position:

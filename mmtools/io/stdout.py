@@ -31,6 +31,7 @@ class StreamSink:
 
     complete = False
     path = "-"
+    remote = False
 
     def __init__(self, out: BinaryIO | None = None):
         self.out = out if out is not None else sys.stdout.buffer

@@ -106,7 +106,7 @@ def baseline(step, images: list[bytes], batch: int) -> tuple[float, float]:
 
 def end_to_end(steps, data: Path, out: Path, batch: int) -> float:
     """images/s of the `mmtools embed` pipeline: Parquet in, dataset directory out."""
-    from mmtools.engines import local as engine
+    from mmtools import engines as engine
     from mmtools.io.dataset import DatasetSink
     from mmtools.io.source import Source
 

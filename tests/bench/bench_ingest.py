@@ -27,7 +27,7 @@ from PIL import Image
 
 COPY = """
 import resource, sys, time
-from mmtools.engines import local as engine
+from mmtools import engines as engine
 from mmtools.io.source import Source
 from mmtools.io.dataset import DatasetSink
 t0 = time.perf_counter()

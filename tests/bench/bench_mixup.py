@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from mmtools import columns as C
-from mmtools.engines import local as engine
+from mmtools import engines as engine
 from mmtools.io.dataset import DatasetSink
 from mmtools.io.source import Source
 from mmtools.media import decode_image

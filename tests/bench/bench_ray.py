@@ -96,19 +96,21 @@ def pipeline(work: Path, images: Path) -> list[tuple[str, object, object]]:
 
 
 def run_once(
-    eng, out: Path, command: str, make_source, make_steps, batch_size: int = BATCH, **kw
+    executor, out: Path, command: str, make_source, make_steps, batch_size: int = BATCH, **kw
 ) -> float:
-    """Seconds for one step run into a fresh output directory."""
+    """Seconds for one step run into a fresh output directory (`executor`: its class)."""
+    from mmtools import engines
     from mmtools.io.dataset import DatasetSink
 
     source = make_source()
     steps = make_steps(source)
     t0 = time.perf_counter()
-    eng.run(
+    engines.run(
         command,
         source,
         steps,
         DatasetSink(str(out), shard_rows=SHARD, overwrite=True),
+        executor=executor(),
         batch_size=batch_size,
         quiet=True,
         **kw,
@@ -119,7 +121,7 @@ def run_once(
 def bench_overhead(n: int, tmp: Path) -> None:
     import ray
 
-    from mmtools.engines import local as engine
+    from mmtools.engines.local import LocalExecutor
     from mmtools.engines.ray import executor as ray_engine
 
     images = make_images(tmp / "images", n)
@@ -128,11 +130,11 @@ def bench_overhead(n: int, tmp: Path) -> None:
     print(f"Ray local cluster (2 CPUs) start: {time.perf_counter() - t0:.1f} s (not counted)")
     t0 = time.perf_counter()
     warm = pipeline(tmp / "warm", images)[0]
-    run_once(ray_engine, tmp / "warm" / "ingest", *warm)
+    run_once(ray_engine.RayExecutor, tmp / "warm" / "ingest", *warm)
     print(f"first Ray job (worker processes start): {time.perf_counter() - t0:.1f} s (not counted)")
     totals = {"local": 0.0, "ray": 0.0}
     print(f"{'step':8} {'local s':>8} {'ray s':>8} {'ray/local':>9}   ({n:,} images)")
-    for name, eng in (("local", engine), ("ray", ray_engine)):
+    for name, eng in (("local", LocalExecutor), ("ray", ray_engine.RayExecutor)):
         work = tmp / name
         for command, make_source, make_steps in pipeline(work, images):
             seconds = run_once(eng, work / command, command, make_source, make_steps)
@@ -153,7 +155,7 @@ def bench_overhead(n: int, tmp: Path) -> None:
 def bench_forced_shuffle(tmp: Path) -> None:
     """dedup with Ray Data's groupby, which only runs from SHUFFLE_MIN_ROWS rows on, forced
     on this small input: the fixed cost the threshold saves."""
-    from mmtools.engines import local as engine
+    from mmtools.engines.local import LocalExecutor
     from mmtools.engines.ray import executor as ray_engine
     from mmtools.io.source import Source
     from mmtools.steps.dedup.step import Dedup, DedupConfig
@@ -170,7 +172,7 @@ def bench_forced_shuffle(tmp: Path) -> None:
                 lambda: Source([str(tmp / "local" / "filter")]),
                 lambda s, config=config: [Dedup(config)],
             )
-            for name, eng in (("local", engine), ("ray", ray_engine))
+            for name, eng in (("local", LocalExecutor), ("ray", ray_engine.RayExecutor))
         ]
         a, b = seconds
         print(f"dedup -m {methods[0]:8} local {a:6.2f} s, ray {b:6.2f} s, ray/local {b / a:6.2f}")
@@ -184,7 +186,7 @@ def bench_dedup_rows(n: int, tmp: Path) -> None:
     import pyarrow.parquet as pq
     import ray
 
-    from mmtools.engines import local as engine
+    from mmtools.engines.local import LocalExecutor
     from mmtools.engines.ray import executor as ray_engine
     from mmtools.io.source import Source
     from mmtools.steps.dedup.step import Dedup, DedupConfig
@@ -210,7 +212,7 @@ def bench_dedup_rows(n: int, tmp: Path) -> None:
     for methods in (("exact",), ("minhash",), ("semantic",)):
         config = DedupConfig(methods=methods)
         seconds, rows = [], []
-        for name, eng in (("local", engine), ("ray", ray_engine)):
+        for name, eng in (("local", LocalExecutor), ("ray", ray_engine.RayExecutor)):
             out = tmp / f"dedup-{name}-{methods[0]}"
             seconds.append(
                 run_once(
@@ -253,6 +255,7 @@ def bench_scaling(quick: bool, tmp: Path) -> None:
     import pyarrow.parquet as pq
     import ray
 
+    from mmtools import engines
     from mmtools.engines.ray import executor as ray_engine
     from mmtools.io.dataset import DatasetSink
     from mmtools.io.source import Source
@@ -283,14 +286,14 @@ def bench_scaling(quick: bool, tmp: Path) -> None:
         t0 = time.perf_counter()
         options = ray_engine.RayOptions(concurrency=k)
         steps = [Waiting(wait)]
-        ray_engine.run(
+        engines.run(
             "waiting",
             Source([str(path)]),
             steps,
             sink,
+            executor=ray_engine.RayExecutor(options),
             batch_size=BATCH,
             quiet=True,
-            options=options,
         )
         ray.shutdown()
         first, last = sink.arrivals[0], sink.arrivals[-1]

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mmtools import columns as C
-from mmtools.engines import local as engine
+from mmtools import engines as engine
 from mmtools.io.dataset import DatasetSink
 from mmtools.io.source import Source
 from mmtools.steps.dedup.step import Dedup, DedupConfig

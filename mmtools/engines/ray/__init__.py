@@ -1,6 +1,10 @@
-"""The Ray engine: the same run on a Ray cluster, with Ray Data doing the computing."""
+"""The Ray engine: the same run on a Ray cluster, with Ray Data doing the computing.
+
+`executor.RayExecutor` computes, `global_ops` sorts and groups a global step's keys,
+`envelope` carries a batch and its row accounting, `cluster` joins or starts the cluster.
+Importing this package loads none of them (`mmtools --help` reads the cluster options).
+"""
 
 from mmtools.engines.ray.cluster import ENV_ADDRESS, RETRIES, RayOptions
-from mmtools.engines.ray.executor import portable, run
 
-__all__ = ["ENV_ADDRESS", "RETRIES", "RayOptions", "portable", "run"]
+__all__ = ["ENV_ADDRESS", "RETRIES", "RayOptions"]

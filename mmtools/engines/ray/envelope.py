@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from mmtools import columns as C
-from mmtools.engines import local as engine
-from mmtools.step import Result
+from mmtools.step import Result, add_counts
 
 ENVELOPE = pa.schema(
     [
@@ -60,8 +59,8 @@ class Envelope:
         self.data = ipc([res.batch], res.batch.schema)
         if res.rejected:
             self.rejects = ipc([*self.reject_rows(), res.rejects], C.REJECT_SCHEMA)
-        engine.add_counts(self.dropped, res.dropped)
-        engine.add_counts(self.notes, res.notes)
+        add_counts(self.dropped, res.dropped)
+        add_counts(self.notes, res.notes)
         self.generated += res.generated
 
 

@@ -1,21 +1,20 @@
-"""The Ray engine: the local engine's input, output, manifest and resume; Ray Data computes.
+"""The Ray executor: Ray Data computes; `mmtools.engines.run` does the rest.
 
-The driver keeps the source (resume offset) and the sink (shards, rejects, manifest, lock)
-exactly as `mmtools.engines.local` does. Each input batch travels through Ray as one *envelope*
-row: the batch as Arrow IPC bytes, the reject rows so far, the dropped and generated counts
-and its input offset. Every step is one `map_batches` stage over envelopes: Ray tasks for a
-plain step, an actor pool for a step that loads something in `setup()` (a model), so the
-model loads once per actor. The driver takes the envelopes back in input order
-(`preserve_order`) and hands them to the local engine's own write loop, which checks the row
-accounting and writes rows, rejects and progress records.
+The driver keeps the source (resume offset) and the sink (shards, rejects, manifest, lock):
+the run lifecycle is the one of every engine. Each input batch travels through Ray as one
+*envelope* row: the batch as Arrow IPC bytes, the reject rows so far, the dropped and
+generated counts and its input offset. Every step is one `map_batches` stage over
+envelopes: Ray tasks for a plain step, an actor pool for a step that loads something in
+`setup()` (a model), so the model loads once per actor. The driver takes the envelopes back
+in input order (`preserve_order`) as one result per input batch.
 
 Parquet inputs are read by Ray tasks, one per input shard, batched as the local engine
 batches them, one envelope per block so that a shard's batches spread over the workers;
 other inputs (a stdin stream, an ingest listing) are read by the driver into Ray's object
-store first. A global step's first pass computes its keys on the workers (`keys`); the step
-decides with Ray Data's own sort or groupby where it can (`finish_on_ray`), else the driver
-scans the keys in input order. Its second pass runs on the workers, which receive the step
-with its decision.
+store first. A global step's first pass computes its keys on the workers (`keys`); from
+SHUFFLE_MIN_ROWS rows on, the step is decided with Ray Data's own sort or groupby where it
+offers one (`global_ops`), else the driver scans the keys in input order. Its second pass
+runs on the workers, which receive the step with its decision.
 
 A step that raises on a batch is run again on it (Ray Data's `max_map_retries`); a worker
 process that dies has its task re-run elsewhere, or its actor restarted and the batch re-run,
@@ -25,32 +24,29 @@ contract) is not retried: the driver raises it as the local engine would.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import pickle
-import time
-from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
 import pyarrow as pa
 
-from mmtools.engines import local as engine
+from mmtools.engines.ray import global_ops
 from mmtools.engines.ray.cluster import ENV_ADDRESS, RETRIES, RayOptions, connect
 from mmtools.engines.ray.envelope import Envelope, pack, unpack, wrap
 from mmtools.errors import MmtoolsError, PartialError, TemporaryError, require_module
 from mmtools.io.fs import is_remote
+from mmtools.io.protocols import Source
 from mmtools.step import POSITION, GlobalStep, Result, Step
 
-__all__ = ["ENV_ADDRESS", "RETRIES", "RayOptions", "portable", "run"]
+__all__ = ["ENV_ADDRESS", "RETRIES", "RayExecutor", "RayOptions"]
 
 log = logging.getLogger("mmtools")
 # Below this many rows a global step's keys are decided on the driver: the same result as
 # Ray Data's sort or groupby without their fixed cost (seconds of shuffle on a small input).
 SHUFFLE_MIN_ROWS = 100_000
-_PICKLES = (np.ndarray, pa.Array, pa.ChunkedArray, pa.Table, pa.RecordBatch, str, bytes, int)
 
 
 # -- what runs on the workers -------------------------------------------------------------
@@ -113,13 +109,13 @@ class _ShardReader:
         self.batch_size, self.columns = batch_size, columns
 
     def __call__(self, table: pa.Table) -> Iterator[pa.Table]:
-        from mmtools.io.source import Source
+        from mmtools.io import source as files
 
         for path, start, skip in zip(
             *(table.column(n).to_pylist() for n in ("path", "start", "skip")), strict=True
         ):
             skip = max(0, skip)
-            shard = Source([path])
+            shard = files.Source([path])
             for batch in shard.batches(self.columns, batch_size=self.batch_size, skip_rows=skip):
                 yield wrap(start, batch)
                 start += batch.num_rows
@@ -128,35 +124,17 @@ class _ShardReader:
 # -- building the Ray Data pipeline ---------------------------------------------------------
 
 
-def portable(step: Step) -> Step:
-    """A copy of `step` that pickles: what cannot (thread pools, open inputs) is left out.
-
-    A step's `setup()`, called again on each worker, rebuilds such resources.
-    """
-    from ray import cloudpickle
-
-    clone = copy.copy(step)
-    for name, value in vars(step).items():
-        if value is None or isinstance(value, _PICKLES):
-            continue
-        try:
-            cloudpickle.dumps(value)
-        except Exception:
-            setattr(clone, name, None)
-    return clone
-
-
 def loads_model(step: Step) -> bool:
     """Whether `step` runs in an actor pool (a model loaded once per actor), not in tasks."""
     return step.loads_model or step.num_gpus > 0
 
 
-def _input(ray, source, batch_size: int, skip: int, columns: list[str] | None = None):
+def _input(ray, source: Source, batch_size: int, skip: int, columns: list[str] | None = None):
     """A dataset of one envelope per input batch (of `columns`, default all), starting after
     `skip` rows; None if empty."""
-    from mmtools.io.source import Source
+    from mmtools.io import source as files
 
-    if isinstance(source, Source) and source.shards is not None:
+    if isinstance(source, files.Source) and source.shards is not None:
         items, offset = [], 0
         for shard in source.shards:
             if offset + shard.rows > skip:
@@ -220,7 +198,7 @@ def _envelopes(ds) -> Iterator[Envelope]:
 def _tables(ds) -> Iterator[pa.Table]:
     """The blocks of `ds`, in input order; a worker's failure re-raised as such."""
     with _worker_errors():
-        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
+        yield from global_ops.blocks(ds)
 
 
 @contextmanager
@@ -262,89 +240,75 @@ def _cause(e: BaseException) -> BaseException:
     return e
 
 
-# -- the run ---------------------------------------------------------------------------------
+# -- the executor ----------------------------------------------------------------------------
 
 
-def run(
-    command: str,
-    source,
-    steps: list[Step],
-    sink,
-    *,
-    batch_size: int = 1024,
-    quiet: bool = False,
-    argv: list[str] | None = None,
-    options: RayOptions | None = None,
-) -> tuple[engine.Summary, dict]:
-    """Run `steps` over `source` into `sink` on Ray; return the summary and the manifest."""
-    t0 = time.monotonic()
-    options = options or RayOptions()
-    require_module("ray", "ray")  # before the output is touched
-    summary = engine.Summary(command, getattr(sink, "path", "-"))
-    schema, info = engine.output_schema(source.schema, steps)
-    incoming: list[pa.RecordBatch] = []
-    source.on_rejects = incoming.append
-    start = sink.open(
-        schema, engine.fingerprint(command, steps, source), getattr(source, "locate", None)
-    )
-    if sink.complete:
-        summary.already_complete = True
-        return summary, sink.close(summary.as_dict(), [], info)
-    summary.resumed_from = start.rows
-    scanned = bool(steps) and isinstance(steps[0], GlobalStep)
-    try:
-        ray = connect(options, any(loads_model(s) for s in steps))
-        if scanned:
-            _scan(ray, source, steps[0], batch_size, options)
-        ds = _input(ray, source, batch_size, start.rows)
-        for i, step in enumerate(steps):
-            seek = i == 0 and scanned and hasattr(step, "seek")
-            ds = None if ds is None else _stage(ray, ds, portable(step), seek, options)
-        arrivals = _Arrivals(ds, source.total_rows)
-        results = [_Results(arrivals.pending)]
-        engine.stream(arrivals, results, sink, schema, start, incoming, summary, batch_size, quiet)
-    except BaseException as e:
-        sink.abort()
-        engine.raise_for_storage(e, sink)
-        raise
-    finally:
-        if scanned:
-            steps[0].close()
-        source.close()
-    summary.seconds = time.monotonic() - t0
-    lineage = [*getattr(source, "upstream", []), {"argv": argv or [], **summary.as_dict()}]
-    return summary, engine.close(sink, summary, lineage, info)
+class RayExecutor:
+    """Run the steps on a Ray cluster with Ray Data: a global step's keys, its sort or
+    groupby, and pass 2 on the workers; the driver only reads results in input order."""
 
+    def __init__(self, options: RayOptions | None = None):
+        self.options = options or RayOptions()
+        require_module("ray", "ray")  # before the output is touched
+        self.ray = None
+        self._opened: list[Step] = []  # steps set up on the driver
 
-def _scan(ray, source, step: GlobalStep, batch_size: int, options: RayOptions) -> None:
-    """Pass 1 of a global step: the workers compute the keys of their batches (`step.keys`:
-    hashes, scores; never media); from SHUFFLE_MIN_ROWS rows on, the step decides with Ray
-    Data's own operations where it can (`finish_on_ray`: a sort for --top-fraction, a
-    groupby for dedup), else the driver scans the keys in input order. A middle pass
-    (mixup's partner rows) reads on the driver."""
-    step.setup()
-    source.spool()  # a stream on stdin is read twice
-    ds = _input(ray, source, batch_size, 0, list(step.scan_columns))
-    if ds is not None:
-        common = dict(batch_format="pyarrow", batch_size=1, zero_copy_batch=True)
-        keys = _map(ds, _KeysFn(portable(step)), max_retries=options.retries, **common)
-        with _worker_errors():
-            keys = keys.materialize()
-            shuffled = keys.count() >= SHUFFLE_MIN_ROWS and step.finish_on_ray(keys, _in_order)
-        if not shuffled:
-            for batch in _in_order(keys):
-                step.scan(batch)
+    def setup(self, steps: list[Step]) -> None:
+        """Join or start the cluster; the steps set up on the workers."""
+        self.ray = connect(self.options, any(loads_model(s) for s in steps))
+
+    def scan(self, source: Source, step: GlobalStep, batch_size: int) -> None:
+        """Pass 1: the workers compute the keys of their batches (`step.keys`: hashes,
+        scores; never media); from SHUFFLE_MIN_ROWS rows on, Ray Data decides where the step
+        offers a sort or a groupby (`global_ops`), else the driver scans the keys in input
+        order."""
+        self._opened.append(step)
+        step.setup()
+        ds = _input(self.ray, source, batch_size, 0, list(step.scan_columns))
+        decided = False
+        if ds is not None:
+            common = dict(batch_format="pyarrow", batch_size=1, zero_copy_batch=True)
+            keys = _map(ds, _KeysFn(step), max_retries=self.options.retries, **common)
+            with _worker_errors():
+                keys = keys.materialize()
+                big = keys.count() >= SHUFFLE_MIN_ROWS
+                decided = big and global_ops.decide(self.ray, step, keys)
+            if not decided:
+                for table in _tables(keys):
+                    for batch in table.to_batches():
+                        step.scan(batch)
+        if not decided:
             step.finish_scan()
-    else:
-        step.finish_scan()
-    if columns := step.gather_columns():
-        step.gather(source.batches(columns=columns, batch_size=batch_size))
+
+    def results(
+        self, source: Source, steps: list[Step], start: int, batch_size: int
+    ) -> Iterator[tuple[int, Result]]:
+        """Pass 2 from input row `start`: one `map_batches` stage per step; the envelopes
+        back in input order as results (an mmtools error from a worker raised here)."""
+        ds = _input(self.ray, source, batch_size, start)
+        for i, step in enumerate(steps):
+            seek = i == 0 and isinstance(step, GlobalStep)
+            ds = None if ds is None else _stage(self.ray, ds, step, seek, self.options)
+        return _results(ds, start)
+
+    def close(self, steps: list[Step]) -> None:
+        """Release the steps set up on the driver."""
+        while self._opened:
+            self._opened.pop().close()
 
 
-def _in_order(ds) -> Iterator[pa.RecordBatch]:
-    """The batches of `ds` in input order (the pipeline preserves it)."""
-    for table in _tables(ds):
-        yield from table.to_batches()
+def _results(ds, start: int) -> Iterator[tuple[int, Result]]:
+    """The envelopes of `ds` from input row `start`, in order, as (input rows, result)."""
+    expected = start
+    for env in _envelopes(ds) if ds is not None else ():
+        if env.start != expected:
+            raise RuntimeError(f"Ray returned batches out of order: {env.start}, {expected}")
+        if env.error is not None:
+            raise pickle.loads(env.error)
+        expected += env.rows
+        rejects = env.reject_rows()
+        merged = pa.concat_batches(rejects) if rejects else None
+        yield env.rows, Result(env.batch(), merged, env.dropped, env.generated, env.notes)
 
 
 class _KeysFn:
@@ -361,47 +325,3 @@ class _KeysFn:
             at = pa.array(np.arange(env.start, env.start + keys.num_rows, dtype=np.int64))
             batches.append(keys.append_column(POSITION, at))
         return pa.Table.from_batches(batches)
-
-
-class _Arrivals:
-    """The Ray pipeline's output, fed to the local engine's own write loop (`engine.stream`).
-
-    It stands for the source: one placeholder batch (a null column as long as the input
-    batch) per envelope, in input order; `_Results` stands for the steps and turns each
-    placeholder into its envelope's result. The local engine then checks the accounting and
-    writes rows, rejects and progress exactly as it does for its own results.
-    """
-
-    def __init__(self, ds, total_rows: int | None):
-        self.ds, self.total_rows = ds, total_rows
-        self.pending: deque[Envelope] = deque()
-
-    def batches(self, columns=None, batch_size: int = 0, skip_rows: int = 0):
-        """One placeholder per envelope; an mmtools error from a worker is raised here."""
-        expected = skip_rows
-        for env in _envelopes(self.ds) if self.ds is not None else ():
-            if env.start != expected:
-                raise RuntimeError(f"Ray returned batches out of order: {env.start}, {expected}")
-            if env.error is not None:
-                raise pickle.loads(env.error)
-            self.pending.append(env)
-            expected += env.rows
-            yield pa.record_batch([pa.nulls(env.rows)], names=["rows"])
-
-
-class _Results(Step):
-    """The Ray pipeline as one step: each placeholder becomes its envelope's result."""
-
-    name = "ray"
-
-    def __init__(self, pending: deque[Envelope]):
-        super().__init__()
-        self.pending = pending
-
-    def run(self, batches):
-        """The result of each envelope, in order."""
-        for _ in batches:
-            env = self.pending.popleft()
-            rejects = env.reject_rows()
-            merged = pa.concat_batches(rejects) if rejects else None
-            yield Result(env.batch(), merged, env.dropped, env.generated, env.notes)

@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 from mmtools import columns as C
 from mmtools.errors import DataContractError, UsageError
 from mmtools.step import POSITION
-from mmtools.steps.dedup.groups import RayGrouped, same_key_edges, with_bucket
+from mmtools.steps.dedup.groups import BucketGrouped, same_key_edges, with_bucket
 
 FIELDS = {C.IMAGE: C.IMAGE_SHA256, C.AUDIO: C.AUDIO_SHA256, C.TEXT: None}
 _SEP = "\x1f"
@@ -51,11 +51,11 @@ def parse_fields(spec: str, schema: pa.Schema) -> list[str]:
     return fields
 
 
-class Exact(RayGrouped):
+class Exact(BucketGrouped):
     """Rows with equal keys are duplicates."""
 
     name = "exact"
-    ray_columns = (KEY,)
+    bucket_columns = bucket_inputs = (KEY,)
 
     def __init__(self, spec: str):
         self.spec = spec
@@ -82,19 +82,19 @@ class Exact(RayGrouped):
         return {KEY: key}
 
     def scan(self, keys: pa.RecordBatch, offset: int) -> None:
-        """Keep the keys (absent when Ray's groupby groups them: `set_groups`)."""
+        """Keep the keys (absent when a groupby on buckets groups them: `set_groups`)."""
         if KEY in keys.schema.names:
             self._keys.append(keys.column(KEY))
 
-    def ray_rows(self, keys: pa.Table, buckets: int) -> pa.Table:
-        """For Ray: the rows with a key, bucketed by a hash (blake2b) of it."""
+    def bucket_rows(self, keys: pa.Table, buckets: int) -> pa.Table:
+        """For a groupby on buckets: the rows with a key, bucketed by a hash (blake2b) of it."""
         keys = keys.filter(keys[KEY].is_valid())
         data = pc.cast(keys[KEY], pa.binary()).to_pylist()
         digests = b"".join(hashlib.blake2b(k, digest_size=8).digest() for k in data)
         return with_bucket(keys, np.frombuffer(digests, np.uint64), buckets)
 
-    def ray_edges(self, bucket: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-        """For Ray: each row of a bucket linked to the first row with its key."""
+    def bucket_edges(self, bucket: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        """For a groupby on buckets: each row of a bucket linked to the first row with its key."""
         codes = bucket[KEY].combine_chunks().dictionary_encode().indices.to_numpy()
         return same_key_edges(codes, bucket[POSITION].to_numpy())
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -11,11 +10,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mmtools.errors import UsageError
-from mmtools.step import POSITION
+from mmtools.step import BUCKET
 
 KEEP_MODES = ("first", "highest", "lowest")
-BUCKET = "_bucket"
-BUCKET_ROWS = 100_000  # rows per bucket of Ray's groupby: one call each, vectorised
 
 
 def parse_keep(spec: str) -> tuple[str, str | None]:
@@ -98,61 +95,42 @@ def spanning_edges(i: np.ndarray, j: np.ndarray, n: int) -> tuple[np.ndarray, np
     return nodes[nodes != root], root[nodes != root]
 
 
-class RayGrouped:
-    """A method whose groups Ray Data's groupby finds when it comes first (`ray_groups`, on
-    the keys of the whole input); the driver then keeps only the labels (`set_groups`).
+class BucketGrouped:
+    """Defaults of a method whose groups a groupby on buckets may find (`mmtools.step.Bucketed`)
+    when it comes first: an engine that spreads pass 1 then hands the driver only the labels
+    (`set_groups`).
 
-    The workers turn key rows into rows that carry a BUCKET, the same for all rows whose
-    keys may make them duplicates (`ray_rows`); Ray's groupby brings each bucket to one
-    call of `ray_edges`, which finds its duplicate edges with the local method's vectorised
-    code. Buckets hold about BUCKET_ROWS rows, so a call per bucket, not per key, runs.
+    Key rows become bucket rows that carry a BUCKET, the same for all rows whose keys may
+    make them duplicates (`bucket_rows`); the groupby brings each bucket to one call of
+    `bucket_edges`, which finds its duplicate edges with the local method's vectorised code.
     """
 
-    ray_columns: tuple[str, ...] = ()  # key columns the driver then does not need
-    ray_inputs: tuple[str, ...] = ()  # columns `ray_rows` reads (default: ray_columns)
+    bucket_columns: tuple[str, ...] = ()  # key columns the driver then does not need
+    bucket_inputs: tuple[str, ...] = ()  # columns `bucket_rows` reads
     _groups: np.ndarray | None = None
 
-    def ray_rows(self, keys: pa.Table, buckets: int) -> pa.Table:
-        """Rows for Ray's groupby, from key rows: each with its position and BUCKET."""
+    def bucket_rows(self, keys: pa.Table, buckets: int) -> pa.Table:
+        """Rows for the groupby, from key rows: each with its position and BUCKET."""
         raise NotImplementedError
 
-    def ray_edges(self, bucket: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    def bucket_edges(self, bucket: pa.Table) -> tuple[np.ndarray, np.ndarray]:
         """The duplicate edges (input positions) among the rows of one bucket."""
         raise NotImplementedError
 
-    def ray_fanout(self) -> int:
-        """Rows `ray_rows` makes per key row (hash chunks, LSH bands)."""
+    def fanout(self) -> int:
+        """Rows `bucket_rows` makes per key row (hash chunks, LSH bands)."""
         return 1
 
-    def ray_groups(self, keys) -> tuple[np.ndarray, np.ndarray]:
-        """The rows in groups of two or more and their group labels, by Ray Data's groupby."""
-        import ray
+    def sample_rate(self) -> float | None:
+        """No model to fit before bucketing."""
+        return None
 
-        from mmtools.engines.ray.cluster import shuffle_with_tasks
+    def sample_rows(self, keys: pa.Table, rate: float) -> pa.Table:
+        """No model, no sample."""
+        raise NotImplementedError
 
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        buckets = max(cpus, math.ceil(keys.count() * self.ray_fanout() / BUCKET_ROWS))
-        columns = [*(self.ray_inputs or self.ray_columns), POSITION]
-
-        def to_rows(keys: pa.Table) -> pa.Table:  # Ray wants functions: classes become actors
-            return self.ray_rows(keys, buckets)
-
-        def to_edges(bucket: pa.Table) -> pa.Table:
-            i, j = self.ray_edges(bucket)
-            return pa.table({"i": pa.array(i, pa.int64()), "j": pa.array(j, pa.int64())})
-
-        rows = keys.select_columns(columns).map_batches(
-            to_rows, batch_format="pyarrow", batch_size=BUCKET_ROWS
-        )
-        edges = (
-            shuffle_with_tasks(rows)
-            .groupby(BUCKET, num_partitions=buckets)
-            .map_groups(to_edges, batch_format="pyarrow")
-        )
-        found = list(edges.iter_batches(batch_size=None, batch_format="pyarrow"))
-        i = np.concatenate([t["i"].to_numpy() for t in found]) if found else np.empty(0, np.int64)
-        j = np.concatenate([t["j"].to_numpy() for t in found]) if found else np.empty(0, np.int64)
-        return position_components(i, j)
+    def fit(self, sample: pa.Table | None) -> None:
+        """No model to fit."""
 
     def set_groups(self, n: int, positions: np.ndarray, labels: np.ndarray) -> None:
         """The rows in groups of two or more, with their group labels; the rest: none (-1)."""

@@ -11,7 +11,7 @@ from mmtools.errors import require_module
 from mmtools.step import POSITION
 from mmtools.steps.dedup.exact import check_text, normalize_text
 from mmtools.steps.dedup.groups import (
-    RayGrouped,
+    BucketGrouped,
     edge_labels,
     equal_key_pairs,
     mix64,
@@ -93,11 +93,11 @@ def similar_pairs(sets: list[set[str]], threshold: float, num_perm: int, seed: i
 KEY = "_key_minhash"
 
 
-class MinHashText(RayGrouped):
+class MinHashText(BucketGrouped):
     """Captions with word-shingle Jaccard similarity >= threshold are duplicates."""
 
     name = "minhash"
-    ray_columns = (KEY,)
+    bucket_columns = bucket_inputs = (KEY,)
 
     def __init__(self, threshold: float, num_perm: int, shingle: int, seed: int):
         self.threshold, self.num_perm, self.shingle, self.seed = threshold, num_perm, shingle, seed
@@ -116,17 +116,17 @@ class MinHashText(RayGrouped):
         return {KEY: normalize_text(batch.column(C.TEXT))}
 
     def scan(self, keys: pa.RecordBatch, offset: int) -> None:
-        """Keep the normalised captions (absent when Ray's groupby groups them)."""
+        """Keep the normalised captions (absent when a groupby on buckets groups them)."""
         if KEY in keys.schema.names:
             self._texts.append(keys.column(KEY))
 
-    def ray_fanout(self) -> int:
+    def fanout(self) -> int:
         """Each caption once per LSH band."""
         return bands(self.threshold, self.num_perm)[0]
 
-    def ray_rows(self, keys: pa.Table, buckets: int) -> pa.Table:
-        """For Ray: each captioned row once per LSH band, as (band code, position, caption),
-        bucketed by the code: rows sharing a code are the candidates of `candidate_pairs`."""
+    def bucket_rows(self, keys: pa.Table, buckets: int) -> pa.Table:
+        """Each captioned row once per LSH band, as (band code, position, caption), bucketed
+        by the code: rows sharing a code are the candidates of `candidate_pairs`."""
         texts = keys[KEY].combine_chunks().dictionary_encode()
         ok = texts.indices.is_valid().to_numpy(zero_copy_only=False)
         tid = texts.indices.to_numpy(zero_copy_only=False)[ok].astype(np.int64)
@@ -143,9 +143,9 @@ class MinHashText(RayGrouped):
             parts.append(with_bucket(rows, code, buckets))
         return pa.concat_tables(parts)
 
-    def ray_edges(self, bucket: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-        """For Ray: equal captions linked to their first row; distinct captions sharing a
-        band code linked when their signatures and then their shingles agree."""
+    def bucket_edges(self, bucket: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        """Equal captions linked to their first row; distinct captions sharing a band code
+        linked when their signatures and then their shingles agree."""
         text = bucket["text"].combine_chunks().dictionary_encode()
         tid, pos = text.indices.to_numpy().astype(np.int64), bucket[POSITION].to_numpy()
         row = np.unique(pos, return_index=True)[1]  # each row once, not once per band

@@ -10,7 +10,7 @@ from mmtools.errors import DataContractError, require_module
 from mmtools.media import DEFAULT_MAX_PIXELS, MediaError, cells, decode_image, read
 from mmtools.step import POSITION
 from mmtools.steps.dedup.groups import (
-    RayGrouped,
+    BucketGrouped,
     edge_labels,
     equal_key_pairs,
     mix64,
@@ -82,12 +82,12 @@ def chunk_edges(h: np.ndarray, value: np.ndarray, pos: np.ndarray, max_distance:
     return np.concatenate(found_i), np.concatenate(found_j)
 
 
-class PHash(RayGrouped):
+class PHash(BucketGrouped):
     """Images whose pHashes differ in at most `max_distance` bits are duplicates."""
 
     name = "phash"
-    ray_columns = (KEY,)
-    ray_inputs = (KEY, ERROR)
+    bucket_columns = (KEY,)
+    bucket_inputs = (KEY, ERROR)
 
     def __init__(self, max_distance: int, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.max_distance = max_distance
@@ -124,16 +124,16 @@ class PHash(RayGrouped):
         for i in np.flatnonzero(errors.is_valid().to_numpy(zero_copy_only=False)):
             reason, _, detail = errors[int(i)].as_py().partition(_SEP)
             self.failures[offset + int(i)] = (reason, detail)
-        if KEY in keys.schema.names:  # absent when Ray's groupby groups them
+        if KEY in keys.schema.names:  # absent when a groupby on buckets groups them
             self._hashes.append(keys.column(KEY).to_numpy(zero_copy_only=False))
 
-    def ray_fanout(self) -> int:
+    def fanout(self) -> int:
         """Each hash once per chunk."""
         return len(chunk_masks(self.max_distance))
 
-    def ray_rows(self, keys: pa.Table, buckets: int) -> pa.Table:
-        """For Ray: each hashed row once per chunk (the pigeonhole of `near_pairs`), as
-        (chunk, chunk value, position, hash), bucketed by chunk and value."""
+    def bucket_rows(self, keys: pa.Table, buckets: int) -> pa.Table:
+        """Each hashed row once per chunk (the pigeonhole of `near_pairs`), as (chunk, chunk
+        value, position, hash), bucketed by chunk and value."""
         ok = keys[ERROR].is_null().to_numpy(zero_copy_only=False)
         h = keys[KEY].to_numpy(zero_copy_only=False)[ok].astype(np.uint64)
         pos = keys[POSITION].to_numpy(zero_copy_only=False)[ok]
@@ -146,8 +146,8 @@ class PHash(RayGrouped):
             parts.append(with_bucket(rows, value ^ mix64(np.full(len(h), c, np.uint64)), buckets))
         return pa.concat_tables(parts)
 
-    def ray_edges(self, bucket: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-        """For Ray: the edges among the rows of a bucket, chunk by chunk."""
+    def bucket_edges(self, bucket: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        """For a groupby on buckets: the edges among the rows of a bucket, chunk by chunk."""
         chunk, value = bucket["chunk"].to_numpy(), bucket["value"].to_numpy()
         h, pos = bucket["hash"].to_numpy(), bucket[POSITION].to_numpy()
         found = []

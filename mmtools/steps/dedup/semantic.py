@@ -1,9 +1,9 @@
 """Semantic duplicates (SemDeDup): k-means on normalised embeddings, then cosine within clusters.
 
 The k-means model is fitted on a sample of rows chosen by a hash of each row's input
-position, then assigns every row; so the driver (local engine) and Ray's workers, each over
-its own batches, find the same clusters, and Ray's groupby on the cluster finds the same
-close pairs as `duplicate_labels`.
+position, then assigns every row; so one process over all rows (the local engine) and
+workers each over their own batches (Ray) find the same clusters, and a groupby on the
+cluster finds the same close pairs as `duplicate_labels`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,13 @@ import pyarrow as pa
 from mmtools import columns as C
 from mmtools.errors import DataContractError, require_module
 from mmtools.step import POSITION
-from mmtools.steps.dedup.groups import RayGrouped, edge_labels, mix64, spanning_edges, with_bucket
+from mmtools.steps.dedup.groups import (
+    BucketGrouped,
+    edge_labels,
+    mix64,
+    spanning_edges,
+    with_bucket,
+)
 
 CLUSTER_ROWS = 1000  # default average cluster size: within-cluster work is n * CLUSTER_ROWS
 FLAT_MAX = 64  # above this many clusters, k-means runs as a tree to stay near-linear
@@ -218,14 +224,14 @@ def duplicate_labels(x: np.ndarray, clusters: np.ndarray, eps: float) -> np.ndar
     return edge_labels(len(x), edges)
 
 
-class Semantic(RayGrouped):
+class Semantic(BucketGrouped):
     """Embeddings closer than cosine 1 - eps, within one k-means cluster, are duplicates."""
 
     name = "semantic"
 
     def __init__(self, column: str, eps: float, clusters: int | None, seed: int):
         self.column, self.eps, self.clusters, self.seed = column, eps, clusters, seed
-        self.ray_columns, self.ray_inputs = (column,), (column, ERROR)
+        self.bucket_columns, self.bucket_inputs = (column,), (column, ERROR)
         self.model: KMeans | None = None
         self.failures: dict[int, tuple[str, str]] = {}
         self._rows: list[tuple[np.ndarray, np.ndarray | None]] = []
@@ -254,7 +260,7 @@ class Semantic(RayGrouped):
         for i, detail in enumerate(keys.column(ERROR).to_pylist()):
             if detail is not None:
                 self.failures[offset + i] = ("invalid_embedding", f"{self.column}: {detail}")
-        if self.column in keys.schema.names:  # absent when Ray's groupby groups them
+        if self.column in keys.schema.names:  # absent when a groupby on buckets groups them
             self._rows.append(embedding_rows(keys.column(self.column), self.dim))
         self._n = offset + keys.num_rows
 
@@ -280,22 +286,26 @@ class Semantic(RayGrouped):
         k = self.clusters or default_clusters(len(x))
         return duplicate_labels(x, cluster(x, k, self.seed, active), self.eps)
 
-    def ray_groups(self, keys) -> tuple[np.ndarray, np.ndarray]:
-        """With Ray Data: the workers hand the driver the sampled rows, the driver fits the
-        k-means model (as `cluster` does); then the workers assign every row to its cluster
-        and Ray's groupby on the cluster finds the close pairs (as `duplicate_labels` does)."""
+    def _k(self, n: int) -> int:
+        return max(1, min(self.clusters or default_clusters(n), n))
+
+    def sample_rate(self) -> float:
+        """Share of the usable rows the k-means model is fitted on (as `cluster` samples)."""
         n = self._n - len(self.failures)
-        if n == 0:
-            return np.empty(0, np.int64), np.empty(0, np.int64)
-        k = max(1, min(self.clusters or default_clusters(n), n))
-        rate = sample_rate(n, k)
-        rows = keys.select_columns([self.column, ERROR, POSITION])
-        sample = rows.map_batches(lambda t: self.unit_table(t, rate), batch_format="pyarrow")
-        tables = list(sample.iter_batches(batch_size=None, batch_format="pyarrow"))
-        found = pa.concat_tables(tables).sort_by(POSITION) if tables else None
-        x = _matrix(found) if found and found.num_rows else np.zeros((0, self.dim), np.float32)
-        self.model = KMeans.fit(x, k, self.seed)
-        return super().ray_groups(keys)
+        return sample_rate(n, self._k(n))
+
+    def sample_rows(self, keys: pa.Table, rate: float) -> pa.Table:
+        """The `sampled` usable rows of `keys` as (position, unit embedding)."""
+        return self.unit_table(keys, rate)
+
+    def fit(self, sample: pa.Table | None) -> None:
+        """Fit the k-means model on the sampled rows (in input order, as `cluster` does); the
+        groupby on buckets then assigns each row to its cluster (`bucket_rows`)."""
+        if sample is None or not sample.num_rows:
+            x = np.zeros((0, self.dim), np.float32)
+        else:
+            x = _matrix(sample.sort_by(POSITION))
+        self.model = KMeans.fit(x, self._k(self._n - len(self.failures)), self.seed)
 
     def unit_table(self, keys: pa.Table, rate: float = 1.0) -> pa.Table:
         """The usable rows of `keys` (the `sampled` ones at `rate` < 1) as (position, unit
@@ -313,14 +323,14 @@ class Semantic(RayGrouped):
             out[CLUSTER] = pa.array(self.model.assign(x), pa.int64())
         return pa.table(out)
 
-    def ray_rows(self, keys: pa.Table, buckets: int) -> pa.Table:
-        """For Ray: the usable rows with their cluster, bucketed by it."""
+    def bucket_rows(self, keys: pa.Table, buckets: int) -> pa.Table:
+        """For a groupby on buckets: the usable rows with their cluster, bucketed by it."""
         rows = self.unit_table(keys)
         return with_bucket(rows, rows[CLUSTER].to_numpy().astype(np.uint64), buckets)
 
-    def ray_edges(self, bucket: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-        """For Ray: the close pairs within each cluster of a bucket, its rows in input order
-        (as `duplicate_labels` orders them)."""
+    def bucket_edges(self, bucket: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        """For a groupby on buckets: the close pairs within each cluster of a bucket, its rows
+        in input order (as `duplicate_labels` orders them)."""
         bucket = bucket.sort_by([(CLUSTER, "ascending"), (POSITION, "ascending")])
         x, pos = _matrix(bucket), bucket[POSITION].to_numpy()
         clusters = bucket[CLUSTER].to_numpy()

@@ -18,6 +18,7 @@ from mmtools import columns as C
 from mmtools.errors import DataContractError, UsageError
 from mmtools.step import GlobalStep, Result, reject_batch
 from mmtools.steps.dedup.groups import cluster_ids, keep_best, parse_keep, priority
+from mmtools.steps.dedup.method import DedupMethod
 
 METHODS = ("exact", "phash", "minhash", "semantic")
 ALIVE, REJECTED = -1, -2
@@ -64,7 +65,7 @@ class DedupConfig:
             raise UsageError("--num-perm must be >= 2, --shingle and --clusters >= 1")
 
 
-def _method(name: str, c: DedupConfig):
+def _method(name: str, c: DedupConfig) -> DedupMethod:
     from mmtools.steps.dedup import exact, minhash, phash, semantic
 
     if name == "exact":
@@ -176,15 +177,10 @@ class Dedup(GlobalStep):
         if self.config.mark:
             self._cluster = cluster_ids(n, np.concatenate(members), np.concatenate(keepers))
 
-    def finish_on_ray(self, keys, in_order) -> bool:
-        """Ray Data's groupby finds the first method's groups (its keys never gather on the
-        driver); the ids, keep-rule values and the other methods' keys are scanned in order."""
-        first = self.methods[0]
-        for batch in in_order(keys.drop_columns(list(first.ray_columns))):
-            self.scan(batch)
-        first.set_groups(self._n, *first.ray_groups(keys))
-        self.finish_scan()
-        return True
+    def bucketed(self) -> DedupMethod:
+        """The first method, whose groups a groupby on buckets may find (its keys never in one
+        place); the ids, keep-rule values and the other methods' keys are scanned in order."""
+        return self.methods[0]
 
     # -- pass 2 ----------------------------------------------------------------------------
 

@@ -61,6 +61,8 @@ class EmbedStep(Step):
     media: str = ""  # the media column this family embeds
     allowed: tuple[str, ...] = ()
     loads_model = True
+    # A copy sent to another worker resolves its own device and loads its own model.
+    transient = ("device", "_towers")
 
     def __init__(self, config: EmbedConfig):
         super().__init__(config)
@@ -81,10 +83,6 @@ class EmbedStep(Step):
         self._spec = None
         self.device = None
         self._towers: dict = {}
-
-    def __getstate__(self) -> dict:
-        # A copy sent to another worker resolves its own device and loads its own model.
-        return {**self.__dict__, "device": None, "_towers": {}}
 
     def spec(self):
         """The resolved model (fetched on first use)."""

@@ -80,29 +80,18 @@ class TopFraction(GlobalStep):
         self._keys.append(np.where(np.isneginf(key), np.nan, key))
         self._ids.append(batch.column(C.ID))
 
-    def finish_on_ray(self, keys, in_order=None) -> bool:
-        """`finish_scan` with Ray Data's distributed sort: the k-th best (key, id) row is the
-        last of the first k in (key descending, id ascending) order; the keys never gather
-        in one process."""
-        import ray
+    def sort_order(self) -> list[tuple[str, str]]:
+        """The best rows first: key descending, then id ascending (null keys are -inf)."""
+        return [(KEY, "descending"), (C.ID, "ascending")]
 
-        from mmtools.engines.ray.cluster import shuffle_with_tasks
-
-        keys = shuffle_with_tasks(keys)
-        n = keys.count()
-        k = self.wanted(n)
-        if k in (0, n):
-            self._cut = "none" if k == 0 else "all"
-            return True
-        top = keys.sort([KEY, C.ID], descending=[True, False]).limit(k).materialize()
-        for ref in reversed(top.to_arrow_refs()):  # one block to the driver, the last one
-            block = ray.get(ref)
-            if block.num_rows:
-                last = block.slice(block.num_rows - 1).to_pylist()[0]
-                t = last[KEY]
-                self._cut = (None if t == -np.inf else t, last[C.ID])
-                return True
-        raise RuntimeError("Ray's sort returned fewer rows than it was asked for")
+    def set_cut(self, n: int, last: dict | None) -> None:
+        """The cut from the k-th best (key, id) row of `n` (`last`, a row of `keys`), as a
+        distributed sort finds it; no row when all or none are kept."""
+        if last is None:
+            self._cut = "none" if self.wanted(n) == 0 else "all"
+        else:
+            t = last[KEY]
+            self._cut = (None if t == -np.inf else t, last[C.ID])
 
     def finish_scan(self) -> None:
         """Find the cut: the k-th best (key, id) pair."""

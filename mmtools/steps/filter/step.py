@@ -245,6 +245,7 @@ class Filter(Step):
     """Keep the rows that pass every rule; count the others by the first rule they fail."""
 
     name = "filter"
+    transient = ("_pool",)
 
     def __init__(self, config: FilterConfig):
         super().__init__(config)
@@ -377,9 +378,17 @@ class RankedFilter(Filter, GlobalStep):
         """Find the cut."""
         self.top.finish_scan()
 
-    def finish_on_ray(self, keys, in_order) -> bool:
-        """Find the cut with Ray's sort."""
-        return self.top.finish_on_ray(keys)
+    def sort_order(self) -> list[tuple[str, str]]:
+        """The order in which the best key rows come first."""
+        return self.top.sort_order()
+
+    def wanted(self, n: int) -> int:
+        """How many of `n` rows to keep."""
+        return self.top.wanted(n)
+
+    def set_cut(self, n: int, last: dict | None) -> None:
+        """The cut from the k-th best key row (found by a distributed sort)."""
+        self.top.set_cut(n, last)
 
 
 def make_filter(config: FilterConfig) -> Filter:

@@ -98,6 +98,7 @@ class Ingest(Step):
     """Read, verify and describe each listed media file."""
 
     name = "ingest"
+    transient = ("_pool",)
 
     def __init__(self, config: IngestConfig, kinds: set[str], workers: int = 8):
         super().__init__(config)

@@ -86,6 +86,8 @@ class Mixup(GlobalStep):
     """Mix pairs of rows (images, audio clips or embeddings) into new rows with provenance."""
 
     name = "mixup"
+    # Workers get the plan and the partners, not the thread pool or the spool file.
+    transient = ("_pool", "_spool")
 
     def __init__(self, config: MixupConfig, workers: int = 2):
         config.validate()
@@ -136,12 +138,6 @@ class Mixup(GlobalStep):
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="mixup")
         self._ids: list[pa.Array] = []
         self._keys: list[pa.Array] = []
-
-    def __getstate__(self) -> dict:
-        """Ship the plan and partners to workers, not the thread pool or the spool file."""
-        state = dict(self.__dict__)
-        state["_pool"] = state["_spool"] = None
-        return state
 
     def close(self) -> None:
         """Stop the threads and remove the partner spool."""

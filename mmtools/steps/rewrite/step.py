@@ -139,6 +139,7 @@ class Rewrite(Step):
 
     name = "rewrite"
     loads_model = True  # a local model, or an HTTP client and cache worth keeping per worker
+    transient = ("backend", "cache")
 
     def __init__(self, config: RewriteConfig):
         super().__init__(config)
