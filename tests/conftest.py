@@ -1,9 +1,10 @@
-"""Shared fixtures: real files, real subprocesses, generated media."""
+"""Shared fixtures and helpers: real files, real subprocesses, generated media, output readers."""
 
 from __future__ import annotations
 
 import http.server
 import io
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +13,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+
+from mmtools import columns as C
 
 # Tests never use a GPU or the network unless they ask for it.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
@@ -50,15 +55,20 @@ def mmtools(
     return proc
 
 
+def encode(img, fmt: str = "JPEG", **save) -> bytes:
+    """Encoded bytes of a PIL image."""
+    buf = io.BytesIO()
+    img.save(buf, fmt, **save)
+    return buf.getvalue()
+
+
 def image_bytes(seed: int, size=(48, 32), fmt: str = "JPEG", **save) -> bytes:
     """A random RGB image encoded as `fmt`."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
     arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, fmt, **save)
-    return buf.getvalue()
+    return encode(Image.fromarray(arr), fmt, **save)
 
 
 def wav_bytes(
@@ -90,6 +100,94 @@ def make_image_folder(root: Path, n: int, start: int = 0) -> Path:
     return root
 
 
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def tiny_clip(
+    directory: Path, name: str = "tiny-clip", layers: int = 2, config: dict = TINY_CLIP
+) -> Path:
+    """An open_clip model config (random init with --pretrained none), small enough for tests."""
+    cfg = json.loads(json.dumps(config))
+    cfg["vision_cfg"]["layers"] = layers
+    path = directory / f"{name}.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def write_shards(
+    directory: Path, table: pa.Table, shards: int = 1, row_group: int | None = None
+) -> Path:
+    """`table` split evenly into `shards` Parquet files part-NNNNN.parquet (no manifest)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    bounds = np.linspace(0, table.num_rows, shards + 1).astype(int)
+    for k in range(shards):
+        part = table.slice(bounds[k], bounds[k + 1] - bounds[k])
+        pq.write_table(part, directory / f"part-{k:05d}.parquet", row_group_size=row_group)
+    return directory
+
+
+# -- reading outputs --------------------------------------------------------------------------
+
+
+def read_dataset(path) -> pa.Table:
+    """All data rows of a dataset directory, Parquet file or glob, in shard order.
+
+    Read with the reader the commands use, so a test sees what the next command would see.
+    """
+    from mmtools.io.source import Source
+
+    src = Source([str(path)])
+    return pa.Table.from_batches(list(src.batches()), src.schema)
+
+
+def read_rejects(path) -> pa.Table | None:
+    """The reject rows of a dataset directory, or None when it has none."""
+    files = sorted((Path(path) / "_rejects").glob("*.parquet"))
+    return pa.concat_tables([pq.read_table(f) for f in files]) if files else None
+
+
+def reject_reasons(path) -> dict[str, str]:
+    """id -> reason of the reject rows of a dataset directory."""
+    rejects = read_rejects(path)
+    return {} if rejects is None else by_id(rejects, C.REJECT_REASON)
+
+
+def by_id(table: pa.Table, column: str | None = None) -> dict:
+    """id -> row (a dict), or id -> the value of `column`."""
+    ids = table.column(C.ID).to_pylist()
+    values = table.to_pylist() if column is None else table.column(column).to_pylist()
+    return dict(zip(ids, values, strict=True))
+
+
+def manifest_summary(path) -> dict:
+    """The run summary recorded in a dataset's manifest."""
+    return json.loads((Path(path) / "_manifest.json").read_text())["summary"]
+
+
+def wait_for(path: Path, run, timeout: float = 60.0) -> None:
+    """Wait for `path` to appear while `run` goes on: a Popen, or a callable saying it is alive."""
+    alive = run if callable(run) else lambda: run.poll() is None
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if not alive():
+            err = getattr(run, "stderr", None)  # a Popen's piped stderr says why it ended
+            detail = err.read().decode(errors="replace") if err else ""
+            raise AssertionError(f"the run ended before {path.name} appeared\n{detail}")
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.005)
+
+
+def ingest_folder(folder: Path, shard_rows: int = 10) -> Path:
+    """`folder` ingested into a dataset next to it, named ds."""
+    out = folder.parent / "ds"
+    mmtools("ingest", folder, "-o", out, "--shard-rows", shard_rows, "-q")
+    return out
+
+
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     """A folder of 30 captioned JPEGs."""
@@ -97,11 +195,9 @@ def image_folder(tmp_path) -> Path:
 
 
 @pytest.fixture
-def dataset(tmp_path, image_folder) -> Path:
+def dataset(image_folder) -> Path:
     """An ingested dataset of 30 rows in 3 shards."""
-    out = tmp_path / "ds"
-    mmtools("ingest", image_folder, "-o", out, "--shard-rows", 10, "-q")
-    return out
+    return ingest_folder(image_folder)
 
 
 class _ImageHandler(http.server.BaseHTTPRequestHandler):

@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
-from conftest import image_bytes, mmtools
+from conftest import encode, image_bytes, mmtools, read_dataset, read_rejects
 from PIL import Image
-from test_ingest import read_dataset, read_rejects
 
 from mmtools.media import MediaError, decode_image
 
 
 def _png(mode: str, size=(40, 30), **kw) -> bytes:
-    img = Image.new(mode, size)
-    buf = io.BytesIO()
-    img.save(buf, "PNG", **kw)
-    return buf.getvalue()
-
-
-def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
+    return encode(Image.new(mode, size), "PNG", **kw)
 
 
 def _bad_corpus() -> dict[str, bytes]:
@@ -46,14 +34,14 @@ def _odd_but_valid() -> dict[str, bytes]:
     frames = [rgb, rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
     palette = rgb.convert("P", palette=Image.Palette.ADAPTIVE)
     return {
-        "cmyk.jpg": _encode(rgb.convert("CMYK"), "JPEG"),
-        "sixteen.png": _encode(Image.fromarray(np.full((30, 40), 40000, np.uint16)), "PNG"),
-        "palette_alpha.png": _encode(palette, "PNG", transparency=0),
-        "rgba.png": _encode(rgb.convert("RGBA"), "PNG"),
-        "animated.gif": _encode(frames[0], "GIF", save_all=True, append_images=frames[1:]),
-        "animated.webp": _encode(frames[0], "WEBP", save_all=True, append_images=frames[1:]),
-        "rotated.jpg": _encode(rgb, "JPEG", exif=exif),
-        "png_named.jpg": _encode(rgb, "PNG"),
+        "cmyk.jpg": encode(rgb.convert("CMYK"), "JPEG"),
+        "sixteen.png": encode(Image.fromarray(np.full((30, 40), 40000, np.uint16)), "PNG"),
+        "palette_alpha.png": encode(palette, "PNG", transparency=0),
+        "rgba.png": encode(rgb.convert("RGBA"), "PNG"),
+        "animated.gif": encode(frames[0], "GIF", save_all=True, append_images=frames[1:]),
+        "animated.webp": encode(frames[0], "WEBP", save_all=True, append_images=frames[1:]),
+        "rotated.jpg": encode(rgb, "JPEG", exif=exif),
+        "png_named.jpg": encode(rgb, "PNG"),
     }
 
 

@@ -11,8 +11,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import MMTOOLS, make_image_folder, mmtools
-from test_ingest import read_dataset
+from conftest import MMTOOLS, make_image_folder, mmtools, read_dataset, wait_for
 
 from mmtools.errors import EXIT_DATA, EXIT_DRIFT, EXIT_LOCKED, DataContractError
 
@@ -105,21 +104,13 @@ def _start_slow_ingest(listing, out):
     )
 
 
-def _wait_for(path, proc, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.01)
-
-
 def test_resume_after_sigkill(tmp_path, slow_listing):
     reference = tmp_path / "ref"
     mmtools("ingest", slow_listing, "-o", reference, "--shard-rows", 20, "-q", "--workers", 16)
     out = tmp_path / "out"
     for record in ("00002.json", "00005.json"):  # two kills, the second during the resume
         proc = _start_slow_ingest(slow_listing, out)
-        _wait_for(out / "_progress" / record, proc)
+        wait_for(out / "_progress" / record, proc)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert not (out / "_manifest.json").exists()
@@ -135,7 +126,7 @@ def test_resume_after_sigkill(tmp_path, slow_listing):
 def test_lock_refuses_a_second_writer_and_dies_with_its_holder(tmp_path, slow_listing):
     out = tmp_path / "out"
     first = _start_slow_ingest(slow_listing, out)
-    _wait_for(out / "_progress" / "00000.json", first)
+    wait_for(out / "_progress" / "00000.json", first)
     second = mmtools("ingest", slow_listing, "-o", out, "--shard-rows", 20, check=False)
     assert second.returncode == EXIT_LOCKED
     assert f"pid {first.pid}" in second.stderr.decode()
@@ -149,7 +140,7 @@ def test_lock_refuses_a_second_writer_and_dies_with_its_holder(tmp_path, slow_li
 def test_sigterm_exits_promptly_and_resumes(tmp_path, slow_listing):
     out = tmp_path / "out"
     proc = _start_slow_ingest(slow_listing, out)
-    _wait_for(out / "_progress" / "00001.json", proc)
+    wait_for(out / "_progress" / "00001.json", proc)
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=10) == 143

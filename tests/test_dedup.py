@@ -9,9 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from conftest import image_bytes, make_image_folder, mmtools
+from conftest import image_bytes, make_image_folder, mmtools, read_dataset, write_shards
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,23 +22,8 @@ from mmtools.step import Result, Step
 
 
 def write_dataset(path: Path, table: pa.Table, shards: int = 1, row_group: int = 7) -> Path:
-    """Write `table` as `shards` Parquet files (row groups of `row_group` rows) in a directory."""
-    path.mkdir(parents=True)
-    bounds = np.linspace(0, table.num_rows, shards + 1).astype(int)
-    for k in range(shards):
-        part = table.slice(bounds[k], bounds[k + 1] - bounds[k])
-        pq.write_table(part, path / f"part-{k:05d}.parquet", row_group_size=row_group)
-    return path
-
-
-def read_dataset(path: Path) -> pa.Table:
-    """All data rows of an output dataset, in order."""
-    return pq.read_table(path)
-
-
-def read_rejects(path: Path) -> pa.Table:
-    """The reject rows of an output dataset."""
-    return pq.read_table(path / "_rejects") if (path / "_rejects").exists() else None
+    """`table` as `shards` Parquet files in row groups of `row_group` rows: reads cross them."""
+    return write_shards(path, table, shards, row_group)
 
 
 def read_stream(data: bytes) -> pa.Table:

@@ -5,14 +5,13 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
-from conftest import mmtools
+from conftest import mmtools, read_dataset
 from datasketch import MinHash, MinHashLSH
 from test_dedup import (
     assert_ray_buckets_give_local_groups,
     found_groups,
     group_pairs,
     precision_recall,
-    read_dataset,
     text_table,
     write_dataset,
 )

@@ -9,28 +9,19 @@ import imagehash
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import image_bytes, mmtools
+from conftest import encode, image_bytes, mmtools, read_dataset, read_rejects
 from PIL import Image
 from test_dedup import (
     assert_ray_buckets_give_local_groups,
     found_groups,
     group_pairs,
     precision_recall,
-    read_dataset,
-    read_rejects,
     write_dataset,
 )
 
 from mmtools import columns as C
 from mmtools.demo import synth
 from mmtools.steps.dedup.phash import image_phash, near_pairs
-
-
-def encode(img: Image.Image, fmt: str = "JPEG", **save) -> bytes:
-    """Encoded bytes of a PIL image."""
-    buf = io.BytesIO()
-    img.save(buf, fmt, **save)
-    return buf.getvalue()
 
 
 def image_table(ids: list[str], blobs: list[bytes | None]) -> pa.Table:

@@ -5,14 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import mmtools
+from conftest import mmtools, read_dataset, read_rejects
 from test_dedup import (
     assert_ray_buckets_give_local_groups,
     found_groups,
     group_pairs,
     precision_recall,
-    read_dataset,
-    read_rejects,
     write_dataset,
 )
 

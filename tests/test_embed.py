@@ -11,25 +11,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import image_bytes, mmtools, wav_bytes
+from conftest import image_bytes, mmtools, read_dataset, reject_reasons, tiny_clip, wav_bytes
 
 from mmtools import columns as C
 from mmtools.steps.embed import ClapEmbed, ClipEmbed, EmbedConfig
-
-TINY_CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
-
-
-def tiny_clip(directory: Path, name: str = "tiny-clip", layers: int = 2) -> Path:
-    """An open_clip model config (random init with --pretrained none), small enough for tests."""
-    cfg = json.loads(json.dumps(TINY_CLIP))
-    cfg["vision_cfg"]["layers"] = layers
-    path = directory / f"{name}.json"
-    path.write_text(json.dumps(cfg))
-    return path
 
 
 def _byte_vocab() -> dict[str, int]:
@@ -109,26 +94,13 @@ def media_table(
     )
 
 
-def read_dataset(path: Path) -> pa.Table:
-    """The rows of an mmtools dataset directory, in shard order, with the first shard's schema."""
-    manifest = json.loads((path / "_manifest.json").read_text())
-    tables = [pq.read_table(path / s["name"]) for s in manifest["shards"]]
-    return pa.concat_tables(tables)
-
-
-def read_rejects(path: Path) -> dict[str, str]:
-    """id -> reason of the reject rows of a dataset."""
-    files = sorted((path / "_rejects").glob("*.parquet"))
-    rows = pa.concat_tables([pq.read_table(f) for f in files]).to_pylist() if files else []
-    return {r[C.ID]: r[C.REJECT_REASON] for r in rows}
-
-
 def matrix(table: pa.Table, column: str) -> np.ndarray:
     """An embedding column as a float32 matrix."""
     return np.array(table.column(column).to_pylist(), dtype=np.float32)
 
 
-def by_id(table: pa.Table, column: str) -> dict[str, np.ndarray]:
+def vectors_by_id(table: pa.Table, column: str) -> dict[str, np.ndarray]:
+    """id -> embedding (float32 vector) of `column`."""
     return dict(zip(table.column(C.ID).to_pylist(), matrix(table, column), strict=True))
 
 
@@ -235,7 +207,7 @@ def test_bad_rows_become_rejects_and_good_rows_all_come_out(mixed):
     _, out, proc = mixed
     kept = read_dataset(out).column(C.ID).to_pylist()
     assert kept == [f"r{i:03d}" for i in (*range(12), 17, 18)]  # in order; RGBA and on-disk ok
-    assert read_rejects(out) == {
+    assert reject_reasons(out) == {
         "r012": "truncated",
         "r013": "not_image",
         "r014": "zero_byte",
@@ -354,9 +326,9 @@ def test_clap_embeds_audio_at_any_rate_and_channel_count(clap_dir, tmp_path):
         out,
     )
     table = read_dataset(out)
-    audio = by_id(table, C.AUDIO_EMBEDDING)
+    audio = vectors_by_id(table, C.AUDIO_EMBEDDING)
     assert sorted(audio) == [f"r{i:03d}" for i in range(6)]
-    assert read_rejects(out) == {"r006": "not_audio", "r007": "zero_byte"}
+    assert reject_reasons(out) == {"r006": "not_audio", "r007": "zero_byte"}
     for i in range(1, 5):  # resampled and mixed down: close to the 16 kHz mono original
         assert float(audio["r000"] @ audio[f"r{i:03d}"]) > 0.99
     assert float(audio["r000"] @ audio["r005"]) < 0.999  # a different tone differs

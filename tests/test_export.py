@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 import tarfile
 
-from conftest import mmtools
-from test_ingest import read_dataset
+from conftest import mmtools, read_dataset
 
 
 def test_webdataset_round_trip(tmp_path, dataset):

@@ -12,7 +12,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import MMTOOLS, mmtools
+from conftest import MMTOOLS, mmtools, read_dataset, write_shards
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,29 +22,12 @@ from mmtools.steps.filter.rank import TopFraction, TopFractionConfig
 from mmtools.steps.filter.step import FilterConfig, make_filter, sql_columns
 
 
-def write_shards(directory, table: pa.Table, shards: int = 3):
-    """`table` as a folder of Parquet shards (a plain Parquet input, no manifest)."""
-    directory.mkdir(parents=True)
-    step = -(-table.num_rows // shards)
-    for i in range(shards):
-        pq.write_table(table.slice(i * step, step), directory / f"part-{i}.parquet")
-    return directory
-
-
-def read_dataset(path) -> pa.Table:
-    """The rows of an mmtools dataset directory, in shard order."""
-    manifest = json.loads((path / "_manifest.json").read_text())
-    tables = [pq.read_table(path / s["name"]) for s in manifest["shards"]]
-    return pa.concat_tables(tables) if tables else None
-
-
 def dropped(path) -> dict:
     return json.loads((path / "_manifest.json").read_text())["dropped"]
 
 
 def ids(path) -> list[str]:
-    table = read_dataset(path)
-    return [] if table is None else table.column(C.ID).to_pylist()
+    return read_dataset(path).column(C.ID).to_pylist()
 
 
 def scored_table(n: int, seed: int = 0) -> pa.Table:
@@ -69,7 +52,7 @@ def scored_table(n: int, seed: int = 0) -> pa.Table:
 def scored(tmp_path_factory):
     """600 scored rows in 3 Parquet shards, and the same rows as a polars frame."""
     table = scored_table(600)
-    return write_shards(tmp_path_factory.mktemp("scored") / "in", table), pl.from_arrow(table)
+    return write_shards(tmp_path_factory.mktemp("scored") / "in", table, 3), pl.from_arrow(table)
 
 
 def pipe(*commands, input: bytes | None = None) -> list[subprocess.CompletedProcess]:

@@ -10,20 +10,7 @@ import tarfile
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import image_bytes, mmtools, wav_bytes
-
-from mmtools.io.source import Source
-
-
-def read_dataset(path) -> pa.Table:
-    """All rows of a dataset directory, via the same reader the commands use."""
-    src = Source([str(path)])
-    return pa.Table.from_batches(list(src.batches()), src.schema)
-
-
-def read_rejects(path) -> pa.Table:
-    files = sorted((path / "_rejects").glob("*.parquet"))
-    return pa.concat_tables([pq.read_table(f) for f in files]) if files else None
+from conftest import image_bytes, mmtools, read_dataset, read_rejects, wav_bytes
 
 
 def test_folder_with_sidecars(tmp_path, image_folder):

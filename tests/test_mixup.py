@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import subprocess
 
 import numpy as np
@@ -13,7 +12,18 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
-from conftest import MMTOOLS, image_bytes, make_image_folder, mmtools, wav_bytes
+from conftest import (
+    MMTOOLS,
+    by_id,
+    image_bytes,
+    ingest_folder,
+    make_image_folder,
+    manifest_summary,
+    mmtools,
+    read_dataset,
+    read_rejects,
+    wav_bytes,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -27,10 +37,8 @@ from mmtools.steps.mixup.plan import plan_pairs
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
     """30 captioned JPEGs and their dataset (3 shards), for the tests that only read them."""
-    root = tmp_path_factory.mktemp("mixup")
-    folder = make_image_folder(root / "imgs", 30)
-    mmtools("ingest", folder, "-o", root / "ds", "--shard-rows", 10, "-q")
-    return folder, root / "ds"
+    folder = make_image_folder(tmp_path_factory.mktemp("mixup") / "imgs", 30)
+    return folder, ingest_folder(folder)
 
 
 @pytest.fixture
@@ -42,25 +50,6 @@ def dataset(shared):
 def mixup(src, out, *args, quiet: bool = True, check: bool = True):
     """Run `mmtools mixup SRC -o OUT ARGS...` in a subprocess."""
     return mmtools("mixup", src, "-o", out, *args, *(["-q"] if quiet else []), check=check)
-
-
-def read_dataset(path) -> pa.Table:
-    """All rows of a dataset directory or file."""
-    src = Source([str(path)])
-    return pa.Table.from_batches(list(src.batches()), src.schema)
-
-
-def read_rejects(path) -> pa.Table | None:
-    files = sorted((path / "_rejects").glob("*.parquet"))
-    return pa.concat_tables([pq.read_table(f) for f in files]) if files else None
-
-
-def summary(path) -> dict:
-    return json.loads((path / "_manifest.json").read_text())["summary"]
-
-
-def by_id(table: pa.Table) -> dict[str, dict]:
-    return {r["id"]: r for r in table.to_pylist()}
 
 
 def angle(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -105,7 +94,7 @@ def test_mixed_image_is_the_lambda_blend_of_its_parents(tmp_path):
     parents = by_id(read_dataset(tmp_path / "ds"))
     out = read_dataset(tmp_path / "out")
     assert out.num_rows == 12 and len(set(out.column("id").to_pylist())) == 12
-    assert summary(tmp_path / "out")["dropped"] == {"mixup_source": 12}
+    assert manifest_summary(tmp_path / "out")["dropped"] == {"mixup_source": 12}
     for row in out.to_pylist():
         a, b = (parents[p] for p in row["mixup_parents"])
         assert row["id"] == f"mixup:{a['id']}+{b['id']}" and row["id"] not in parents
@@ -179,7 +168,7 @@ def test_undecodable_parent_becomes_a_reject_and_the_rest_is_made(tmp_path, data
     made = sum(1 for r in out.values() if r["mixup_parents"])
     skipped = sum(1 for r in clean.values() if r["mixup_parents"]) - made
     assert skipped >= 2 and f"pairs skipped {skipped}" in proc.stderr.decode()
-    s = summary(tmp_path / "out")
+    s = manifest_summary(tmp_path / "out")
     assert s["notes"] == {"pairs_skipped": skipped}
     assert (s["rows_in"], s["rows_out"], s["generated"], s["rejected"]) == (30, 28 + made, made, 2)
     originals = [r for r in out.values() if not r["mixup_parents"]]

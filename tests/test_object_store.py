@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import pytest
-from conftest import mmtools
+from conftest import mmtools, read_dataset
 
 from mmtools import columns as C
 
@@ -44,8 +43,7 @@ def _rows(table) -> dict:
 
 
 def _local_rows(path) -> dict:
-    manifest = json.loads((path / "_manifest.json").read_text())
-    return _rows(pq.read_table([path / s["name"] for s in manifest["shards"]]))
+    return _rows(read_dataset(path))
 
 
 def test_a_pipeline_reads_and_writes_s3_like_local_disk(s3, dataset, tmp_path):

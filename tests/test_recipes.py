@@ -7,9 +7,8 @@ import json
 import tarfile
 
 import pytest
-from conftest import mmtools
+from conftest import mmtools, read_dataset
 from llm_server import LLMServer
-from test_ingest import read_dataset
 from test_recipes_filter import run_recipe
 
 from mmtools.demo import synth

@@ -13,7 +13,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_image_folder, mmtools
+from conftest import make_image_folder, mmtools, read_dataset
 
 from mmtools import columns as C
 
@@ -26,11 +26,6 @@ def run_recipe(name: str, *args, **env) -> subprocess.CompletedProcess:
     return subprocess.run(
         ["bash", str(RECIPES / name), *map(str, args)], capture_output=True, env=full, timeout=600
     )
-
-
-def read_dataset(path: Path) -> pa.Table:
-    manifest = json.loads((path / "_manifest.json").read_text())
-    return pa.concat_tables([pq.read_table(path / s["name"]) for s in manifest["shards"]])
 
 
 @pytest.fixture(scope="module")

@@ -11,32 +11,25 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import MMTOOLS, image_bytes, make_image_folder, mmtools
+from conftest import (
+    MMTOOLS,
+    by_id,
+    image_bytes,
+    ingest_folder,
+    make_image_folder,
+    mmtools,
+    read_dataset,
+    read_rejects,
+)
 from llm_server import LLMServer
 
 from mmtools import columns as C
-from mmtools.io.source import Source
-
-
-def read_dataset(path) -> pa.Table:
-    """All rows of a dataset directory, via the reader the commands use."""
-    src = Source([str(path)])
-    return pa.Table.from_batches(list(src.batches()), src.schema)
-
-
-def read_rejects(path) -> pa.Table | None:
-    files = sorted((path / "_rejects").glob("*.parquet"))
-    return pa.concat_tables([pq.read_table(f) for f in files]) if files else None
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """30 ingested rows in 3 shards, shared by the tests of this module (read only)."""
-    root = tmp_path_factory.mktemp("rewrite")
-    mmtools(
-        "ingest", make_image_folder(root / "imgs", 30), "-o", root / "ds", "--shard-rows", 10, "-q"
-    )
-    return root / "ds"
+    return ingest_folder(make_image_folder(tmp_path_factory.mktemp("rewrite") / "imgs", 30))
 
 
 def write_rows(path, texts: dict, images: list | None = None):
@@ -66,10 +59,6 @@ def rewrite(server, *args, check=True, env=None):
     return mmtools(
         "rewrite", *args, "--base-url", server.url, "--model", "tiny", "-q", check=check, env=env
     )
-
-
-def by_id(table: pa.Table, column: str) -> dict:
-    return dict(zip(table[C.ID].to_pylist(), table[column].to_pylist(), strict=True))
 
 
 def test_rewrite_adds_synthetic_caption_and_keeps_alt_text(tmp_path, dataset, server, echo_prompt):

@@ -8,10 +8,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import mmtools
+from conftest import mmtools, read_dataset
 
 from mmtools import columns as C
-from mmtools.io.source import Source
 from mmtools.steps.rewrite.step import Rewrite, RewriteConfig, mix_choice
 
 ALT = [
@@ -20,11 +19,6 @@ ALT = [
     "photo of a beautiful woman walking in the street",
     "red car parked on a road, city, night",
 ]
-
-
-def read_dataset(path) -> pa.Table:
-    src = Source([str(path)])
-    return pa.Table.from_batches(list(src.batches()), src.schema)
 
 
 @pytest.fixture(scope="module")

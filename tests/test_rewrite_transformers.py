@@ -10,11 +10,10 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import image_bytes, mmtools
+from conftest import image_bytes, mmtools, read_dataset
 from llm_server import LLMServer
 
 from mmtools import columns as C
-from mmtools.io.source import Source
 
 THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 CHAT = (
@@ -137,11 +136,6 @@ def rows(tmp_path_factory):
         path,
     )
     return path
-
-
-def read_dataset(path) -> pa.Table:
-    src = Source([str(path)])
-    return pa.Table.from_batches(list(src.batches()), src.schema)
 
 
 def generate(out, rows, model, *args) -> pa.Table:

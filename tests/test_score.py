@@ -6,17 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import image_bytes, mmtools
-from test_embed import (
-    audio_table,
-    by_id,
-    matrix,
-    media_table,
-    read_dataset,
-    read_rejects,
-    tiny_clap,
-    tiny_clip,
-)
+from conftest import image_bytes, mmtools, read_dataset, reject_reasons, tiny_clip
+from test_embed import audio_table, matrix, media_table, tiny_clap, vectors_by_id
 
 from mmtools import columns as C
 from mmtools.errors import DataContractError
@@ -175,14 +166,14 @@ def test_audio_text_score_on_the_fly(root):
     pq.write_table(audio_table(), root / "audio.parquet")
     mmtools("score", root / "audio.parquet", "--audio-model", clap, "-o", root / "audio", "-q")
     table = read_dataset(root / "audio")
-    audio, text = by_id(table, C.AUDIO_EMBEDDING), by_id(table, C.TEXT_EMBEDDING)
+    audio, text = vectors_by_id(table, C.AUDIO_EMBEDDING), vectors_by_id(table, C.TEXT_EMBEDDING)
     scores = dict(
         zip(table.column(C.ID).to_pylist(), matrix_score(table, C.AUDIO_TEXT_SCORE), strict=True)
     )
     for key, value in scores.items():
         cosine = audio[key] @ text[key] / np.linalg.norm(audio[key]) / np.linalg.norm(text[key])
         assert value == pytest.approx(cosine, abs=1e-3)
-    assert read_rejects(root / "audio") == {"r006": "not_audio", "r007": "zero_byte"}
+    assert reject_reasons(root / "audio") == {"r006": "not_audio", "r007": "zero_byte"}
     assert C.column_info(table.schema)[C.AUDIO_TEXT_SCORE]["model"] == str(clap)
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from timing import timed_cpu
 
 WHERE = "clip_score >= 0.28 AND width >= 256"
 BLOCK = 65_536
@@ -101,13 +102,6 @@ def run_mmtools(*args) -> tuple[float, float, int]:
     return time.perf_counter() - t0, usage.ru_utime + usage.ru_stime, peak
 
 
-def timed(fn, *args) -> tuple[float, float]:
-    """(seconds, CPU seconds of this process, all threads) of one call."""
-    t0, c0 = time.perf_counter(), time.process_time()
-    fn(*args)
-    return time.perf_counter() - t0, time.process_time() - c0
-
-
 def rows_of(path: Path) -> int:
     files = sorted(path.glob("part-*.parquet")) if path.is_dir() else [path]
     return sum(pq.read_metadata(f).num_rows for f in files)
@@ -128,8 +122,8 @@ def bench_where(data: Path, tmp: Path, rows: int, repeat: int) -> int:
     best = {"arrow": (float("inf"),) * 2, "polars": (float("inf"),) * 2}
     best["ours"] = best["arrow"]
     for _ in range(repeat):  # interleaved, so load from elsewhere hits all three alike
-        best["arrow"] = min(best["arrow"], timed(plain_pyarrow, data, tmp / "arrow.parquet"))
-        best["polars"] = min(best["polars"], timed(plain_polars, data, tmp / "polars.parquet"))
+        best["arrow"] = min(best["arrow"], timed_cpu(plain_pyarrow, data, tmp / "arrow.parquet"))
+        best["polars"] = min(best["polars"], timed_cpu(plain_polars, data, tmp / "polars.parquet"))
         args = ("--where", WHERE, "-o", tmp / "where", "--overwrite")
         t, cpu, rss = run_mmtools("filter", data, *args)
         best["ours"] = min(best["ours"], (t, cpu))
@@ -186,7 +180,7 @@ def main() -> None:
     rows = args.rows or (200_000 if args.quick else 5_000_000)
     with tempfile.TemporaryDirectory(prefix="bench-filter-") as tmp:
         tmp = Path(tmp)
-        t, _ = timed(make_data, tmp / "data", rows, min(500_000, -(-rows // 4)))
+        t, _ = timed_cpu(make_data, tmp / "data", rows, min(500_000, -(-rows // 4)))
         size = sum(f.stat().st_size for f in (tmp / "data").iterdir())
         print(f"data: {rows:,} rows, {size / 2**30:.2f} GiB in Parquet ({t:.0f} s to make)")
         rss_where = bench_where(tmp / "data", tmp, rows, args.repeat)

@@ -17,13 +17,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
+from timing import timed
 
 COPY = """
 import resource, sys, time
@@ -47,12 +47,6 @@ def make_images(folder: Path, n: int) -> None:
         Image.fromarray(arr).save(buf, "JPEG", quality=90)
         (folder / f"{i:06d}.jpg").write_bytes(buf.getvalue())
         (folder / f"{i:06d}.txt").write_text(f"sample {i}")
-
-
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def plain_ingest(folder: Path, out: Path) -> None:

@@ -15,13 +15,13 @@ import argparse
 import io
 import os
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
+from timing import timed
 
 from mmtools import columns as C
 from mmtools import engines as engine
@@ -58,12 +58,6 @@ def write_input(path: str, n: int) -> list[bytes]:
     )
     pq.write_table(table, path)
     return images
-
-
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def main() -> None:

@@ -11,16 +11,25 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import conftest
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from conftest import image_bytes, mmtools
+from conftest import (
+    by_id,
+    image_bytes,
+    mmtools,
+    read_dataset,
+    read_rejects,
+    reject_reasons,
+    write_shards,
+)
 from forked import THREADS
 
 from mmtools import columns as C
 
 SOAK = int(os.environ.get("MMTOOLS_SOAK", "20"))
-ROWS, INPUT_SHARD_ROWS = 400, 50
+ROWS, INPUT_SHARDS = 400, 8
 SHAPE = ["--shard-rows", "20", "--batch-size", "10", "-q"]
 
 TINY_CLIP = {
@@ -56,14 +65,6 @@ def corpus_table(rows: int = ROWS, seed: int = 0, height: int = 16) -> pa.Table:
             C.IMAGE_SHA256: [hashlib.sha256(d).hexdigest() for d in data],
         }
     )
-
-
-def write_shards(table: pa.Table, directory: Path, shard_rows: int = INPUT_SHARD_ROWS) -> Path:
-    """Write `table` as Parquet shards part-NNNNN.parquet (no manifest) under `directory`."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for n, start in enumerate(range(0, max(table.num_rows, 1), shard_rows)):
-        pq.write_table(table.slice(start, shard_rows), directory / f"part-{n:05d}.parquet")
-    return directory
 
 
 def image_folder(root: Path, n: int = ROWS) -> Path:
@@ -106,21 +107,12 @@ def media_file(path, images: dict[str, bytes], texts: dict | None = None) -> Non
 
 def outcome(out) -> tuple[dict, dict]:
     """(rows by id, reject reason by id) of a complete dataset."""
-    manifest = json.loads((out / "_manifest.json").read_text())
-    rows = {}
-    for s in manifest["shards"]:
-        rows.update({r[C.ID]: r for r in pq.read_table(out / s["name"]).to_pylist()})
-    rejects = {}
-    for f in sorted((out / "_rejects").glob("*.parquet")):
-        rejects.update({r[C.ID]: r[C.REJECT_REASON] for r in pq.read_table(f).to_pylist()})
-    return rows, rejects
+    return by_id(read_dataset(out)), reject_reasons(out)
 
 
 def tiny_clip(directory: Path) -> Path:
-    """An open_clip model config, run with --pretrained none (seeded random init)."""
-    path = directory / "tiny-clip.json"
-    path.write_text(json.dumps(TINY_CLIP))
-    return path
+    """This suite's open_clip model config (smaller than the unit tests'), run unpretrained."""
+    return conftest.tiny_clip(directory, layers=1, config=TINY_CLIP)
 
 
 @dataclass
@@ -136,7 +128,7 @@ def make_inputs(root: Path, height: int = 16) -> Inputs:
     """Build the shared inputs under `root` (images `height` pixels high)."""
     root.mkdir(parents=True, exist_ok=True)
     return Inputs(
-        write_shards(corpus_table(height=height), root / "corpus"),
+        write_shards(root / "corpus", corpus_table(height=height), INPUT_SHARDS),
         image_folder(root / "folder"),
         tiny_clip(root),
     )
@@ -173,21 +165,14 @@ def _digest(row: dict) -> str:
 
 def rows(out: Path) -> Counter:
     """Multiset of (id, content hash) of the rows of a complete dataset, via its manifest."""
-    manifest = json.loads((out / "_manifest.json").read_text())
-    found: Counter = Counter()
-    for shard in manifest["shards"]:
-        for row in pq.read_table(out / shard["name"]).to_pylist():
-            found[(row[C.ID], _digest(row))] += 1
-    return found
+    return Counter((row[C.ID], _digest(row)) for row in read_dataset(out).to_pylist())
 
 
 def rejects(out: Path) -> Counter:
     """Multiset of (id, step, reason) of the reject rows of a dataset."""
-    found: Counter = Counter()
-    for f in sorted((out / "_rejects").glob("*.parquet")):
-        for r in pq.read_table(f).to_pylist():
-            found[(r[C.ID], r[C.REJECT_STEP], r[C.REJECT_REASON])] += 1
-    return found
+    table = read_rejects(out)
+    found = [] if table is None else table.to_pylist()
+    return Counter((r[C.ID], r[C.REJECT_STEP], r[C.REJECT_REASON]) for r in found)
 
 
 @dataclass

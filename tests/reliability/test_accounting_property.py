@@ -8,15 +8,14 @@ These run the engine in-process, many times, on small inputs.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from harness import rows as _rows
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -97,15 +96,6 @@ class _Crashing:
 
     def abort(self):
         self.sink._lock.release()  # the kernel drops a dead process's lock; nothing else
-
-
-def _rows(out: Path) -> Counter:
-    manifest = json.loads((out / "_manifest.json").read_text())
-    found: Counter = Counter()
-    for s in manifest["shards"]:
-        for row in pq.read_table(out / s["name"]).to_pylist():
-            found[repr(sorted(row.items()))] += 1
-    return found
 
 
 LAYOUT = st.lists(st.integers(0, 30), min_size=1, max_size=5)

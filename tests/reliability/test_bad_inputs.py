@@ -3,26 +3,19 @@ error line, never a traceback, never a silent loss."""
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import image_bytes, mmtools
+from conftest import encode, image_bytes, mmtools
 from forked import cli
 from harness import THREADS, media_file, one_line, outcome, png_header, tiny_clip
 from PIL import Image
 
 from mmtools import columns as C
 from mmtools.errors import EXIT_DATA
-
-
-def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
 
 
 def bad_images() -> dict[str, tuple[bytes, str]]:
@@ -45,16 +38,16 @@ def odd_images() -> dict[str, bytes]:
     exif[0x0112] = 6
     frames = [rgb, rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
     return {
-        "cmyk.jpg": _encode(rgb.convert("CMYK"), "JPEG"),
-        "sixteen.png": _encode(Image.fromarray(np.full((30, 40), 40000, np.uint16)), "PNG"),
-        "palette_alpha.png": _encode(
+        "cmyk.jpg": encode(rgb.convert("CMYK"), "JPEG"),
+        "sixteen.png": encode(Image.fromarray(np.full((30, 40), 40000, np.uint16)), "PNG"),
+        "palette_alpha.png": encode(
             rgb.convert("P", palette=Image.Palette.ADAPTIVE), "PNG", transparency=0
         ),
-        "animated.gif": _encode(frames[0], "GIF", save_all=True, append_images=frames[1:]),
-        "animated.webp": _encode(frames[0], "WEBP", save_all=True, append_images=frames[1:]),
-        "rotated.jpg": _encode(rgb, "JPEG", exif=exif),
-        "png_named.jpg": _encode(rgb, "PNG"),
-        "tall.png": _encode(Image.new("RGB", (3, 2000), (9, 9, 9)), "PNG"),
+        "animated.gif": encode(frames[0], "GIF", save_all=True, append_images=frames[1:]),
+        "animated.webp": encode(frames[0], "WEBP", save_all=True, append_images=frames[1:]),
+        "rotated.jpg": encode(rgb, "JPEG", exif=exif),
+        "png_named.jpg": encode(rgb, "PNG"),
+        "tall.png": encode(Image.new("RGB", (3, 2000), (9, 9, 9)), "PNG"),
     }
 
 

@@ -14,9 +14,10 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import MMTOOLS, mmtools
+from conftest import MMTOOLS, mmtools, write_shards
 from forked import summary
 from harness import (
+    INPUT_SHARDS,
     THREADS,
     Inputs,
     check_complete,
@@ -26,7 +27,6 @@ from harness import (
     one_line,
     rows,
     tiny_clip,
-    write_shards,
 )
 from PIL import Image
 
@@ -56,7 +56,7 @@ def inputs(tmp_path_factory) -> Inputs:
     table = table.set_column(1, C.IMAGE, C.media_array(data, [None] * len(data)))
     folder = image_folder(root / "folder")
     (folder / f"img{BIG_ROW:05d}.jpg").write_bytes(big)  # PNG bytes under a .jpg name
-    return Inputs(write_shards(table, root / "corpus"), folder, tiny_clip(root))
+    return Inputs(write_shards(root / "corpus", table, INPUT_SHARDS), folder, tiny_clip(root))
 
 
 def _limited():

@@ -10,9 +10,10 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import mmtools
+from conftest import mmtools, write_shards
 from forked import cli, run_to_end
 from harness import (
+    INPUT_SHARDS,
     THREADS,
     TINY_CLIP,
     check_complete,
@@ -22,7 +23,6 @@ from harness import (
     one_line,
     reference,
     rows,
-    write_shards,
 )
 
 from mmtools.errors import EXIT_DRIFT
@@ -57,7 +57,7 @@ def test_changed_input_behind_the_same_path(inputs, tmp_path):
     out = tmp_path / "out"
     argv = command("dedup", inputs, out)
     _killed_run(argv, tmp_path)
-    write_shards(corpus_table(seed=1), inputs.dataset)  # new rows, same file names
+    write_shards(inputs.dataset, corpus_table(seed=1), INPUT_SHARDS)  # new rows, same file names
     _refused(argv, out, "inputs differs")
     assert cli(*argv, "--overwrite")[0] == 0
     fresh = reference("dedup", inputs, tmp_path / "fresh")

@@ -11,7 +11,7 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import MMTOOLS, mmtools
+from conftest import MMTOOLS, mmtools, wait_for
 from forked import Run, cli, run_to_end, summary
 from harness import THREADS, References, check_complete, command, make_inputs, one_line, rows
 
@@ -26,14 +26,6 @@ def inputs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def refs(inputs, tmp_path_factory):
     return References(inputs, tmp_path_factory.mktemp("refs"))
-
-
-def _wait_for(path, alive, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert alive(), f"the run ended before {path.name} appeared"
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.005)
 
 
 def _assert_clean_stop(out) -> None:
@@ -81,7 +73,7 @@ def test_signal_stops_promptly_cleanly_and_the_rerun_resumes(
 ):
     ref, out = refs(kind), tmp_path / "out"
     proc = _Process(command(kind, inputs, out), tmp_path / "run.log", real)
-    _wait_for(out / "_progress" / "00001.json", proc.alive)
+    wait_for(out / "_progress" / "00001.json", proc.alive, timeout=120)
     t0 = time.monotonic()
     os.kill(proc.pid, signum)
     assert proc.wait() == {signal.SIGTERM: EXIT_SIGTERM, signal.SIGINT: EXIT_SIGINT}[signum]
@@ -123,7 +115,7 @@ def test_ctrl_c_on_a_pipe_stops_both_ends_and_the_rerun_resumes(inputs, tmp_path
 
     up, down = pipe()
     # The downstream has read the stream's schema and opened its output: both are running.
-    _wait_for(out / "_run.json", lambda: down.poll() is None)
+    wait_for(out / "_run.json", lambda: down.poll() is None, timeout=120)
     os.killpg(up.pid, signal.SIGINT)
     assert up.wait(timeout=30) in (EXIT_SIGINT, 141)  # 141: the downstream went first
     assert down.wait(timeout=30) in (EXIT_SIGINT, 3)  # 3: it saw the stream break first
@@ -143,7 +135,7 @@ def _stopped_first_run(kind, inputs, out, log):
     """A forked run paused (SIGSTOP) while it holds the output lock, after its first commit."""
     run = Run(command(kind, inputs, out), log)
     try:
-        _wait_for(out / "_progress" / "00000.json", run.proc.is_alive)
+        wait_for(out / "_progress" / "00000.json", run.proc.is_alive, timeout=120)
         os.kill(run.proc.pid, signal.SIGSTOP)
         assert run.proc.is_alive()
         yield run
