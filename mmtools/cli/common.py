@@ -92,7 +92,11 @@ def execute(command: str, source, steps: list, c: Common):
     if c.engine == "ray":
         from mmtools.engines.ray.executor import RayExecutor, RayOptions
 
-        options = RayOptions(c.ray_address or None, c.ray_concurrency, c.num_gpus_per_worker)
+        options = RayOptions(
+            address=c.ray_address or None,
+            concurrency=c.ray_concurrency,
+            gpus_per_worker=c.num_gpus_per_worker,
+        )
         executor = RayExecutor(options)  # a missing Ray fails here, before the output is opened
     else:
         from mmtools.engines.local import LocalExecutor
