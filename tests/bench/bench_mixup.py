@@ -86,7 +86,7 @@ def main() -> None:
 
         def step():
             source = Source([path])
-            mixup = Mixup(MixupConfig(seed=0), source, workers=args.workers)
+            mixup = Mixup(MixupConfig(seed=0), workers=args.workers)
             sink = DatasetSink(os.path.join(tmp, "out"), overwrite=True)
             summary, _ = engine.run("mixup", source, [mixup], sink, batch_size=256, quiet=True)
             assert summary.generated == n
