@@ -4,6 +4,7 @@ deadline with its own reason, and only transient failures are retried."""
 from __future__ import annotations
 
 import collections
+import email.utils
 import http.server
 import socket
 import threading
@@ -223,6 +224,21 @@ def test_backoff_never_waits_past_the_deadline(server):
         download(f"{base}/down/2", DownloadOptions(timeout=0.7, retries=5))
     assert e.value.reason == "http_error" and time.monotonic() - start < 0.7
     assert 1 <= counts["/down/2"] <= 2
+
+
+def test_a_url_that_is_not_valid_is_an_http_error_at_once():
+    for url in ("http://", "http://[::1", "http://a..b/"):
+        with pytest.raises(MediaError) as e:
+            download(url, DownloadOptions(timeout=TIMEOUT))
+        assert e.value.reason == "http_error" and "not a valid URL" in e.value.detail
+
+
+def test_retry_after_takes_seconds_or_a_date():
+    assert downloader._retry_after("3") == 3.0
+    assert downloader._retry_after("soon") is None and downloader._retry_after(None) is None
+    when = email.utils.formatdate(time.time() + 60, usegmt=True)
+    assert 55 < downloader._retry_after(when) <= 60
+    assert downloader._retry_after("Thu, 01 Jan 1970 00:00:00 GMT") == 0.0
 
 
 def test_no_retries_means_one_request(server):

@@ -8,8 +8,8 @@ only a name lookup that hangs in the resolver can outlast it. Failures raise
 
 - `timeout`: the deadline passed;
 - `connection_error`: refused, reset, or cut short (retried);
-- `http_error`: a status other than 2xx (in the detail; 429 and 5xx retried), or more than
-  `MAX_REDIRECTS` redirects (a loop);
+- `http_error`: a status other than 2xx (in the detail; 429 and 5xx retried), more than
+  `MAX_REDIRECTS` redirects (a loop), or a URL that is not valid;
 - `dns_error`: the host name does not resolve;
 - `too_large`: more than `max_bytes`, said by Content-Length or counted while reading;
 - `opted_out`: the answer carries an X-Robots-Tag directive of `disallowed`.
@@ -154,6 +154,8 @@ def _attempt(url: str, options: DownloadOptions, deadline: float) -> bytes:
     except httpx.TooManyRedirects:
         detail = f"{url}: more than {MAX_REDIRECTS} redirects (a redirect loop?)"
         raise MediaError("http_error", detail) from None
+    except (httpx.InvalidURL, httpx.UnsupportedProtocol, UnicodeError) as e:
+        raise MediaError("http_error", f"{url}: not a valid URL ({e})") from None
     except httpx.DecodingError as e:  # a damaged gzip or deflate body: no retry mends it
         raise MediaError("corrupt", f"{url}: {e}") from None
     except (httpx.HTTPError, OSError) as e:
