@@ -1,9 +1,11 @@
 """Reading, probing and decoding image and audio; bad media raise `MediaError(reason)`.
 
 Every step gets media bytes through `read`, so a row fails for the same reason everywhere:
-`no_media` (neither bytes nor a path), `missing_file` (a path or URL that cannot be read),
-then the decoders' `zero_byte`, `corrupt`, `truncated`, `not_image`, `not_audio`,
-`empty_audio`, `decompression_bomb` and `decode_timeout`.
+`no_media` (neither bytes nor a path), `missing_file` (a file or object-store key that cannot
+be read), a URL's download reasons (`timeout`, `http_error`, `connection_error`, `dns_error`,
+`too_large`, `opted_out`; see `mmtools.io.http`), then the decoders' `zero_byte`, `corrupt`,
+`truncated`, `not_image`, `not_audio`, `empty_audio`, `decompression_bomb` and
+`decode_timeout`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ MAX_JPEG_SCANS = 100  # progressive JPEGs have ~10; thousands take minutes to de
 ENV_DECODE_TIMEOUT = "MMTOOLS_DECODE_TIMEOUT"  # seconds one image may take to decode
 DEFAULT_DECODE_TIMEOUT = 60.0
 ENV_DECODE_PIXELS = "MMTOOLS_DECODE_PIXELS"  # pixels all decoding threads may hold at once
-ENV_FETCH_TIMEOUT = "MMTOOLS_FETCH_TIMEOUT"  # seconds one read of a URL may wait for an answer
+ENV_FETCH_TIMEOUT = "MMTOOLS_FETCH_TIMEOUT"  # seconds a URL may take, retries included
 DEFAULT_FETCH_TIMEOUT = 30.0
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
@@ -62,7 +64,7 @@ def read(value, kind: str, timeout: float | None = None) -> bytes:
 
     `value` is the {bytes, path} struct as a dict, a (bytes, path) pair, a pyarrow scalar or
     None. A path may be local, `file://`, `http(s)://`, or an object-store URI (`s3://`,
-    `gs://`, ...); `timeout` (default `MMTOOLS_FETCH_TIMEOUT`) bounds each network wait.
+    `gs://`, ...); `timeout` (default `MMTOOLS_FETCH_TIMEOUT`) is a URL's deadline.
     """
     data, path = _parts(value)
     if data is None:
@@ -74,12 +76,22 @@ def read(value, kind: str, timeout: float | None = None) -> bytes:
     return data
 
 
-def read_path(path: str, timeout: float | None = None) -> bytes:
-    """The bytes of a local path, URL or object-store URI; `missing_file` if unreadable."""
+def read_path(path: str, timeout: float | None = None, download=None) -> bytes:
+    """The bytes of a local path, URL or object-store URI; `missing_file` if unreadable.
+
+    A URL is downloaded with `download` (`mmtools.io.http.DownloadOptions`; by default
+    those options with `timeout` as the deadline) and fails with the download's reasons.
+    """
+    from mmtools.io import http
     from mmtools.io.fs import read_file
 
+    if http.is_url(path):
+        if download is None:
+            seconds = _seconds(ENV_FETCH_TIMEOUT, DEFAULT_FETCH_TIMEOUT, timeout)
+            download = http.DownloadOptions(timeout=seconds)
+        return http.download(path, download)
     try:
-        return read_file(path, _seconds(ENV_FETCH_TIMEOUT, DEFAULT_FETCH_TIMEOUT, timeout))
+        return read_file(path)
     except OSError as e:
         detail = f"{path}: {e.strerror}" if e.strerror else str(e)
         raise MediaError("missing_file", detail) from None

@@ -123,7 +123,7 @@ def test_listing_of_urls(tmp_path, http_server):
     assert rows[2]["image"]["bytes"] == image_bytes(2)
     assert rows[2]["source"] == urls[2]
     rejects = read_rejects(out).to_pylist()
-    assert [r["reason"] for r in rejects] == ["missing_file"]
+    assert [r["reason"] for r in rejects] == ["http_error"]
     assert "404" in rejects[0]["detail"]
 
 

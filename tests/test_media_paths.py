@@ -106,7 +106,7 @@ def test_path_only_audio_through_filter_and_mixup(tmp_path):
 GOOD = 12
 BAD = {  # id -> (bytes, path, the reason every step gives)
     "gone": (None, "{root}/gone.jpg", "missing_file"),
-    "http404": (None, "{server}/missing/1", "missing_file"),
+    "http404": (None, "{server}/missing/1", "http_error"),
     "empty": (None, None, "no_media"),
     "zero": (b"", None, "zero_byte"),
     "notimage": (b"this is not an image", None, "not_image"),
@@ -162,7 +162,7 @@ def test_bad_media_get_one_reason_in_every_step(bad_media, clip, step, args):
 def test_export_counts_media_it_cannot_write_by_the_same_reasons(bad_media, tmp_path):
     proc = mmtools("export", bad_media / "in.parquet", "--format", "jsonl", "-o", tmp_path / "j")
     # export copies bytes without decoding them: only reading (or an empty file) fails there
-    summary = "5 without media: missing_file 2, no_media 2, zero_byte 1"
+    summary = "5 without media: http_error 1, missing_file 1, no_media 2, zero_byte 1"
     assert summary in proc.stderr.decode()
 
 
@@ -185,14 +185,14 @@ def test_read_takes_every_form_of_a_cell(tmp_path, server):
         assert e.value.reason == reason
 
 
-def test_a_url_that_does_not_answer_in_time_is_a_missing_file():
+def test_a_url_that_does_not_answer_in_time_is_a_timeout():
     url, srv = serve_images(delay=2.0)
     try:
         with pytest.raises(MediaError) as e:
             read((None, f"{url}/img/1"), "image", timeout=0.2)
     finally:
         srv.shutdown()
-    assert e.value.reason == "missing_file" and "timed out" in e.value.detail
+    assert e.value.reason == "timeout" and "timed out" in e.value.detail
 
 
 def test_hugging_face_datasets_reads_path_only_datasets(tmp_path, server):

@@ -34,7 +34,33 @@ OPTIONS = O.Bundle(
         "verify": Annotated[
             bool, typer.Option("--verify/--no-verify", help="Fully decode images to catch damage.")
         ],
-        "timeout": Annotated[float, typer.Option(help="Seconds per URL download.")],
+        "timeout": Annotated[
+            float,
+            typer.Option(
+                min=0.1,
+                help="Deadline in seconds for each URL: connecting, reading and every retry.",
+            ),
+        ],
+        "retries": Annotated[
+            int,
+            typer.Option(
+                min=0,
+                help="Retries of a URL after a transient failure (timeout, connection error, "
+                "HTTP 429 or 5xx), with backoff, within the deadline.",
+            ),
+        ],
+        "max_bytes": Annotated[
+            int,
+            typer.Option(min=1, help="Reject a download over this many bytes (too_large)."),
+        ],
+        "user_agent": Annotated[str, typer.Option(help="User-Agent header of downloads.")],
+        "disallowed_header_directives": Annotated[
+            str,
+            typer.Option(
+                help="X-Robots-Tag directives that opt a URL out (opted_out), comma-separated; "
+                "'' honours none. 'agent: noai' applies when agent is our User-Agent's name.",
+            ),
+        ],
     },
 )
 
@@ -66,7 +92,8 @@ def ingest(
     file is read and fully decoded; width, height, format, byte size and sha256 are added
     (sample rate, channels and duration for audio). Files that cannot be read become reject
     rows in _rejects/ with a reason (zero_byte, not_image, truncated, corrupt,
-    decompression_bomb, missing_file, not_audio, ...).
+    decompression_bomb, missing_file, not_audio, ...); a URL that cannot be downloaded gives
+    timeout, http_error, connection_error, dns_error, too_large or opted_out.
     """
     from mmtools.steps.ingest.step import Ingest, ListingSource
 

@@ -79,13 +79,11 @@ def stat(path: str) -> tuple[int, int]:
     return info.size, info.mtime_ns or 0
 
 
-def read_file(location: str, timeout: float, retries: int = 2) -> bytes:
-    """The bytes of a local file, an object-store key or an http(s) URL.
+def read_file(location: str) -> bytes:
+    """The bytes of a local file or an object-store key (URLs: `mmtools.io.http`).
 
     Raises `OSError` (`FileNotFoundError` when it does not exist) with a one-line message.
     """
-    if location.startswith(("http://", "https://")):
-        return _get_url(location, timeout, retries)
     location = location.removeprefix("file://")
     try:
         fs, inner = locate(location)
@@ -96,28 +94,6 @@ def read_file(location: str, timeout: float, retries: int = 2) -> bytes:
             return f.read()
     with fs.open_input_stream(inner) as f:
         return f.read()
-
-
-def _get_url(url: str, timeout: float, retries: int) -> bytes:
-    """GET with a timeout and a few retries, with backoff, on 5xx, 429 and network errors."""
-    import time
-    import urllib.error
-    import urllib.request
-
-    for attempt in range(retries + 1):
-        try:
-            req = urllib.request.Request(url, headers={"User-Agent": "mmtools"})
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                return r.read()
-        except urllib.error.HTTPError as e:
-            if (e.code < 500 and e.code != 429) or attempt == retries:
-                error = FileNotFoundError if e.code in (404, 410) else OSError
-                raise error(f"HTTP {e.code} for {url}") from None
-        except (urllib.error.URLError, TimeoutError, OSError) as e:
-            if attempt == retries:
-                raise OSError(f"{url}: {getattr(e, 'reason', None) or e}") from None
-        time.sleep(0.5 * 2**attempt)
-    raise AssertionError("unreachable")
 
 
 def join(root: str, *names: str) -> str:

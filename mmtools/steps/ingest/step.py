@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from mmtools import columns as C
+from mmtools.io.http import DISALLOWED_DIRECTIVES, MAX_BYTES, USER_AGENT, DownloadOptions
 from mmtools.media import DEFAULT_MAX_PIXELS, MediaError, probe_audio, probe_image, read_path
 from mmtools.step import Result, Step, reject_batch
 from mmtools.steps.ingest.listing import (
@@ -44,8 +45,23 @@ class IngestConfig:
     embed_media: bool = True
     max_pixels: int = DEFAULT_MAX_PIXELS
     verify: bool = True
-    timeout: float = 30.0
+    timeout: float = 10.0
+    retries: int = 2
+    max_bytes: int = MAX_BYTES
+    user_agent: str = USER_AGENT
+    disallowed_header_directives: str = ",".join(DISALLOWED_DIRECTIVES)
     listing: ListingOptions = field(default_factory=ListingOptions)
+
+    def download(self) -> DownloadOptions:
+        """How URLs are fetched."""
+        directives = self.disallowed_header_directives.split(",")
+        return DownloadOptions(
+            timeout=self.timeout,
+            retries=self.retries,
+            max_bytes=self.max_bytes,
+            user_agent=self.user_agent,
+            disallowed=tuple(d.strip().lower() for d in directives if d.strip()),
+        )
 
 
 class ListingSource:
@@ -169,7 +185,7 @@ class Ingest(Step):
                 caption = read_sidecar(row["sidecar"])
             if caption is not None:
                 caption = caption.replace("\x00", "").strip()
-            data = read_bytes(row["location"], row["offset"], row["size"], self.config.timeout)
+            data = read_bytes(row["location"], row["offset"], row["size"], self.config.download())
             out = {C.ID: key, C.TEXT: caption, C.SOURCE: source_name(row)}
             out.update(self._describe(row["kind"], data))
             path = row["location"] if row["offset"] is None else source_name(row)
@@ -235,10 +251,12 @@ def read_sidecar(path: str) -> str | None:
     return text
 
 
-def read_bytes(location: str, offset: int | None, size: int | None, timeout: float) -> bytes:
+def read_bytes(
+    location: str, offset: int | None, size: int | None, download: DownloadOptions
+) -> bytes:
     """Bytes of a file (local, URL or object store), or of a slice of a local tar."""
     if offset is None:
-        return read_path(location, timeout)
+        return read_path(location, download=download)
     try:
         with open(location.removeprefix("file://"), "rb") as f:
             f.seek(offset)
