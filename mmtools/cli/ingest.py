@@ -11,6 +11,7 @@ import typer
 from mmtools.cli import options as O
 from mmtools.cli.common import Common, execute
 from mmtools.steps.ingest.listing import ListingOptions
+from mmtools.steps.ingest.resize import ResizeOptions
 from mmtools.steps.ingest.step import IngestConfig
 
 LISTING = O.Bundle(
@@ -19,6 +20,72 @@ LISTING = O.Bundle(
         "path_col": Annotated[str | None, typer.Option(help="Listing column with paths or URLs.")],
         "caption_col": Annotated[str | None, typer.Option(help="Listing column with captions.")],
         "id_col": Annotated[str | None, typer.Option(help="Listing column with ids.")],
+    },
+)
+_RESIZE = "Resizing (img2dataset's options)"
+RESIZE = O.Bundle(
+    ResizeOptions,
+    {
+        "image_size": Annotated[
+            int, typer.Option(min=1, help="Target side in pixels.", rich_help_panel=_RESIZE)
+        ],
+        "resize_mode": Annotated[
+            str,
+            typer.Option(
+                help="no (keep images), keep_ratio (shorter side = N), keep_ratio_largest "
+                "(longer side = N), center_crop (N x N from the centre), border (longer side "
+                "= N, padded white to N x N).",
+                rich_help_panel=_RESIZE,
+            ),
+        ],
+        "resize_only_if_bigger": Annotated[
+            bool,
+            typer.Option(
+                "--resize-only-if-bigger",
+                help="Keep images whose deciding side is at most N as they are.",
+                rich_help_panel=_RESIZE,
+            ),
+        ],
+        "min_image_size": Annotated[
+            int,
+            typer.Option(
+                min=0,
+                help="Reject (too_small) images with a shorter side under this.",
+                rich_help_panel=_RESIZE,
+            ),
+        ],
+        "max_image_area": Annotated[
+            float | None,
+            typer.Option(
+                help="Reject (too_large_area) images with more pixels than this.",
+                rich_help_panel=_RESIZE,
+                show_default=False,
+            ),
+        ],
+        "max_aspect_ratio": Annotated[
+            float | None,
+            typer.Option(
+                help="Reject (bad_aspect) images whose long/short side ratio is over this.",
+                rich_help_panel=_RESIZE,
+                show_default=False,
+            ),
+        ],
+        "encode_format": Annotated[
+            str | None,
+            typer.Option(
+                help="jpg, png or webp; default: jpg when resizing, else keep the source bytes.",
+                rich_help_panel=_RESIZE,
+                show_default=False,
+            ),
+        ],
+        "encode_quality": Annotated[
+            int | None,
+            typer.Option(
+                help="JPEG/WebP quality (default 95) or PNG compression level 0-9 (default 9).",
+                rich_help_panel=_RESIZE,
+                show_default=False,
+            ),
+        ],
     },
 )
 OPTIONS = O.Bundle(
@@ -39,7 +106,12 @@ OPTIONS = O.Bundle(
 )
 
 
-@O.expand(listing=LISTING, config=OPTIONS, common=O.DATASET.without("inputs").but(batch_size=256))
+@O.expand(
+    listing=LISTING,
+    resize=RESIZE,
+    config=OPTIONS,
+    common=O.DATASET.without("inputs").but(batch_size=256),
+)
 def ingest(
     inputs: Annotated[
         list[str],
@@ -50,6 +122,7 @@ def ingest(
         ),
     ],
     listing: ListingOptions,
+    resize: ResizeOptions,
     config: IngestConfig,
     common: Common,
     workers: Annotated[int, typer.Option(min=1, help="Parallel readers.")] = min(
@@ -71,7 +144,7 @@ def ingest(
     from mmtools.steps.ingest.step import Ingest, ListingSource
 
     source = ListingSource(inputs, listing)
-    step = Ingest(replace(config, listing=listing), source.kinds, workers=workers)
+    step = Ingest(replace(config, listing=listing, resize=resize), source.kinds, workers=workers)
     execute("ingest", source, [step], common)
 
 
