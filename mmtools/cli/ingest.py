@@ -22,70 +22,48 @@ LISTING = O.Bundle(
         "id_col": Annotated[str | None, typer.Option(help="Listing column with ids.")],
     },
 )
-_RESIZE = "Resizing (img2dataset's options)"
+
+
+def _resize(kind, help: str, *names: str, **kw) -> object:
+    """A resizing option, named and meaning as img2dataset's."""
+    return Annotated[kind, typer.Option(*names, help=help, **kw)]
+
+
+_NONE = {"show_default": False}
 RESIZE = O.Bundle(
     ResizeOptions,
     {
-        "image_size": Annotated[
-            int, typer.Option(min=1, help="Target side in pixels.", rich_help_panel=_RESIZE)
-        ],
-        "resize_mode": Annotated[
+        "image_size": _resize(int, "Target side in pixels.", min=1),
+        "resize_mode": _resize(
             str,
-            typer.Option(
-                help="no (keep images), keep_ratio (shorter side = N), keep_ratio_largest "
-                "(longer side = N), center_crop (N x N from the centre), border (longer side "
-                "= N, padded white to N x N).",
-                rich_help_panel=_RESIZE,
-            ),
-        ],
-        "resize_only_if_bigger": Annotated[
+            "no (keep images), keep_ratio (shorter side = N), keep_ratio_largest (longer side = "
+            "N), center_crop (N x N from the centre), border (longer side = N, padded white to "
+            "N x N).",
+        ),
+        "resize_only_if_bigger": _resize(
             bool,
-            typer.Option(
-                "--resize-only-if-bigger",
-                help="Keep images whose deciding side is at most N as they are.",
-                rich_help_panel=_RESIZE,
-            ),
-        ],
-        "min_image_size": Annotated[
-            int,
-            typer.Option(
-                min=0,
-                help="Reject (too_small) images with a shorter side under this.",
-                rich_help_panel=_RESIZE,
-            ),
-        ],
-        "max_image_area": Annotated[
+            "Keep images whose deciding side is at most N as they are.",
+            "--resize-only-if-bigger",
+        ),
+        "min_image_size": _resize(
+            int, "Reject (too_small) images with a shorter side under this.", min=0
+        ),
+        "max_image_area": _resize(
+            float | None, "Reject (too_large_area) images with more pixels than this.", **_NONE
+        ),
+        "max_aspect_ratio": _resize(
             float | None,
-            typer.Option(
-                help="Reject (too_large_area) images with more pixels than this.",
-                rich_help_panel=_RESIZE,
-                show_default=False,
-            ),
-        ],
-        "max_aspect_ratio": Annotated[
-            float | None,
-            typer.Option(
-                help="Reject (bad_aspect) images whose long/short side ratio is over this.",
-                rich_help_panel=_RESIZE,
-                show_default=False,
-            ),
-        ],
-        "encode_format": Annotated[
+            "Reject (bad_aspect) images with a long/short side ratio over this.",
+            **_NONE,
+        ),
+        "encode_format": _resize(
             str | None,
-            typer.Option(
-                help="jpg, png or webp; default: jpg when resizing, else keep the source bytes.",
-                rich_help_panel=_RESIZE,
-                show_default=False,
-            ),
-        ],
-        "encode_quality": Annotated[
-            int | None,
-            typer.Option(
-                help="JPEG/WebP quality (default 95) or PNG compression level 0-9 (default 9).",
-                rich_help_panel=_RESIZE,
-                show_default=False,
-            ),
-        ],
+            "jpg, png or webp; default: jpg when resizing, else the source bytes.",
+            **_NONE,
+        ),
+        "encode_quality": _resize(
+            int | None, "JPEG/WebP quality (default 95); PNG compression 0-9 (default 9).", **_NONE
+        ),
     },
 )
 OPTIONS = O.Bundle(
@@ -140,6 +118,11 @@ def ingest(
     (sample rate, channels and duration for audio). Files that cannot be read become reject
     rows in _rejects/ with a reason (zero_byte, not_image, truncated, corrupt,
     decompression_bomb, missing_file, not_audio, ...).
+
+    Resizing, as img2dataset does it and with its pixels: --image-size 256 --resize-mode
+    keep_ratio|keep_ratio_largest|center_crop|border re-encodes each image (--encode-format,
+    default jpg) and keeps its size in original_width/original_height; --min-image-size,
+    --max-image-area and --max-aspect-ratio reject (too_small, too_large_area, bad_aspect).
     """
     from mmtools.steps.ingest.step import Ingest, ListingSource
 

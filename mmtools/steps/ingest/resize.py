@@ -138,6 +138,8 @@ def output_size(opts: ResizeOptions, width: int, height: int) -> tuple[int, int]
 
 def resize_image(data: bytes, info: ImageInfo, opts: ResizeOptions) -> Resized | None:
     """The image resized and re-encoded per `opts`; None when the source bytes can stay."""
+    if not opts.reencodes:
+        return None
     scaled = scaled_size(opts, info.width, info.height)
     with PIXEL_BUDGET.hold(info.width * info.height):
         img, orientation = _decode(data)
@@ -156,8 +158,9 @@ def _cv2():
     import cv2
 
     # Ingest already decodes many images in parallel; OpenCV's own threads would
-    # oversubscribe the CPUs.
+    # oversubscribe the CPUs. A failure becomes a reject row, so OpenCV's log stays quiet.
     cv2.setNumThreads(1)
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
     return cv2
 
 
@@ -254,7 +257,11 @@ def _encode(img, opts: ResizeOptions) -> bytes:
         "png": cv2.IMWRITE_PNG_COMPRESSION,
         "webp": cv2.IMWRITE_WEBP_QUALITY,
     }[opts.format]
-    ok, buf = cv2.imencode(f".{opts.format}", img, [int(flag), opts.quality])
-    if not ok:
-        raise MediaError("corrupt", f"cannot encode the resized image as {opts.format}")
+    height, width = img.shape[:2]
+    try:
+        ok, buf = cv2.imencode(f".{opts.format}", img, [int(flag), opts.quality])
+    except cv2.error:
+        ok = False
+    if not ok:  # e.g. WebP holds at most 16383 pixels a side
+        raise MediaError("encode_error", f"cannot encode a {width}x{height} image as {opts.format}")
     return buf.tobytes()
