@@ -24,6 +24,9 @@ SAMPLE_RATE = "sample_rate"
 CHANNELS = "channels"
 DURATION = "duration"
 SOURCE = "source"
+# The source image's size, kept when ingest resizes or re-encodes (img2dataset's names).
+ORIGINAL_WIDTH = "original_width"
+ORIGINAL_HEIGHT = "original_height"
 
 # Model outputs.
 IMAGE_EMBEDDING = "image_embedding"

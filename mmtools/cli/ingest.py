@@ -11,6 +11,7 @@ import typer
 from mmtools.cli import options as O
 from mmtools.cli.common import Common, execute
 from mmtools.steps.ingest.listing import ListingOptions
+from mmtools.steps.ingest.resize import ResizeOptions
 from mmtools.steps.ingest.step import IngestConfig
 
 LISTING = O.Bundle(
@@ -19,6 +20,50 @@ LISTING = O.Bundle(
         "path_col": Annotated[str | None, typer.Option(help="Listing column with paths or URLs.")],
         "caption_col": Annotated[str | None, typer.Option(help="Listing column with captions.")],
         "id_col": Annotated[str | None, typer.Option(help="Listing column with ids.")],
+    },
+)
+
+
+def _resize(kind, help: str, *names: str, **kw) -> object:
+    """A resizing option, named and meaning as img2dataset's."""
+    return Annotated[kind, typer.Option(*names, help=help, **kw)]
+
+
+_NONE = {"show_default": False}
+RESIZE = O.Bundle(
+    ResizeOptions,
+    {
+        "image_size": _resize(int, "Target side in pixels.", min=1),
+        "resize_mode": _resize(
+            str,
+            "no (keep images), keep_ratio (shorter side = N), keep_ratio_largest (longer side = "
+            "N), center_crop (N x N from the centre), border (longer side = N, padded white to "
+            "N x N).",
+        ),
+        "resize_only_if_bigger": _resize(
+            bool,
+            "Keep images whose deciding side is at most N as they are.",
+            "--resize-only-if-bigger",
+        ),
+        "min_image_size": _resize(
+            int, "Reject (too_small) images with a shorter side under this.", min=0
+        ),
+        "max_image_area": _resize(
+            float | None, "Reject (too_large_area) images with more pixels than this.", **_NONE
+        ),
+        "max_aspect_ratio": _resize(
+            float | None,
+            "Reject (bad_aspect) images with a long/short side ratio over this.",
+            **_NONE,
+        ),
+        "encode_format": _resize(
+            str | None,
+            "jpg, png or webp; default: jpg when resizing, else the source bytes.",
+            **_NONE,
+        ),
+        "encode_quality": _resize(
+            int | None, "JPEG/WebP quality (default 95); PNG compression 0-9 (default 9).", **_NONE
+        ),
     },
 )
 OPTIONS = O.Bundle(
@@ -65,7 +110,12 @@ OPTIONS = O.Bundle(
 )
 
 
-@O.expand(listing=LISTING, config=OPTIONS, common=O.DATASET.without("inputs").but(batch_size=256))
+@O.expand(
+    listing=LISTING,
+    resize=RESIZE,
+    config=OPTIONS,
+    common=O.DATASET.without("inputs").but(batch_size=256),
+)
 def ingest(
     inputs: Annotated[
         list[str],
@@ -76,6 +126,7 @@ def ingest(
         ),
     ],
     listing: ListingOptions,
+    resize: ResizeOptions,
     config: IngestConfig,
     common: Common,
     workers: Annotated[int, typer.Option(min=1, help="Parallel readers.")] = min(
@@ -94,11 +145,16 @@ def ingest(
     rows in _rejects/ with a reason (zero_byte, not_image, truncated, corrupt,
     decompression_bomb, missing_file, not_audio, ...); a URL that cannot be downloaded gives
     timeout, http_error, connection_error, dns_error, too_large or opted_out.
+
+    Resizing, as img2dataset does it and with its pixels: --image-size 256 --resize-mode
+    keep_ratio|keep_ratio_largest|center_crop|border re-encodes each image (--encode-format,
+    default jpg) and keeps its size in original_width/original_height; --min-image-size,
+    --max-image-area and --max-aspect-ratio reject (too_small, too_large_area, bad_aspect).
     """
     from mmtools.steps.ingest.step import Ingest, ListingSource
 
     source = ListingSource(inputs, listing)
-    step = Ingest(replace(config, listing=listing), source.kinds, workers=workers)
+    step = Ingest(replace(config, listing=listing, resize=resize), source.kinds, workers=workers)
     execute("ingest", source, [step], common)
 
 

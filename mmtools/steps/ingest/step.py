@@ -6,11 +6,12 @@ import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 
 from mmtools import columns as C
+from mmtools.errors import UsageError
 from mmtools.io.http import DISALLOWED_DIRECTIVES, MAX_BYTES, USER_AGENT, DownloadOptions
 from mmtools.media import DEFAULT_MAX_PIXELS, MediaError, probe_audio, probe_image, read_path
 from mmtools.step import Result, Step, reject_batch
@@ -20,6 +21,7 @@ from mmtools.steps.ingest.listing import (
     build_listing,
     listing_digest,
 )
+from mmtools.steps.ingest.resize import ResizeOptions, check_size, resize_image
 
 IMAGE_FIELDS = [
     pa.field(C.WIDTH, pa.int32()),
@@ -27,6 +29,10 @@ IMAGE_FIELDS = [
     pa.field(C.IMAGE_FORMAT, pa.string()),
     pa.field(C.IMAGE_NBYTES, pa.int64()),
     pa.field(C.IMAGE_SHA256, pa.string()),
+]
+ORIGINAL_SIZE_FIELDS = [  # only when images are resized or re-encoded
+    pa.field(C.ORIGINAL_WIDTH, pa.int32()),
+    pa.field(C.ORIGINAL_HEIGHT, pa.int32()),
 ]
 AUDIO_FIELDS = [
     pa.field(C.SAMPLE_RATE, pa.int32()),
@@ -51,6 +57,7 @@ class IngestConfig:
     user_agent: str = USER_AGENT
     disallowed_header_directives: str = ",".join(DISALLOWED_DIRECTIVES)
     listing: ListingOptions = field(default_factory=ListingOptions)
+    resize: ResizeOptions = field(default_factory=ResizeOptions)
 
     def download(self) -> DownloadOptions:
         """How URLs are fetched."""
@@ -118,6 +125,11 @@ class Ingest(Step):
 
     def __init__(self, config: IngestConfig, kinds: set[str], workers: int = 8):
         super().__init__(config)
+        if config.resize.reencodes and not config.embed_media:
+            raise UsageError(
+                "--paths-only stores no image bytes to resize; "
+                "drop --paths-only or --resize-mode/--encode-format"
+            )
         self.kinds = kinds
         self.workers = workers
         self._pool: ThreadPoolExecutor | None = None
@@ -125,7 +137,10 @@ class Ingest(Step):
     def params(self) -> dict:
         """Options that change the output (not the listing options, already in the input)."""
         c = self.config
-        return {"embed_media": c.embed_media, "max_pixels": c.max_pixels, "verify": c.verify}
+        params = {"embed_media": c.embed_media, "max_pixels": c.max_pixels, "verify": c.verify}
+        if c.resize != ResizeOptions():  # outputs made without resizing keep their fingerprint
+            params["resize"] = asdict(c.resize)
+        return params
 
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
         """id, media, text, source, then media metadata for the kinds present."""
@@ -137,6 +152,8 @@ class Ingest(Step):
         fields += [pa.field(C.TEXT, pa.string()), pa.field(C.SOURCE, pa.string())]
         if "image" in self.kinds:
             fields += IMAGE_FIELDS
+            if self.config.resize.reencodes:
+                fields += ORIGINAL_SIZE_FIELDS
         if "audio" in self.kinds:
             fields += AUDIO_FIELDS
         return pa.schema(fields)
@@ -187,24 +204,19 @@ class Ingest(Step):
                 caption = caption.replace("\x00", "").strip()
             data = read_bytes(row["location"], row["offset"], row["size"], self.config.download())
             out = {C.ID: key, C.TEXT: caption, C.SOURCE: source_name(row)}
-            out.update(self._describe(row["kind"], data))
+            described, data = self._describe(row["kind"], data)
+            out.update(described)
             path = row["location"] if row["offset"] is None else source_name(row)
             out[row["kind"]] = (data if self.config.embed_media else None, path)
             return out
         except MediaError as e:
             return (key, e.reason, e.detail)
 
-    def _describe(self, kind: str, data: bytes) -> dict:
-        sha = hashlib.sha256(data).hexdigest()
+    def _describe(self, kind: str, data: bytes) -> tuple[dict, bytes]:
+        """The metadata columns of one file, and the bytes to store (resized images)."""
         if kind == "image":
-            info = probe_image(data, self.config.max_pixels, self.config.verify)
-            return {
-                C.WIDTH: info.width,
-                C.HEIGHT: info.height,
-                C.IMAGE_FORMAT: info.format,
-                C.IMAGE_NBYTES: len(data),
-                C.IMAGE_SHA256: sha,
-            }
+            return self._describe_image(data)
+        sha = hashlib.sha256(data).hexdigest()
         info = probe_audio(data)
         return {
             C.SAMPLE_RATE: info.sample_rate,
@@ -213,7 +225,26 @@ class Ingest(Step):
             C.AUDIO_FORMAT: info.format,
             C.AUDIO_NBYTES: len(data),
             C.AUDIO_SHA256: sha,
-        }
+        }, data
+
+    def _describe_image(self, data: bytes) -> tuple[dict, bytes]:
+        opts = self.config.resize
+        info = probe_image(data, self.config.max_pixels, self.config.verify)
+        check_size(opts, info.width, info.height)
+        out = {}
+        if opts.reencodes:
+            out = {C.ORIGINAL_WIDTH: info.width, C.ORIGINAL_HEIGHT: info.height}
+            resized = resize_image(data, info, opts)
+            if resized is not None:
+                data, info = resized.data, resized
+        return {
+            C.WIDTH: info.width,
+            C.HEIGHT: info.height,
+            C.IMAGE_FORMAT: info.format,
+            C.IMAGE_NBYTES: len(data),
+            C.IMAGE_SHA256: hashlib.sha256(data).hexdigest(),
+            **out,
+        }, data
 
 
 def source_name(row: dict) -> str:
