@@ -66,15 +66,24 @@ class Result:
         )
 
 
-def reject_batch(step: str, ids: Iterable[str], reasons: Iterable[str], details: Iterable[str]):
-    """Build reject rows (id, step, reason, detail) for `step`."""
+def reject_batch(
+    step: str,
+    ids: Iterable[str],
+    reasons: Iterable[str],
+    details: Iterable[str],
+    sources: Iterable[str | None] | None = None,
+):
+    """Build reject rows (id, step, reason, detail, source) for `step`; `sources` names where
+    each row came from (URL, path, tar::key), null where not given."""
     ids, reasons, details = list(ids), list(reasons), list(details)
+    sources = [None] * len(ids) if sources is None else list(sources)
     return pa.record_batch(
         [
             pa.array(ids, pa.string()),
             pa.array([step] * len(ids), pa.string()),
             pa.array(reasons, pa.string()),
             pa.array(details, pa.string()),
+            pa.array(sources, pa.string()),
         ],
         schema=C.REJECT_SCHEMA,
     )
