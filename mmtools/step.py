@@ -89,6 +89,14 @@ def reject_batch(
     )
 
 
+def sources_of(batch: pa.RecordBatch, rows) -> list[str | None] | None:
+    """The `source` of `rows` (positions) of `batch`, for their reject rows; None when the
+    batch has no such column."""
+    if C.SOURCE not in batch.schema.names:
+        return None
+    return batch.column(C.SOURCE).take(pa.array(rows, pa.int64())).cast(pa.string()).to_pylist()
+
+
 class Step:
     """A streaming transform over record batches.
 

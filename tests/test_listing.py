@@ -234,3 +234,15 @@ def test_old_rejects_without_source_resume_and_read(tmp_path):
     assert len(sources) == 12 and None in sources
     assert {s for s in sources if s} <= {f"{url}{p}" for p in paths}
     assert any(sources)
+
+
+def test_later_steps_name_the_source_of_their_rejects(tmp_path, image_folder):
+    ds = tmp_path / "ds"
+    mmtools("ingest", image_folder, "-o", ds, "--paths-only", "-q")
+    gone = image_folder / "img00004.jpg"
+    gone.unlink()
+    out = tmp_path / "dedup"
+    mmtools("dedup", ds, "--method", "phash", "-o", out, "-q")
+    (reject,) = read_rejects(out).to_pylist()
+    assert (reject[C.ID], reject[C.REJECT_REASON]) == ("img00004.jpg", "missing_file")
+    assert reject[C.REJECT_SOURCE] == str(gone)

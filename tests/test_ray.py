@@ -168,6 +168,28 @@ def test_ingest_on_ray_equals_local_with_the_same_rejects(cluster, folder, tmp_p
     assert manifests["ray"]["rejects"]["by_reason"] == {"not_image": 1}
 
 
+@pytest.mark.ray
+def test_listing_columns_on_ray_equal_local(cluster, folder, tmp_path):
+    from mmtools.steps.ingest.listing import ListingOptions
+    from mmtools.steps.ingest.step import Ingest, IngestConfig, ListingSource
+
+    paths = sorted(str(p) for p in folder.glob("*.jpg"))
+    listing = tmp_path / "laion.parquet"
+    n = len(paths)
+    extras = {"similarity": pa.array([i / n for i in range(n)], pa.float32()), "width": range(n)}
+    pq.write_table(pa.table({"URL": paths, "TEXT": ["t"] * n, **extras}), listing)
+    manifests = run_both(
+        tmp_path,
+        "ingest",
+        lambda src: [Ingest(IngestConfig(), src.kinds, workers=2)],
+        lambda: ListingSource([str(listing)], ListingOptions()),
+    )
+    rows = assert_same(tmp_path, manifests)
+    assert rows.schema.names[-2:] == ["similarity", "listing_width"]
+    assert rows.schema.field("similarity").type == pa.float32()
+    assert read(tmp_path / "ray", REJECTS_DIR)["source"].to_pylist() == [str(folder / "bad.jpg")]
+
+
 @pytest.fixture(scope="module")
 def scored(cluster, ingested, clip_json) -> tuple[Path, dict]:
     """embed (an actor pool, tiny model) then score (tasks), by both engines."""
