@@ -154,7 +154,8 @@ class Ingest(Step):
         rejects = reject_batch(self.name, *zip(*bad, strict=True)) if bad else None
         schema = self.output_schema(batch.schema)
         extras = extra_columns(batch.schema)
-        cols = {f.name: [g.get(f.name) for g in good] for f in schema if f.name not in C.MEDIA}
+        own = [f.name for f in schema if f.name not in C.MEDIA and f.name not in extras]
+        cols = {name: [g.get(name) for g in good] for name in own}
         arrays = []
         for f in schema:
             if f.name in extras:
