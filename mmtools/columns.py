@@ -27,6 +27,8 @@ SOURCE = "source"
 # The source image's size, kept when ingest resizes or re-encodes (img2dataset's names).
 ORIGINAL_WIDTH = "original_width"
 ORIGINAL_HEIGHT = "original_height"
+# Set where a caption file was not UTF-8 and was read with a fallback encoding (e.g. cp1252).
+TEXT_ENCODING = "text_encoding"
 
 # Model outputs.
 IMAGE_EMBEDDING = "image_embedding"
@@ -49,6 +51,7 @@ IS_DUPLICATE = "is_duplicate"
 REJECT_STEP = "step"
 REJECT_REASON = "reason"
 REJECT_DETAIL = "detail"
+REJECT_SOURCE = "source"  # the URL, file path or tar::key the row came from; null if unknown
 
 EMBEDDINGS = {"image": IMAGE_EMBEDDING, "text": TEXT_EMBEDDING, "audio": AUDIO_EMBEDDING}
 MEDIA = (IMAGE, AUDIO)
@@ -60,8 +63,11 @@ REJECT_SCHEMA = pa.schema(
         pa.field(REJECT_STEP, pa.string()),
         pa.field(REJECT_REASON, pa.string()),
         pa.field(REJECT_DETAIL, pa.string()),
+        pa.field(REJECT_SOURCE, pa.string()),
     ]
 )
+# A listing column that `ingest` keeps under a name of its own is renamed with this prefix.
+LISTING_PREFIX = "listing_"
 
 # Parquet key-value metadata key holding per-column provenance (model, parameters).
 MMTOOLS_META = b"mmtools"
@@ -110,6 +116,28 @@ def with_metadata(schema: pa.Schema, info: dict | None = None) -> pa.Schema:
     else:
         meta.pop(_HF_META, None)
     return schema.with_metadata(meta)
+
+
+def upgrade_rejects(table: pa.Table | pa.RecordBatch) -> pa.Table | pa.RecordBatch:
+    """Reject rows in the current REJECT_SCHEMA; rows written before it had no source get null."""
+    if table.schema.equals(REJECT_SCHEMA, check_metadata=False):
+        return table
+    cols = [
+        table.column(f.name).cast(f.type)
+        if f.name in table.schema.names
+        else pa.nulls(table.num_rows, f.type)
+        for f in REJECT_SCHEMA
+    ]
+    if isinstance(table, pa.RecordBatch):
+        return pa.RecordBatch.from_arrays(cols, schema=REJECT_SCHEMA)
+    return pa.Table.from_arrays(cols, schema=REJECT_SCHEMA)
+
+
+def own_names() -> set[str]:
+    """Every data column name this module spells (reject-row columns aside)."""
+    reject = {REJECT_STEP, REJECT_REASON, REJECT_DETAIL}
+    names = {v for k, v in globals().items() if k.isupper() and isinstance(v, str)}
+    return names - reject - {LISTING_PREFIX}
 
 
 def require(schema: pa.Schema, columns: list[str] | tuple[str, ...], step: str) -> None:

@@ -66,18 +66,35 @@ class Result:
         )
 
 
-def reject_batch(step: str, ids: Iterable[str], reasons: Iterable[str], details: Iterable[str]):
-    """Build reject rows (id, step, reason, detail) for `step`."""
+def reject_batch(
+    step: str,
+    ids: Iterable[str],
+    reasons: Iterable[str],
+    details: Iterable[str],
+    sources: Iterable[str | None] | None = None,
+):
+    """Build reject rows (id, step, reason, detail, source) for `step`; `sources` names where
+    each row came from (URL, path, tar::key), null where not given."""
     ids, reasons, details = list(ids), list(reasons), list(details)
+    sources = [None] * len(ids) if sources is None else list(sources)
     return pa.record_batch(
         [
             pa.array(ids, pa.string()),
             pa.array([step] * len(ids), pa.string()),
             pa.array(reasons, pa.string()),
             pa.array(details, pa.string()),
+            pa.array(sources, pa.string()),
         ],
         schema=C.REJECT_SCHEMA,
     )
+
+
+def sources_of(batch: pa.RecordBatch, rows) -> list[str | None] | None:
+    """The `source` of `rows` (positions) of `batch`, for their reject rows; None when the
+    batch has no such column."""
+    if C.SOURCE not in batch.schema.names:
+        return None
+    return batch.column(C.SOURCE).take(pa.array(rows, pa.int64())).cast(pa.string()).to_pylist()
 
 
 class Step:

@@ -146,8 +146,9 @@ def read_dataset(path) -> pa.Table:
 
 def read_rejects(path) -> pa.Table | None:
     """The reject rows of a dataset directory, or None when it has none."""
-    files = sorted((Path(path) / "_rejects").glob("*.parquet"))
-    return pa.concat_tables([pq.read_table(f) for f in files]) if files else None
+    from mmtools.io.dataset import read_rejects as read
+
+    return read(str(path))
 
 
 def reject_reasons(path) -> dict[str, str]:

@@ -51,7 +51,9 @@ def test_bad_images_become_rejects(tmp_path):
     for name, data in {**_bad_corpus(), **_odd_but_valid()}.items():
         (d / name).write_bytes(data)
     (d / "good.jpg").write_bytes(image_bytes(5))
-    (d / "good.txt").write_bytes(b"caf\xe9 latin-1 caption")  # not UTF-8
+    (d / "good.txt").write_bytes(b"caf\xe9 latin-1 caption")  # not UTF-8: read as cp1252
+    (d / "binary.jpg").write_bytes(image_bytes(7))
+    (d / "binary.txt").write_bytes(b"\x81\x8d\x00\x9d not text")  # no encoding reads it
     (d / "nul.jpg").write_bytes(image_bytes(6))
     (d / "nul.txt").write_bytes(b"a caption\x00with a NUL")
     out = tmp_path / "out"
@@ -66,9 +68,13 @@ def test_bad_images_become_rejects(tmp_path):
         "text.jpg": "not_image",
         "bomb.png": "decompression_bomb",
         "garbage.png": "corrupt",
-        "good.jpg": "bad_caption",
+        "binary.jpg": "bad_caption",
     }
-    assert set(rows) == set(_odd_but_valid()) | {"nul.jpg"}
+    assert set(rows) == set(_odd_but_valid()) | {"nul.jpg", "good.jpg"}
+    assert (rows["good.jpg"]["text"], rows["good.jpg"]["text_encoding"]) == (
+        "café latin-1 caption",
+        "cp1252",
+    )
     assert rows["nul.jpg"]["text"] == "a captionwith a NUL"
     assert (rows["rotated.jpg"]["width"], rows["rotated.jpg"]["height"]) == (30, 40)
     assert rows["png_named.jpg"]["image_format"] == "png"

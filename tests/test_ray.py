@@ -152,20 +152,38 @@ def dataset_source(path: Path):
 # -- each step kind under both engines -----------------------------------------------------
 
 
-@pytest.mark.ray
-def test_ingest_on_ray_equals_local_with_the_same_rejects(cluster, folder, tmp_path):
+def ingest_both(tmp: Path, inputs: list) -> tuple[pa.Table, dict]:
+    """`inputs` ingested by each engine; the (same) rows and the manifests."""
     from mmtools.steps.ingest.listing import ListingOptions
     from mmtools.steps.ingest.step import Ingest, IngestConfig, ListingSource
 
     manifests = run_both(
-        tmp_path,
+        tmp,
         "ingest",
         lambda src: [Ingest(IngestConfig(), src.kinds, workers=2)],
-        lambda: ListingSource([str(folder)], ListingOptions()),
+        lambda: ListingSource([str(p) for p in inputs], ListingOptions()),
     )
-    rows = assert_same(tmp_path, manifests)
+    return assert_same(tmp, manifests), manifests
+
+
+@pytest.mark.ray
+def test_ingest_on_ray_equals_local_with_the_same_rejects(cluster, folder, tmp_path):
+    rows, manifests = ingest_both(tmp_path, [folder])
     assert rows.num_rows == 33
     assert manifests["ray"]["rejects"]["by_reason"] == {"not_image": 1}
+
+
+@pytest.mark.ray
+def test_listing_columns_on_ray_equal_local(cluster, folder, tmp_path):
+    paths = sorted(str(p) for p in folder.glob("*.jpg"))
+    listing = tmp_path / "laion.parquet"
+    n = len(paths)
+    extras = {"similarity": pa.array([i / n for i in range(n)], pa.float32()), "width": range(n)}
+    pq.write_table(pa.table({"URL": paths, "TEXT": ["t"] * n, **extras}), listing)
+    rows, _ = ingest_both(tmp_path, [listing])
+    assert rows.schema.names[-2:] == ["similarity", "listing_width"]
+    assert rows.schema.field("similarity").type == pa.float32()
+    assert read(tmp_path / "ray", REJECTS_DIR)["source"].to_pylist() == [str(folder / "bad.jpg")]
 
 
 @pytest.fixture(scope="module")

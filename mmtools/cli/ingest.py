@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from mmtools.cli import options as O
-from mmtools.cli.common import Common, execute
+from mmtools.cli.common import Common, execute, setup_logging
 from mmtools.steps.ingest.listing import ListingOptions
 from mmtools.steps.ingest.resize import ResizeOptions
 from mmtools.steps.ingest.step import IngestConfig
@@ -20,6 +20,12 @@ LISTING = O.Bundle(
         "path_col": Annotated[str | None, typer.Option(help="Listing column with paths or URLs.")],
         "caption_col": Annotated[str | None, typer.Option(help="Listing column with captions.")],
         "id_col": Annotated[str | None, typer.Option(help="Listing column with ids.")],
+        "drop_extra": Annotated[
+            bool,
+            typer.Option(
+                "--drop-extra", help="Drop the listing's other columns (kept by default)."
+            ),
+        ],
     },
 )
 
@@ -138,13 +144,18 @@ def ingest(
     Example: mmtools ingest photos/ -o ds/
 
     Sources: a folder tree of images/audio with sidecar captions (x.jpg + x.txt or x.json);
-    a CSV/TSV/JSONL/Parquet listing with a path-or-URL column and a caption column; or
+    a CSV/TSV/JSONL/Parquet listing with a path-or-URL column and a caption column (found
+    without flags: url/URL, caption/TEXT, ...; every other column is kept with its type, as
+    listing_<name> where mmtools has a column of that name, e.g. listing_width); or
     WebDataset .tar shards as img2dataset writes them (key.jpg + key.txt/key.json). Each
     file is read and fully decoded; width, height, format, byte size and sha256 are added
     (sample rate, channels and duration for audio). Files that cannot be read become reject
     rows in _rejects/ with a reason (zero_byte, not_image, truncated, corrupt,
     decompression_bomb, missing_file, not_audio, ...); a URL that cannot be downloaded gives
     timeout, http_error, connection_error, dns_error, too_large or opted_out.
+    Rejects name their source. Caption files that are not UTF-8 are read as cp1252 and
+    flagged in text_encoding. Files of a folder that are not media are counted in the
+    summary (listed with -v).
 
     Resizing, as img2dataset does it and with its pixels: --image-size 256 --resize-mode
     keep_ratio|keep_ratio_largest|center_crop|border re-encodes each image (--encode-format,
@@ -153,6 +164,7 @@ def ingest(
     """
     from mmtools.steps.ingest.step import Ingest, ListingSource
 
+    setup_logging(common.verbose, common.quiet)  # the listing logs what it passes over
     source = ListingSource(inputs, listing)
     step = Ingest(replace(config, listing=listing, resize=resize), source.kinds, workers=workers)
     execute("ingest", source, [step], common)

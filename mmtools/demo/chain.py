@@ -124,10 +124,9 @@ def _ids(path: Path) -> set[str]:
 
 
 def _rejects(path: Path) -> pa.Table:
-    import pyarrow.parquet as pq
+    from mmtools.io.dataset import read_rejects
 
-    files = sorted((path / "_rejects").glob("*.parquet"))
-    return pa.concat_tables([pq.read_table(f) for f in files]) if files else None
+    return read_rejects(str(path))
 
 
 def precision_recall(found: set[str], truth: set[str]) -> tuple[float, float]:

@@ -69,6 +69,7 @@ class Summary:
     upstream_rejected: int = 0
     resumed_from: int = 0
     notes: dict[str, int] = field(default_factory=dict)  # the steps' own counters
+    skipped: dict[str, int] = field(default_factory=dict)  # input files passed over, by type
     already_complete: bool = False
     seconds: float = 0.0
 
@@ -86,6 +87,9 @@ class Summary:
         if self.resumed_from:
             parts.append(f"resumed after {self.resumed_from} rows")
         parts += [f"{k.replace('_', ' ')} {v}" for k, v in sorted(self.notes.items())]
+        if self.skipped:
+            kinds = ", ".join(f"{k} {v}" for k, v in self.skipped.items())
+            parts.append(f"skipped {sum(self.skipped.values())} unsupported: {kinds}")
         rate = self.rows_in / self.seconds if self.seconds > 0 else 0.0
         parts.append(f"{self.seconds:.1f} s ({rate:.0f} rows/s)")
         return f"mmtools {self.command}: " + ", ".join(parts) + f" -> {self.output}"
@@ -115,7 +119,7 @@ def run(
 
         executor = LocalExecutor()
     t0 = time.monotonic()
-    summary = Summary(command, sink.path)
+    summary = Summary(command, sink.path, skipped=dict(source.skipped))
     schema, info = output_schema(source.schema, steps)
     incoming: list[pa.RecordBatch] = []
     source.on_rejects = incoming.append

@@ -217,7 +217,8 @@ class DatasetSink:
             rejects_name = L.rejects_name(unit.index)
             self.store.makedirs(L.REJECTS_DIR)
             tmp = f"{L.REJECTS_DIR}/{L.TMP_PREFIX}{unit.index:05d}"
-            self._write_table(pa.Table.from_batches(unit.rejects, C.REJECT_SCHEMA), tmp)
+            rows = [C.upgrade_rejects(r) for r in unit.rejects]
+            self._write_table(pa.Table.from_batches(rows, C.REJECT_SCHEMA), tmp)
             self.store.commit(tmp, rejects_name)
         record = {
             "shard": shard,
@@ -308,6 +309,17 @@ class DatasetSink:
 
     def _write_table(self, table: pa.Table, name: str) -> None:
         pq.write_table(table, self.store.path(name), filesystem=self.store.filesystem())
+
+
+def read_rejects(path: str) -> pa.Table | None:
+    """The reject rows of a dataset directory in the current schema (shards written before
+    rejects carried their source read with a null source), or None when it has none."""
+    st = store(path)
+    names = sorted(st.list(L.REJECTS_DIR + "/part-*.parquet"))
+    tables = [
+        C.upgrade_rejects(pq.read_table(st.path(n), filesystem=st.filesystem())) for n in names
+    ]
+    return pa.concat_tables(tables) if tables else None
 
 
 def _reason_counts(rejects: list[pa.RecordBatch]) -> dict[str, int]:

@@ -24,6 +24,8 @@ class Source(Protocol):
     upstream: list[dict]  # the lineage of the runs that made the input
     # Called with the reject rows that arrive with the input (from an upstream mmtools run).
     on_rejects: Callable[[pa.RecordBatch], None]
+    # Input files passed over without becoming rows (unsupported types), counted by kind.
+    skipped: dict[str, int]
 
     @property
     def total_rows(self) -> int | None:

@@ -117,6 +117,7 @@ class Source:
         self.paths = resolve(inputs)
         self.upstream: list[dict] = []
         self.on_rejects = lambda rejects: None
+        self.skipped: dict[str, int] = {}
         self._spool: str | None = None
         self.dataset_dir = False  # a single dataset directory (with a manifest, if complete)
         if self.paths == ["-"]:

@@ -121,6 +121,8 @@ def read_stream(
 
 
 def _rejects_from_json(payload: bytes) -> pa.RecordBatch:
-    rows = json.loads(payload)
+    # Rows from an older writer have no source: padded with null.
+    width = len(C.REJECT_SCHEMA)
+    rows = [[*r, *[None] * (width - len(r))] for r in json.loads(payload)]
     cols = list(zip(*rows, strict=True)) if rows else [[] for _ in C.REJECT_SCHEMA]
     return pa.record_batch([pa.array(list(c), pa.string()) for c in cols], schema=C.REJECT_SCHEMA)

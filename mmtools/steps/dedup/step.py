@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from mmtools import columns as C
 from mmtools.errors import DataContractError, UsageError
-from mmtools.step import GlobalStep, Result, reject_batch
+from mmtools.step import GlobalStep, Result, reject_batch, sources_of
 from mmtools.steps.dedup.groups import cluster_ids, keep_best, parse_keep, priority
 from mmtools.steps.dedup.method import DedupMethod
 
@@ -202,6 +202,7 @@ class Dedup(GlobalStep):
                 ids.take(rejected).cast(pa.string()).to_pylist(),
                 [w[0] for w in why],
                 [w[1] for w in why],
+                sources_of(batch, rejected),
             )
         if self.config.mark:
             keep = state != REJECTED

@@ -26,7 +26,7 @@ from mmtools import models
 from mmtools.errors import DataContractError, UsageError
 from mmtools.media import DEFAULT_MAX_PIXELS, cells
 from mmtools.models.device import PRECISIONS, check_precision, resolve_device
-from mmtools.step import Result, Step, reject_batch
+from mmtools.step import Result, Step, reject_batch, sources_of
 
 log = logging.getLogger("mmtools")
 
@@ -195,7 +195,11 @@ class EmbedStep(Step):
         bad = np.flatnonzero(~keep)
         ids = batch.column(C.ID).take(pa.array(bad)).to_pylist()
         rejects = reject_batch(
-            self.name, ids, [row_reason[i][0] for i in bad], [row_reason[i][1] for i in bad]
+            self.name,
+            ids,
+            [row_reason[i][0] for i in bad],
+            [row_reason[i][1] for i in bad],
+            sources_of(batch, bad),
         )
         return Result(out, rejects)
 

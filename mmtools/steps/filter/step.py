@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from mmtools import columns as C
 from mmtools.errors import UsageError
-from mmtools.step import GlobalStep, Result, Step, reject_batch
+from mmtools.step import GlobalStep, Result, Step, reject_batch, sources_of
 from mmtools.steps.filter.rank import TopFraction, TopFractionConfig
 
 INVERTED_NOTE = "would_drop_"  # with --invert: rows each rule matched, as summary notes
@@ -342,9 +342,14 @@ class Filter(Step):
     def _result(self, batch: pa.RecordBatch, v: _Verdict) -> Result:
         rejects = None
         if v.rejects:
-            ids = batch.column(C.ID).take(pa.array([i for i, _, _ in v.rejects])).to_pylist()
+            rows = [i for i, _, _ in v.rejects]
+            ids = batch.column(C.ID).take(pa.array(rows)).to_pylist()
             rejects = reject_batch(
-                self.name, ids, [r for _, r, _ in v.rejects], [d for _, _, d in v.rejects]
+                self.name,
+                ids,
+                [r for _, r, _ in v.rejects],
+                [d for _, _, d in v.rejects],
+                sources_of(batch, rows),
             )
         rejected = np.zeros(batch.num_rows, bool)
         rejected[[i for i, _, _ in v.rejects]] = True

@@ -1,21 +1,27 @@
 """What `ingest` reads: media folders with sidecar captions, listing files, WebDataset tars.
 
 Each input becomes a listing (one row per sample: id, kind, where the bytes are, caption or
-sidecar), sorted and deterministic, served through the same interface as a dataset source
-so that ingest resumes, shards and reports like every other step.
+sidecar, then the listing file's other columns, named EXTRA + their output name), sorted
+and deterministic, served through the same interface as a dataset source so that ingest
+resumes, shards and reports like every other step.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
 import os
 import tarfile
 from dataclasses import dataclass
 
 import pyarrow as pa
 
+from mmtools import columns as C
 from mmtools.errors import UsageError
 from mmtools.media import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS
+
+log = logging.getLogger("mmtools")
 
 LISTING_SCHEMA = pa.schema(
     [
@@ -29,17 +35,32 @@ LISTING_SCHEMA = pa.schema(
     ]
 )
 LISTING_SUFFIXES = {".csv", ".tsv", ".jsonl", ".ndjson", ".parquet"}
+# Matched in any case: LAION's URL/TEXT, img2dataset's url/caption.
 PATH_COLUMNS = ("url", "path", "image", "audio", "file", "filepath", "filename")
 CAPTION_COLUMNS = ("caption", "text", "alt", "alt_text", "title")
+EXTRA = "extra:"  # prefix of a kept listing column in the listing table
+SIDECAR_EXTENSIONS = (".txt", ".json")
+# Registered by Pillow but not decoded without outside help (stubs, Ghostscript, video).
+_NOT_DECODED = {".bufr", ".grib", ".h5", ".hdf", ".emf", ".wmf", ".eps", ".ps", ".mpg", ".mpeg"}
+
+
+@functools.cache
+def image_extensions() -> frozenset[str]:
+    """Extensions of the image formats Pillow decodes (imported on first use)."""
+    from PIL import Image
+
+    Image.init()
+    pillow = {e for e, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    return frozenset(IMAGE_EXTENSIONS | (pillow - _NOT_DECODED))
 
 
 def media_kind(name: str) -> str | None:
     """'image' or 'audio' by file extension, else None."""
     ext = os.path.splitext(name)[1].lower()
-    if ext in IMAGE_EXTENSIONS:
-        return "image"
     if ext in AUDIO_EXTENSIONS:
         return "audio"
+    if ext in image_extensions():
+        return "image"
     return None
 
 
@@ -50,18 +71,23 @@ class ListingOptions:
     path_col: str | None = None
     caption_col: str | None = None
     id_col: str | None = None
+    drop_extra: bool = False
 
 
-def build_listing(inputs: list[str], opts: ListingOptions) -> pa.Table:
-    """Turn folders, listing files and tars into one sorted listing table."""
-    tables = []
+def build_listing(inputs: list[str], opts: ListingOptions) -> tuple[pa.Table, list[str]]:
+    """Turn folders, listing files and tars into one sorted listing table; also return the
+    files of folders passed over as unsupported."""
+    tables, skipped = [], []
+    seen: dict[str, int] = {}  # URL -> times listed so far, for the ids of repeats
     for spec in inputs:
         if os.path.isdir(spec):
-            tables.append(_folder(spec))
+            table, passed = _folder(spec)
+            tables.append(table)
+            skipped += passed
         elif spec.endswith(".tar"):
             tables.append(_tar(spec))
         elif os.path.splitext(spec)[1].lower() in LISTING_SUFFIXES:
-            tables.append(_listing_file(spec, opts))
+            tables.append(_listing_file(spec, opts, seen))
         elif os.path.exists(spec):
             raise UsageError(
                 f"cannot ingest {spec}: expected a folder, a .tar WebDataset shard, or a "
@@ -69,7 +95,26 @@ def build_listing(inputs: list[str], opts: ListingOptions) -> pa.Table:
             )
         else:
             raise UsageError(f"input {spec} does not exist")
-    return pa.concat_tables(tables) if tables else LISTING_SCHEMA.empty_table()
+    if not tables:
+        return LISTING_SCHEMA.empty_table(), skipped
+    try:  # listings with other extra columns: missing ones are null
+        return pa.concat_tables(tables, promote_options="permissive"), skipped
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise UsageError(f"the listings' extra columns do not agree ({e}); --drop-extra") from None
+
+
+def extra_columns(schema: pa.Schema) -> dict[str, str]:
+    """Output name -> listing-table name of the kept listing columns."""
+    return {n[len(EXTRA) :]: n for n in schema.names if n.startswith(EXTRA)}
+
+
+def skipped_counts(skipped: list[str]) -> dict[str, int]:
+    """Passed-over files by extension ('(none)' for none), most frequent first."""
+    counts: dict[str, int] = {}
+    for path in skipped:
+        ext = os.path.splitext(path)[1].lower() or "(none)"
+        counts[ext] = counts.get(ext, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def _rows_to_table(rows: list[tuple]) -> pa.Table:
@@ -80,14 +125,18 @@ def _rows_to_table(rows: list[tuple]) -> pa.Table:
     )
 
 
-def _folder(root: str) -> pa.Table:
-    rows = []
+def _folder(root: str) -> tuple[pa.Table, list[str]]:
+    rows, skipped = [], []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         names = set(filenames)
         for name in sorted(filenames):
             kind = media_kind(name)
             if kind is None:
+                # Caption files and hidden files (.DS_Store) are not samples of their own.
+                if not name.startswith(".") and not name.lower().endswith(SIDECAR_EXTENSIONS):
+                    skipped.append(os.path.join(dirpath, name))
+                    log.info("skipped %s: unsupported file type", skipped[-1])
                 continue
             path = os.path.join(dirpath, name)
             stem = os.path.splitext(name)[0]
@@ -103,7 +152,7 @@ def _folder(root: str) -> pa.Table:
                     os.path.join(dirpath, sidecar) if sidecar else None,
                 )
             )
-    return _rows_to_table(rows)
+    return _rows_to_table(rows), skipped
 
 
 def _tar(path: str) -> pa.Table:
@@ -142,9 +191,12 @@ def _pick(names: list[str], wanted: str | None, candidates: tuple, what: str, pa
         if wanted not in names:
             raise UsageError(f"{path} has no column {wanted!r}; it has {', '.join(names)}")
         return wanted
+    lower = {}
+    for n in names:
+        lower.setdefault(n.lower(), n)
     for c in candidates:
-        if c in names:
-            return c
+        if c in names or c in lower:
+            return c if c in names else lower[c]
     raise UsageError(
         f"{path}: cannot tell which column holds the {what}; pass --{what}-col "
         f"(columns: {', '.join(names)})"
@@ -172,35 +224,58 @@ def _read_listing(path: str) -> pa.Table:
         raise UsageError(f"cannot read listing {path}: {e}") from None
 
 
-def _listing_file(path: str, opts: ListingOptions) -> pa.Table:
+def _listing_file(path: str, opts: ListingOptions, seen: dict[str, int]) -> pa.Table:
     table = _read_listing(path)
     names = table.column_names
     path_col = _pick(names, opts.path_col, PATH_COLUMNS, "path", path)
     caption_col = _pick(names, opts.caption_col, CAPTION_COLUMNS, "caption", path)
+    id_col = _pick(names, opts.id_col, (), "id", path) if opts.id_col else None
     base = os.path.dirname(os.path.abspath(path))
     locs = [None if p is None else str(p) for p in table.column(path_col).to_pylist()]
     locs = [
         p if p is None or "://" in p or os.path.isabs(p) else os.path.join(base, p) for p in locs
     ]
-    if opts.id_col:
-        ids = [str(v) for v in table.column(_pick(names, opts.id_col, (), "id", path)).to_pylist()]
+    if id_col:
+        ids = [str(v) for v in table.column(id_col).to_pylist()]
     else:
-        ids = [hashlib.sha1((p or f"row{i}").encode()).hexdigest()[:20] for i, p in enumerate(locs)]
+        ids = [_derived_id(p, i, seen) for i, p in enumerate(locs)]
     captions = [None if c is None else str(c) for c in table.column(caption_col).to_pylist()]
     kinds = [(media_kind(p.split("?")[0]) or "image") if p else "none" for p in locs]
-    rows = list(
-        zip(
-            ids,
-            kinds,
-            locs,
-            [None] * len(ids),
-            [None] * len(ids),
-            captions,
-            [None] * len(ids),
-            strict=True,
-        )
+    n = len(ids)
+    listing = _rows_to_table(
+        list(zip(ids, kinds, locs, [None] * n, [None] * n, captions, [None] * n, strict=True))
     )
-    return _rows_to_table(rows)
+    if opts.drop_extra:
+        return listing
+    kept = [c for c in names if c not in (path_col, caption_col, id_col)]
+    for name, out in _output_names(kept, path).items():
+        listing = listing.append_column(EXTRA + out, table.column(name))
+    return listing
+
+
+def _derived_id(location: str | None, row: int, seen: dict[str, int]) -> str:
+    """A hash of the URL; a URL listed again gets its repeat number too, so that each
+    listing row is a sample (ids of listings without repeats are the plain hash)."""
+    key = location or f"row{row}"
+    repeat = seen.get(key, 0) if location and "://" in location else 0
+    seen[key] = repeat + 1
+    # A local file listed twice keeps one id: the second is rejected as duplicate_id.
+    return hashlib.sha1((key if not repeat else f"{key}\n{repeat}").encode()).hexdigest()[:20]
+
+
+def _output_names(kept: list[str], path: str) -> dict[str, str]:
+    """Listing column -> output name: its own, or LISTING_PREFIX + it where mmtools already
+    has a column of that name (e.g. width)."""
+    own = C.own_names()
+    out = {n: C.LISTING_PREFIX + n if n in own else n for n in kept}
+    if len(set(out.values())) < len(out):
+        raise UsageError(
+            f"{path}: a renamed column would clash ({', '.join(kept)}); rename it or --drop-extra"
+        )
+    for n, renamed in out.items():
+        if renamed != n:
+            log.info("%s: column %s kept as %s (%s is an mmtools column)", path, n, renamed, n)
+    return out
 
 
 def listing_digest(table: pa.Table, inputs: list[str]) -> str:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -19,7 +21,9 @@ from mmtools.steps.ingest.listing import (
     LISTING_SCHEMA,
     ListingOptions,
     build_listing,
+    extra_columns,
     listing_digest,
+    skipped_counts,
 )
 from mmtools.steps.ingest.resize import ResizeOptions, check_size, resize_image
 
@@ -75,8 +79,10 @@ class ListingSource:
     """The listing of files to ingest, served like a dataset source (resumable by row)."""
 
     def __init__(self, inputs: list[str], opts: ListingOptions):
-        self.table = _mark_duplicates(build_listing(inputs, opts))
-        self.schema = LISTING_SCHEMA
+        table, skipped = build_listing(inputs, opts)
+        self.table = _mark_duplicates(table)
+        self.schema = self.table.schema  # the standard columns, then the kept listing columns
+        self.skipped = skipped_counts(skipped)
         self.upstream: list[dict] = []
         self.on_rejects = lambda rejects: None
         self.total_rows = self.table.num_rows
@@ -143,7 +149,8 @@ class Ingest(Step):
         return params
 
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
-        """id, media, text, source, then media metadata for the kinds present."""
+        """id, media, text, source, media metadata for the kinds present, text_encoding,
+        then the kept listing columns with their types."""
         fields = [pa.field(C.ID, pa.string())]
         if "image" in self.kinds:
             fields.append(pa.field(C.IMAGE, C.MEDIA_TYPE))
@@ -156,7 +163,9 @@ class Ingest(Step):
                 fields += ORIGINAL_SIZE_FIELDS
         if "audio" in self.kinds:
             fields += AUDIO_FIELDS
-        return pa.schema(fields)
+        fields.append(pa.field(C.TEXT_ENCODING, pa.string()))
+        extras = extra_columns(schema)
+        return pa.schema(fields + [pa.field(n, schema.field(x).type) for n, x in extras.items()])
 
     def setup(self) -> None:
         """Start the I/O and decoding threads (Pillow and hashlib release the GIL)."""
@@ -169,16 +178,22 @@ class Ingest(Step):
 
     def process(self, batch: pa.RecordBatch) -> Result:
         """Read and probe every listed file of the batch in parallel."""
-        rows = batch.to_pylist()  # one file per row: per-row work is inherent here
+        # One file per row: per-row work is inherent here (the kept listing columns are not).
+        rows = batch.select(LISTING_SCHEMA.names).to_pylist()
         results = list(self._pool.map(self._one, rows))
-        good = [r for r in results if not isinstance(r, tuple)]
+        kept = [i for i, r in enumerate(results) if not isinstance(r, tuple)]
+        good = [results[i] for i in kept]
         bad = [r for r in results if isinstance(r, tuple)]
         rejects = reject_batch(self.name, *zip(*bad, strict=True)) if bad else None
         schema = self.output_schema(batch.schema)
-        cols = {f.name: [g.get(f.name) for g in good] for f in schema if f.name not in C.MEDIA}
+        extras = extra_columns(batch.schema)
+        own = [f.name for f in schema if f.name not in C.MEDIA and f.name not in extras]
+        cols = {name: [g.get(name) for g in good] for name in own}
         arrays = []
         for f in schema:
-            if f.name in C.MEDIA:
+            if f.name in extras:
+                arrays.append(batch.column(extras[f.name]).take(pa.array(kept, pa.int64())))
+            elif f.name in C.MEDIA:
                 items = [g.get(f.name) or (None, None) for g in good]
                 arr = C.media_array([i[0] for i in items], [i[1] for i in items])
                 mask = pa.array([g.get(f.name) is None for g in good], pa.bool_())
@@ -190,27 +205,28 @@ class Ingest(Step):
         return Result(pa.RecordBatch.from_arrays(arrays, schema=schema), rejects)
 
     def _one(self, row: dict) -> dict | tuple:
-        """Ingest one listed sample: a row dict, or an (id, reason, detail) reject."""
+        """Ingest one listed sample: a row dict, or an (id, reason, detail, source) reject."""
         key = row["key"]
         try:
             if row["kind"] == "none":
                 raise MediaError("no_media", "no image or audio file for this sample")
             if row["kind"] == "duplicate":
                 raise MediaError("duplicate_id", f"{key} is listed more than once")
-            caption = row["caption"]
+            caption, encoding = row["caption"], None
             if row["sidecar"]:
-                caption = read_sidecar(row["sidecar"])
+                caption, encoding = read_sidecar(row["sidecar"])
             if caption is not None:
                 caption = caption.replace("\x00", "").strip()
             data = read_bytes(row["location"], row["offset"], row["size"], self.config.download())
             out = {C.ID: key, C.TEXT: caption, C.SOURCE: source_name(row)}
+            out[C.TEXT_ENCODING] = encoding
             described, data = self._describe(row["kind"], data)
             out.update(described)
             path = row["location"] if row["offset"] is None else source_name(row)
             out[row["kind"]] = (data if self.config.embed_media else None, path)
             return out
         except MediaError as e:
-            return (key, e.reason, e.detail)
+            return (key, e.reason, e.detail, source_name(row))
 
     def _describe(self, kind: str, data: bytes) -> tuple[dict, bytes]:
         """The metadata columns of one file, and the bytes to store (resized images)."""
@@ -247,29 +263,32 @@ class Ingest(Step):
         }, data
 
 
-def source_name(row: dict) -> str:
-    """Where a sample came from, for humans: a path, a URL, or tar::offset."""
-    if row["offset"] is not None:
-        return f"{row['location']}::{row['key'].split('/', 1)[-1]}"
-    return row["location"]
+def source_name(row: dict) -> str | None:
+    """Where a sample came from, for humans: a path, a URL, or tar::key."""
+    location = row["location"]
+    in_tar = location is not None and "://" not in location and location.endswith(".tar")
+    if row["offset"] is not None or in_tar:
+        return f"{location}::{row['key'].split('/', 1)[-1]}"
+    return location
 
 
-def read_sidecar(path: str) -> str | None:
-    """Caption from a .txt or .json sidecar file."""
+CAPTION_FALLBACK = "cp1252"  # what a caption file that is not UTF-8 is read as
+_BINARY = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def read_sidecar(path: str) -> tuple[str | None, str | None]:
+    """Caption from a .txt or .json sidecar file, and the encoding read where not UTF-8."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as e:
         raise MediaError("missing_file", f"cannot read caption file: {e}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise MediaError("bad_caption", "caption file is not valid UTF-8") from None
+    text, encoding = decode_caption(raw, path)
     if path.endswith(".json"):
         try:
             meta = json.loads(text)
         except ValueError:
-            raise MediaError("bad_caption", "caption JSON does not parse") from None
+            raise MediaError("bad_caption", f"{path}: caption JSON does not parse") from None
         value = next(
             (
                 meta.get(k)
@@ -278,8 +297,32 @@ def read_sidecar(path: str) -> str | None:
             ),
             None,
         )
-        return None if value is None else str(value)
-    return text
+        return (None if value is None else str(value)), encoding
+    return text, encoding
+
+
+def decode_caption(raw: bytes, path: str) -> tuple[str, str | None]:
+    """Text of a caption file: UTF-8 (encoding None), UTF-16 with a byte-order mark, else
+    CAPTION_FALLBACK; `bad_caption` when none of them reads it as text."""
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            return raw.decode("utf-16"), "utf-16"
+        except UnicodeDecodeError:
+            raise MediaError("bad_caption", f"{path}: damaged UTF-16 caption file") from None
+    try:
+        return raw.decode("utf-8-sig"), None
+    except UnicodeDecodeError:
+        pass
+    try:
+        text = raw.decode(CAPTION_FALLBACK)
+    except UnicodeDecodeError:
+        text = None
+    # Control characters mean binary data that the fallback decoded as mojibake.
+    if text is None or _BINARY.search(text):
+        raise MediaError(
+            "bad_caption", f"{path}: caption file is neither UTF-8 nor {CAPTION_FALLBACK} text"
+        )
+    return text, CAPTION_FALLBACK
 
 
 def read_bytes(

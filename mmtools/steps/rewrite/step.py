@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 from mmtools import columns as C
 from mmtools.errors import TemporaryError, UsageError
 from mmtools.media import MediaError, cells, read
-from mmtools.step import Result, Step, reject_batch
+from mmtools.step import Result, Step, reject_batch, sources_of
 from mmtools.steps.rewrite.cache import CaptionCache, cache_key
 from mmtools.steps.rewrite.clean import clean_caption
 from mmtools.steps.rewrite.prompts import (
@@ -292,7 +292,10 @@ class Rewrite(Step):
         if not bad:
             return Result(out)
         reasons, details = [failed[i][0] for i in bad], [failed[i][1] for i in bad]
-        return Result(out, reject_batch(self.name, [ids[i] for i in bad], reasons, details))
+        sources = sources_of(job.batch, bad)
+        return Result(
+            out, reject_batch(self.name, [ids[i] for i in bad], reasons, details, sources)
+        )
 
     def _requests(self, batch: pa.RecordBatch, ids: list) -> tuple[dict, dict]:
         c, n = self.config, batch.num_rows

@@ -18,7 +18,7 @@ import pyarrow as pa
 from mmtools import columns as C
 from mmtools import models
 from mmtools.errors import DataContractError, UsageError
-from mmtools.step import Result, Step, reject_batch
+from mmtools.step import Result, Step, reject_batch, sources_of
 from mmtools.steps.embed import ClapEmbed, ClipEmbed, EmbedConfig
 
 log = logging.getLogger("mmtools")
@@ -116,7 +116,11 @@ class Score(Step):
         bad = np.flatnonzero(~keep)
         ids = batch.column(C.ID).take(pa.array(bad)).to_pylist()
         rejects = reject_batch(
-            self.name, ids, [reasons[i][0] for i in bad], [reasons[i][1] for i in bad]
+            self.name,
+            ids,
+            [reasons[i][0] for i in bad],
+            [reasons[i][1] for i in bad],
+            sources_of(batch, bad),
         )
         return Result(out.filter(pa.array(keep)), rejects)
 
