@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -99,6 +101,7 @@ class Ingest(Step):
 
     name = "ingest"
     transient = ("_pool",)
+    counts_successes = True
 
     def __init__(self, config: IngestConfig, kinds: set[str], workers: int = 8):
         super().__init__(config)
@@ -137,7 +140,26 @@ class Ingest(Step):
     def process(self, batch: pa.RecordBatch) -> Result:
         """Read and probe every listed file of the batch in parallel."""
         rows = batch.to_pylist()  # one file per row: per-row work is inherent here
-        results = list(self._pool.map(self._one, rows))
+        return self._result(batch, list(self._pool.map(self._one, rows)))
+
+    def run(self, batches) -> Iterator[Result]:
+        """Like `process` per batch, with the next batch's files already reading while one
+        finishes (no reader idles at a batch's slow tail); progress as each file is done."""
+        window: deque = deque()
+        for batch in batches:
+            window.append((batch, [self._pool.submit(self._one, r) for r in batch.to_pylist()]))
+            if len(window) > 1:
+                yield self._finish(*window.popleft())
+        while window:
+            yield self._finish(*window.popleft())
+
+    def _finish(self, batch: pa.RecordBatch, futures: list) -> Result:
+        for _ in as_completed(futures):
+            self.advance(1)
+        return self._result(batch, [f.result() for f in futures])
+
+    def _result(self, batch: pa.RecordBatch, results: list) -> Result:
+        """The batch's rows and reject rows from what `_one` made of each listed file."""
         good = [r for r in results if not isinstance(r, tuple)]
         bad = [r for r in results if isinstance(r, tuple)]
         rejects = reject_batch(self.name, *zip(*bad, strict=True)) if bad else None
