@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -120,6 +120,12 @@ class Step:
     loads_model: ClassVar[bool] = False
     # Attributes that stay behind when the step is pickled; `setup()` rebuilds them.
     transient: ClassVar[tuple[str, ...]] = ()
+    # Every input row either succeeds (an output row) or is rejected (ingest): the summary
+    # then shows rows out / rows in as a success rate.
+    counts_successes: ClassVar[bool] = False
+    # Set by the engine where it shows progress: called with a number of input rows that
+    # are done, from any thread, by a step that finishes rows one by one inside a batch.
+    progress: Callable[[int], None] | None = None
 
     def __init__(self, config: Any = None):
         self.config = config
@@ -127,7 +133,7 @@ class Step:
     def __getstate__(self) -> dict:
         """The step's state without its `transient` attributes (those arrive as None)."""
         state = dict(self.__dict__)
-        for name in self.transient:
+        for name in (*self.transient, "progress"):
             if name in state:
                 state[name] = None
         return state
@@ -161,6 +167,11 @@ class Step:
 
     def close(self) -> None:
         """Release resources."""
+
+    def advance(self, rows: int = 1) -> None:
+        """Report `rows` more input rows done before their batch's result (progress only)."""
+        if self.progress is not None:
+            self.progress(rows)
 
 
 POSITION = "_pos"  # in a distributed pass 1, each key row's input position

@@ -57,8 +57,9 @@ def open_source(inputs: list[str] | None):
     return Source(stdin_inputs(inputs))
 
 
-def open_sink(c: Common, argv: list[str]):
-    """A dataset directory, or an Arrow stream on stdout."""
+def open_sink(c: Common, argv: list[str], dataset=None):
+    """A dataset directory (made by `dataset`, default `DatasetSink`), or an Arrow stream on
+    stdout."""
     from mmtools.io.dataset import DatasetSink
     from mmtools.io.stdout import StreamSink
 
@@ -66,7 +67,7 @@ def open_sink(c: Common, argv: list[str]):
         raise UsageError("no -o/--output given and stdout is a terminal; pass -o DIR or pipe it")
     if c.output in (None, "-"):
         return StreamSink()
-    return DatasetSink(
+    return (dataset or DatasetSink)(
         c.output,
         shard_rows=c.shard_rows,
         shard_bytes=c.shard_bytes,
@@ -76,8 +77,9 @@ def open_sink(c: Common, argv: list[str]):
     )
 
 
-def execute(command: str, source, steps: list, c: Common):
-    """Run `steps` from `source` to the output and print the summary; return it."""
+def execute(command: str, source, steps: list, c: Common, dataset=None):
+    """Run `steps` from `source` to the output (a dataset directory made by `dataset`, default
+    `DatasetSink`) and print the summary; return it."""
     from mmtools.engines import run
 
     setup_logging(c.verbose, c.quiet)
@@ -88,7 +90,7 @@ def execute(command: str, source, steps: list, c: Common):
     if c.engine == "local" and (given := [k for k, v in ray_only.items() if v is not None]):
         log.warning("%s applies to --engine ray only; ignored", ", ".join(given))
     argv = ["mmtools", *sys.argv[1:]]
-    sink = open_sink(c, argv)
+    sink = open_sink(c, argv, dataset)
     if c.engine == "ray":
         from mmtools.engines.ray.executor import RayExecutor, RayOptions
 
@@ -124,6 +126,15 @@ def report(summary, c: Common) -> None:
         print(json.dumps(summary.as_dict(), sort_keys=True), file=sys.stderr)
     elif not c.quiet:
         print(summary.line(), file=sys.stderr)
+
+
+def report_line(text: str, c: Common, as_json: dict | None = None) -> None:
+    """A line of news on stderr: `text`, or `as_json` with --json (nothing without it)."""
+    if c.json:
+        if as_json is not None:
+            print(json.dumps(as_json, sort_keys=True), file=sys.stderr)
+    elif not c.quiet:
+        print(text, file=sys.stderr)
 
 
 def human_bytes(n: float) -> str:

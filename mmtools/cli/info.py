@@ -39,6 +39,7 @@ def info(
     if desc.get("rejects"):
         by = ", ".join(f"{k} {v}" for k, v in sorted(desc["rejects"]["by_reason"].items()))
         typer.echo(f"rejects: {desc['rejects']['rows']}" + (f" ({by})" if by else ""))
+    show_stats(desc, common.verbose)
     typer.echo("schema:")
     width = max((len(f["name"]) for f in desc["schema"]), default=0)
     for f in desc["schema"]:
@@ -52,6 +53,29 @@ def info(
             typer.echo(
                 f"  {cmd}  ({step.get('rows_in')} in, {step.get('rows_out')} out, "
                 f"{step.get('rejected')} rejected)"
+            )
+
+
+def show_stats(desc: dict, verbose: bool) -> None:
+    """Successes, failures, success rate, time and retries; with -v, per shard."""
+    if stats := desc.get("stats"):
+        rate = stats["success_rate"]
+        typer.echo(
+            f"stats:   {stats['succeeded']} succeeded, {stats['failed']} failed"
+            + (f" ({rate:.1%} success)" if rate is not None else "")
+            + f", {stats['seconds']:.1f} s"
+        )
+    if retries := desc.get("retries"):
+        done = ", ".join(f"{r['retried']} retried, {r['succeeded']} recovered" for r in retries)
+        typer.echo(f"retries: {len(retries)} ({done})")
+    if verbose and desc.get("shard_stats"):
+        typer.echo("shards:")
+        for s in desc["shard_stats"]:
+            why = ", ".join(f"{k} {v}" for k, v in sorted(s.get("reject_reasons", {}).items()))
+            typer.echo(
+                f"  {s['name']}  {s['rows']} rows, {s.get('rejected', 0)} rejected"
+                + (f" ({why})" if why else "")
+                + f", {human_bytes(s['bytes'])}, {s.get('seconds', 0.0):.1f} s"
             )
 
 

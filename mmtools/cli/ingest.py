@@ -138,6 +138,15 @@ def ingest(
     workers: Annotated[int, typer.Option(min=1, help="Parallel readers.")] = min(
         16, 4 * (os.cpu_count() or 1)
     ),
+    retry_failed: Annotated[
+        bool,
+        typer.Option(
+            "--retry-failed",
+            help="On a finished -o output of this same command: re-attempt only the rows "
+            "rejected for a transient reason (timeout, connection error, HTTP 429/5xx) and "
+            "add those that succeed as new shards.",
+        ),
+    ] = False,
 ) -> None:
     """Read media and captions into a dataset.
 
@@ -161,13 +170,45 @@ def ingest(
     keep_ratio|keep_ratio_largest|center_crop|border re-encodes each image (--encode-format,
     default jpg) and keeps its size in original_width/original_height; --min-image-size,
     --max-image-area and --max-aspect-ratio reject (too_small, too_large_area, bad_aspect).
+
+    Rerun the same command to resume an interrupted run; add --retry-failed to a finished
+    one to re-attempt the downloads that failed for a transient reason.
     """
     from mmtools.steps.ingest.step import Ingest, ListingSource
 
     setup_logging(common.verbose, common.quiet)  # the listing logs what it passes over
     source = ListingSource(inputs, listing)
     step = Ingest(replace(config, listing=listing, resize=resize), source.kinds, workers=workers)
+    if retry_failed:
+        return retry(source, step, common)
     execute("ingest", source, [step], common)
+
+
+def retry(source, step, common: Common) -> None:
+    """Ingest again the rows of the finished output that failed for a transient reason."""
+    from functools import partial
+
+    from mmtools.cli.common import report_line
+    from mmtools.errors import UsageError
+    from mmtools.io.retry import RetrySink, finished_rejects, generation
+    from mmtools.steps.ingest.retry import restrict, retry_ids
+
+    if common.output in (None, "-") or common.overwrite:
+        raise UsageError("--retry-failed takes the -o directory of a finished run, no --overwrite")
+    manifest, rejects = finished_rejects(common.output)
+    ids = retry_ids(rejects)
+    if not ids:
+        report_line(
+            f"mmtools ingest: nothing to retry in {common.output}: none of its "
+            f"{rejects.num_rows} rejected rows failed for a transient reason",
+            common,
+            {"command": "ingest", "output": common.output, "retried": 0},
+        )
+        return
+    restrict(source, ids)
+    report_line(f"mmtools ingest: retrying {source.total_rows} failed rows", common)
+    sink = partial(RetrySink, ids=ids, generation=generation(manifest) + 1)
+    execute("ingest", source, [step], common, dataset=sink)
 
 
 def register(app: typer.Typer) -> None:

@@ -72,6 +72,7 @@ class Summary:
     skipped: dict[str, int] = field(default_factory=dict)  # input files passed over, by type
     already_complete: bool = False
     seconds: float = 0.0
+    success_rate: float | None = None  # rows out / rows in, for a step that counts successes
 
     def line(self) -> str:
         """One human-readable summary line."""
@@ -84,19 +85,27 @@ class Summary:
         parts.append(f"{self.rejected} rejected" + (f" ({rej})" if rej else ""))
         drop = ", ".join(f"{k} {v}" for k, v in sorted(self.dropped.items()))
         parts.append(f"{sum(self.dropped.values())} dropped" + (f" ({drop})" if drop else ""))
+        if self.success_rate is not None:
+            parts.append(f"{self.success_rate:.1%} succeeded")
         if self.resumed_from:
             parts.append(f"resumed after {self.resumed_from} rows")
         parts += [f"{k.replace('_', ' ')} {v}" for k, v in sorted(self.notes.items())]
         if self.skipped:
             kinds = ", ".join(f"{k} {v}" for k, v in self.skipped.items())
             parts.append(f"skipped {sum(self.skipped.values())} unsupported: {kinds}")
-        rate = self.rows_in / self.seconds if self.seconds > 0 else 0.0
-        parts.append(f"{self.seconds:.1f} s ({rate:.0f} rows/s)")
+        parts.append(f"{self.seconds:.1f} s ({per_second(self.rows_in, self.seconds)} rows/s)")
         return f"mmtools {self.command}: " + ", ".join(parts) + f" -> {self.output}"
 
     def as_dict(self) -> dict:
         """The summary as a JSON-ready dict."""
         return dict(self.__dict__)
+
+
+def per_second(rows: int, seconds: float) -> str:
+    """A rate for humans: whole numbers from 10 up, two significant digits below, never a
+    bare 0 when rows were processed."""
+    rate = rows / max(seconds, 1e-3) if rows else 0.0
+    return f"{rate:.0f}" if rate >= 10 or not rate else f"{rate:.2g}"
 
 
 def run(
@@ -135,6 +144,8 @@ def run(
             steps[0].seek(start.rows)  # where a resumed run's pass 2 starts
         results = executor.results(source, steps, start.rows, batch_size)
         Writer(sink, schema, start, incoming, summary).write_all(results, source, steps, quiet)
+        if steps and all(s.counts_successes for s in steps) and summary.rows_in:
+            summary.success_rate = round(summary.rows_out / summary.rows_in, 4)
     except BaseException as e:
         sink.abort()
         raise_for_storage(e, sink)
@@ -233,12 +244,19 @@ class Writer:
             mininterval=0.5,
         )
         what = " | ".join(s.name for s in steps) or "copy"
-        for rows, res in results:
-            res.check(rows, what)
-            self.write(rows, res)
-            bar.update(self.rows - bar.n)
-        self.write(0, None)  # rejects that arrived after the last data batch, or with none
-        bar.close()
+        progress = _Progress(bar)
+        if steps:
+            steps[0].progress = progress
+        try:
+            for rows, res in results:
+                res.check(rows, what)
+                self.write(rows, res)
+                progress.reach(self.rows)
+            self.write(0, None)  # rejects that arrived after the last data batch, or with none
+        finally:
+            if steps:
+                steps[0].progress = None
+            bar.close()
 
     def write(self, rows: int, res: Result | None) -> None:
         """Write one input batch's result (None: none, only what came from upstream)."""
@@ -255,6 +273,25 @@ class Writer:
             self.sink.write(out, rejects + forwarded, res.dropped, consumed, res.generated)
             _count(self.summary, res, out.num_rows)
         self.summary.rows_in = self.rows - self.start
+
+
+class _Progress:
+    """The progress bar, moved by the writer (rows written) and, from any thread, by a step
+    reporting rows done within a batch; it shows whichever is further."""
+
+    def __init__(self, bar):
+        import threading
+
+        self.bar, self.lock = bar, threading.Lock()
+
+    def __call__(self, rows: int) -> None:
+        with self.lock:
+            self.bar.update(rows)
+
+    def reach(self, rows: int) -> None:
+        """At least `rows` done (those written)."""
+        with self.lock:
+            self.bar.update(max(0, rows - self.bar.n))
 
 
 def _conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:

@@ -9,6 +9,7 @@ input row; anything written after that (an orphaned shard, a temporary file) is 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -43,6 +44,7 @@ class Unit:
     rejects: list[pa.RecordBatch] = field(default_factory=list)
     dropped: dict[str, int] = field(default_factory=dict)
     generated: int = 0
+    started: float = field(default_factory=time.monotonic)
 
 
 class DatasetSink:
@@ -69,6 +71,7 @@ class DatasetSink:
         self._pending: list[pa.RecordBatch] = []
         self._pending_bytes = 0
         self.complete = False
+        self._base = 0  # index of this run's first commit unit (a retry's come after others)
 
     @property
     def remote(self) -> bool:
@@ -107,11 +110,15 @@ class DatasetSink:
         if run is None:
             self._refuse_foreign()
             self.store.write_json(L.RUN_FILE, {"fingerprint": fingerprint, "command": self.command})
+        return self._resume()
+
+    def _resume(self) -> Position:
+        """Load this run's committed units, drop what came after them; where to go on from."""
         self.records = self._load_records()
         self._remove_orphans()
         last = self.records[-1]["position"] if self.records else {"rows": 0, "upstream_rejects": 0}
         pos = Position(last["rows"], last["upstream_rejects"])
-        self._unit = Unit(len(self.records), pos)
+        self._unit = Unit(self._base + len(self.records), pos)
         self.position = Position(pos.rows, pos.upstream_rejects)
         return pos
 
@@ -135,20 +142,24 @@ class DatasetSink:
     def _load_records(self) -> list[dict]:
         records = []
         while (
-            rec := self.store.read_json(f"{L.PROGRESS_DIR}/{len(records):05d}.json")
+            rec := self.store.read_json(f"{L.PROGRESS_DIR}/{self._base + len(records):05d}.json")
         ) is not None:
             records.append(rec)
         return records
 
+    def _kept(self) -> set[str]:
+        """Files committed before this run (none; a retry keeps the finished dataset's)."""
+        return set()
+
     def _remove_orphans(self) -> None:
-        keep = {r["shard"] for r in self.records if r["shard"]}
+        keep = self._kept() | {r["shard"] for r in self.records if r["shard"]}
         keep |= {r["rejects"] for r in self.records if r["rejects"]}
         for name in self.store.list("part-*.parquet") + self.store.list(L.REJECTS_DIR + "/*"):
             if name not in keep:
                 self.store.unlink(name)
         for name in self._temporaries():
             self.store.unlink(name)
-        n = len(self.records)
+        n = self._base + len(self.records)
         for name in self.store.list(f"{L.PROGRESS_DIR}/*.json"):
             if int(name.rsplit("/", 1)[-1].split(".")[0]) >= n:
                 self.store.unlink(name)
@@ -229,6 +240,7 @@ class DatasetSink:
             "reject_reasons": _reason_counts(unit.rejects),
             "dropped": unit.dropped,
             "generated": unit.generated,
+            "seconds": round(time.monotonic() - unit.started, 3),
             "inputs": self._locate(unit.start.rows, self.position.rows),
             "position": {
                 "rows": self.position.rows,

@@ -2,6 +2,7 @@
 
 MANIFEST = "_manifest.json"
 RUN_FILE = "_run.json"
+RETRY_FILE = "_retry.json"  # a retry generation in progress on a finished dataset
 PROGRESS_DIR = "_progress"
 REJECTS_DIR = "_rejects"
 LOCK_FILE = "_lock"

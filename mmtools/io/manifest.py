@@ -77,11 +77,7 @@ def build_manifest(
             reasons[k] = reasons.get(k, 0) + v
         for k, v in r["dropped"].items():
             dropped[k] = dropped.get(k, 0) + v
-    shards = [
-        {"name": r["shard"], "rows": r["rows"], "bytes": r["bytes"], "inputs": r["inputs"]}
-        for r in records
-        if r["shard"]
-    ]
+    shards = [shard_entry(r) for r in records if r["shard"]]
     return {
         "format": "mmtools-dataset/1",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -99,7 +95,35 @@ def build_manifest(
         },
         "dropped": dropped,
         "generated": sum(r.get("generated", 0) for r in records),
+        "stats": run_stats(records),
         "position": {"rows": position.rows, "upstream_rejects": position.upstream_rejects},
         "summary": summary,
         "lineage": lineage,
+    }
+
+
+def shard_entry(record: dict) -> dict:
+    """A data shard in the manifest: its rows, bytes and lineage, and the stats of the commit
+    unit that made it (rows rejected by reason beside it, seconds it took)."""
+    return {
+        "name": record["shard"],
+        "rows": record["rows"],
+        "bytes": record["bytes"],
+        "inputs": record["inputs"],
+        "rejected": record.get("rejected", 0),
+        "reject_reasons": record.get("reject_reasons", {}),
+        "seconds": record.get("seconds", 0.0),
+    }
+
+
+def run_stats(records: list[dict]) -> dict:
+    """Successes, failures, success rate, bytes written and seconds over commit units."""
+    ok = sum(r["rows"] for r in records)
+    failed = sum(r.get("rejected", 0) for r in records)
+    return {
+        "succeeded": ok,
+        "failed": failed,
+        "success_rate": round(ok / (ok + failed), 4) if ok + failed else None,
+        "bytes": sum(r["bytes"] for r in records),
+        "seconds": round(sum(r.get("seconds", 0.0) for r in records), 3),
     }

@@ -31,6 +31,17 @@ def describe(source, inputs: list[str]) -> dict:
             desc["columns"] = {**desc["columns"], **manifest.get("columns", {})}
             desc["created"] = manifest["created"]
             desc["versions"] = manifest["versions"]
+            desc.update(_stats(manifest))
         elif st.exists(RUN_FILE):
             desc["complete"] = False
     return desc
+
+
+def _stats(manifest: dict) -> dict:
+    """Successes, failures and time overall and per shard, and the retry generations."""
+    out = {"shard_stats": manifest["shards"]}
+    if "stats" in manifest:
+        out["stats"] = manifest["stats"]
+    if manifest.get("retries"):
+        out["retries"] = manifest["retries"]
+    return out

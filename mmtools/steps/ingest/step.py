@@ -7,7 +7,9 @@ import hashlib
 import json
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
@@ -128,6 +130,7 @@ class Ingest(Step):
 
     name = "ingest"
     transient = ("_pool",)
+    counts_successes = True
 
     def __init__(self, config: IngestConfig, kinds: set[str], workers: int = 8):
         super().__init__(config)
@@ -178,9 +181,26 @@ class Ingest(Step):
 
     def process(self, batch: pa.RecordBatch) -> Result:
         """Read and probe every listed file of the batch in parallel."""
-        # One file per row: per-row work is inherent here (the kept listing columns are not).
-        rows = batch.select(LISTING_SCHEMA.names).to_pylist()
-        results = list(self._pool.map(self._one, rows))
+        return self._result(batch, list(self._pool.map(self._one, _listed(batch))))
+
+    def run(self, batches) -> Iterator[Result]:
+        """Like `process` per batch, with the next batch's files already reading while one
+        finishes (no reader idles at a batch's slow tail); progress as each file is done."""
+        window: deque = deque()
+        for batch in batches:
+            window.append((batch, [self._pool.submit(self._one, r) for r in _listed(batch)]))
+            if len(window) > 1:
+                yield self._finish(*window.popleft())
+        while window:
+            yield self._finish(*window.popleft())
+
+    def _finish(self, batch: pa.RecordBatch, futures: list) -> Result:
+        for _ in as_completed(futures):
+            self.advance(1)
+        return self._result(batch, [f.result() for f in futures])
+
+    def _result(self, batch: pa.RecordBatch, results: list) -> Result:
+        """The batch's rows and reject rows from what `_one` made of each listed file."""
         kept = [i for i, r in enumerate(results) if not isinstance(r, tuple)]
         good = [results[i] for i in kept]
         bad = [r for r in results if isinstance(r, tuple)]
@@ -261,6 +281,12 @@ class Ingest(Step):
             C.IMAGE_SHA256: hashlib.sha256(data).hexdigest(),
             **out,
         }, data
+
+
+def _listed(batch: pa.RecordBatch) -> list[dict]:
+    """The listing rows of a batch as dicts: one file per row, so per-row work is inherent
+    here (the kept listing columns stay columns)."""
+    return batch.select(LISTING_SCHEMA.names).to_pylist()
 
 
 def source_name(row: dict) -> str | None:
