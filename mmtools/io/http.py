@@ -33,7 +33,7 @@ from functools import lru_cache
 from mmtools import __version__
 from mmtools.media import MediaError
 
-USER_AGENT = f"mmtools/{__version__} (+https://github.com/mmtools/mmtools)"
+USER_AGENT = f"mmtools/{__version__} (multimodal dataset curation)"
 DISALLOWED_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
 MAX_BYTES = 50_000_000
 MAX_REDIRECTS = 10

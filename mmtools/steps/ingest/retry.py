@@ -1,4 +1,4 @@
-"""Which failed rows `ingest --retry-failed` re-attempts: the one list of transient reasons.
+"""Which failed rows `ingest --retry-failed` re-attempts, and serving only those.
 
 A download that timed out, lost its connection or met a server error (HTTP 429 or 5xx) may
 succeed later; a 404, an unknown host, a broken image or a file too large will not.
@@ -13,28 +13,24 @@ import pyarrow.compute as pc
 
 from mmtools import columns as C
 
-# Always transient.
-TRANSIENT_REASONS = frozenset({"timeout", "connection_error"})
-# Transient when the detail names a retryable HTTP status (or, for `missing_file`, a URL that
-# failed before any status: the network).
-HTTP_REASONS = frozenset({"http_error", "missing_file"})
-RETRYABLE_STATUS = frozenset({408, 425, 429})  # and every 5xx
-STATUS = re.compile(r"\b(?:HTTP(?:/[\d.]+)?|status)[ :=]*(\d{3})\b", re.IGNORECASE)
 URL = re.compile(r"https?://", re.IGNORECASE)
+STATUS = re.compile(r"\bHTTP \d{3}\b")
 NO_HOST = re.compile(r"Name or service not known|nodename nor servname|getaddrinfo failed")
 
 
 def retryable(reason: str, detail: str | None) -> bool:
-    """Whether a reject with this reason and detail may succeed on another attempt."""
-    if reason in TRANSIENT_REASONS:
-        return True
-    if reason not in HTTP_REASONS:
-        return False
+    """Whether a reject with this reason and detail may succeed on another attempt: the
+    downloader's own rule (`io.http.transient`). Outputs made before the downloader had its
+    reasons called every URL failure `missing_file`; those are read by their detail."""
+    from mmtools.io.http import transient
+
     detail = detail or ""
-    if m := STATUS.search(detail) or re.match(r"\s*(\d{3})\b", detail):
-        status = int(m.group(1))
-        return status >= 500 or status in RETRYABLE_STATUS
-    return reason == "missing_file" and bool(URL.search(detail)) and not NO_HOST.search(detail)
+    if reason == "missing_file" and URL.search(detail):
+        if STATUS.search(detail):
+            reason = "http_error"
+        else:
+            reason = "dns_error" if NO_HOST.search(detail) else "connection_error"
+    return transient(reason, detail)
 
 
 def retry_ids(rejects: pa.Table, step: str = "ingest") -> list[str]:
