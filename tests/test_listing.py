@@ -77,9 +77,7 @@ def test_laion_listing_keeps_every_column_with_its_type(tmp_path, laion):
     manifest = json.loads((out / "_manifest.json").read_text())
     assert {"name": "similarity", "type": "double"} in manifest["schema"]
     rejects = read_rejects(out).to_pylist()
-    assert [(r[C.REJECT_REASON], r[C.REJECT_SOURCE]) for r in rejects] == [
-        ("missing_file", urls[3])
-    ]
+    assert [(r[C.REJECT_REASON], r[C.REJECT_SOURCE]) for r in rejects] == [("http_error", urls[3])]
     _accounted(out)
 
 
@@ -147,7 +145,7 @@ def test_every_reject_names_its_source(tmp_path, http_server, image_folder):
     out = tmp_path / "out"
     mmtools("ingest", listing, shard, "-o", out, "--timeout", 5, "-q")
     rejects = {r[C.REJECT_SOURCE]: r[C.REJECT_REASON] for r in read_rejects(out).to_pylist()}
-    assert rejects[url] == "missing_file"
+    assert rejects[url] == "http_error"  # a 404
     assert rejects[str(missing)] == "missing_file"
     assert rejects[f"{shard}::000000002"] in ("truncated", "corrupt")
     assert rejects[f"{shard}::000000003"] == "no_media"
