@@ -61,7 +61,7 @@ def flaky(tmp_path):
 
 
 def ingest(listing, out, *more, **kw):
-    args = ("ingest", listing, "-o", out, "--timeout", 1, "--shard-rows", 5, "--batch-size", 5)
+    args = ("ingest", listing, "-o", out, "--timeout", 3, "--shard-rows", 5, "--batch-size", 5)
     return mmtools(*args, *more, **kw)
 
 

@@ -111,12 +111,21 @@ def test_upstream_sigkill_fails_downstream(tmp_path, slow_listing):
         stderr=subprocess.DEVNULL,
     )
     down = subprocess.Popen(
-        [*MMTOOLS, "info", "-"], stdin=up.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [*MMTOOLS, "info", "-"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
-    up.stdout.close()
-    time.sleep(5)  # well into the stream: 400 rows at 25 rows/s
+    # Relay the stream and kill the upstream once it is well into it (some batches of the
+    # 400 rows passed on), however slow the machine is; then pass on what it had written.
+    relayed = 0
+    while relayed < 20_000 and (chunk := up.stdout.read1(65536)):
+        down.stdin.write(chunk)
+        relayed += len(chunk)
     up.send_signal(signal.SIGKILL)
-    _, err = down.communicate(timeout=30)
+    up.wait()
+    _, err = down.communicate(input=up.stdout.read(), timeout=30)
+    assert relayed >= 20_000, "the upstream ended before it was killed"
     assert down.returncode == EXIT_DATA and b"end marker" in err
 
 
