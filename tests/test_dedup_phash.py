@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 
 import imagehash
@@ -93,6 +94,55 @@ def test_chunk_buckets_give_the_same_groups_as_the_index(radius):
     rng.shuffle(hashes)
     keys = pa.table({KEY: hashes, ERROR: pa.nulls(len(hashes), pa.string())})
     assert_ray_buckets_give_local_groups(lambda: PHash(radius), keys, min_groups=50)
+
+
+def at_and_past_the_radius(radius: int, seed: int) -> tuple[np.ndarray, set, set]:
+    """Hashes in pairs: one pair per base `radius` bits apart, one `radius` + 1 bits apart
+    (the flipped bits anywhere, or packed into the lowest bits so the pair shares chunks);
+    the positions of both kinds of pairs."""
+    rng = np.random.default_rng(seed)
+    hashes, at, past = [], set(), set()
+    for k in range(40):
+        for flips, pairs in ((radius, at), (radius + 1, past)):
+            base = int(rng.integers(0, 2**63)) | int(rng.integers(2)) << 63
+            bits = range(flips) if k % 2 else rng.choice(64, flips, replace=False)
+            pairs.add((len(hashes), len(hashes) + 1))
+            hashes += [base, base ^ sum(1 << int(b) for b in bits)]
+    hashes = np.array(hashes, np.uint64)
+    dist = np.bitwise_count(hashes[:, None] ^ hashes[None, :])
+    i, j = np.nonzero(np.triu(dist <= radius + 1, k=1))
+    assert set(zip(i.tolist(), j.tolist(), strict=True)) == at | past  # bases far apart
+    return hashes, at, past
+
+
+def together(labels: np.ndarray) -> set[tuple[int, int]]:
+    """Pairs of positions with the same group label."""
+    pairs = itertools.combinations(range(len(labels)), 2)
+    return {(a, b) for a, b in pairs if labels[a] == labels[b] >= 0}
+
+
+@pytest.mark.parametrize("radius", [0, 3, 6])
+def test_pairs_exactly_at_the_radius_are_duplicates_and_one_bit_past_are_not(radius):
+    """At distance r a pair is one group, at r + 1 two rows apart: on the local index and on
+    Ray's path (chunk buckets, each searched by `bucket_edges`)."""
+    import pyarrow.compute as pc
+
+    from mmtools.step import POSITION
+    from mmtools.steps.dedup.groups import BUCKET, position_components
+    from mmtools.steps.dedup.phash import ERROR, KEY, PHash
+
+    hashes, at, _ = at_and_past_the_radius(radius, seed=radius)
+    n = len(hashes)
+    keys = pa.table({KEY: hashes, ERROR: pa.nulls(n, pa.string())})
+    local = PHash(radius)
+    local.scan(keys.to_batches()[0], 0)
+    assert together(local.labels(np.arange(n))) == at
+    ray, keys = PHash(radius), keys.append_column(POSITION, pa.array(np.arange(n), pa.int64()))
+    rows = ray.bucket_rows(keys, 4)
+    edges = [ray.bucket_edges(rows.filter(pc.equal(rows[BUCKET], b))) for b in range(4)]
+    i, j = (np.concatenate([e[k] for e in edges]).astype(np.int64) for k in (0, 1))
+    ray.set_groups(n, *position_components(i, j))
+    assert together(ray.labels(np.arange(n))) == at
 
 
 def test_phash_finds_reencoded_resized_and_cropped_copies(tmp_path):

@@ -189,6 +189,23 @@ def test_top_fraction_over_a_stdin_pipe(scored, tmp_path):
     assert set(ids(out)) == expected_top(frame, 180) and len(ids(out)) == 180
 
 
+# Non-integer F·N: exactly floor(F·N) rows, with F·N taken as written in decimal (0.29 × 100
+# is 29, though 0.29 * 100 is 28.999... in floating point).
+FRACTIONS = [(10, "0.25", 2), (7, "0.35", 2), (3, "0.99", 2), (100, "0.29", 29), (9, "0.5", 4)]
+
+
+@pytest.mark.parametrize(("n", "fraction", "k"), FRACTIONS)
+def test_top_fraction_keeps_floor_of_a_non_integer_share(tmp_path, n, fraction, k):
+    rng = np.random.default_rng(n)
+    table = pa.table({C.ID: [f"r{i:03d}" for i in range(n)], "key": rng.permutation(n) / n})
+    pq.write_table(table, tmp_path / "in.parquet")
+    out = tmp_path / "out"
+    mmtools("filter", tmp_path / "in.parquet", "--top-fraction", fraction, "--by", "key", "-o", out)
+    best = pl.from_arrow(table).sort("key", descending=True).head(k)[C.ID].to_list()
+    assert sorted(ids(out)) == sorted(best) and len(best) == k
+    assert dropped(out) == {"top_fraction": n - k}
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     keys=st.lists(

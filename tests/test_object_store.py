@@ -88,5 +88,5 @@ def test_an_unreachable_store_is_a_one_line_error(tmp_path, dataset):
     env |= {"AWS_EC2_METADATA_DISABLED": "true"}
     proc = mmtools("info", "s3://nowhere/ds", env=env, check=False, timeout=120)
     err = proc.stderr.decode()
-    assert proc.returncode != 0 and "Traceback" not in err
+    assert proc.returncode == 75 and "Traceback" not in err  # temporary: retry later
     assert len(err.strip().splitlines()) == 1 and "s3://nowhere/ds" in err

@@ -257,6 +257,31 @@ def test_top_fraction_cut_by_rays_sort_equals_local_with_ties_and_bad_keys(
 
 
 @pytest.mark.ray
+@pytest.mark.parametrize(("n", "fraction", "k"), [(10, 0.25, 2), (7, 0.35, 2), (100, 0.29, 29)])
+def test_top_fraction_by_rays_sort_keeps_floor_of_a_non_integer_share(
+    cluster, tmp_path, n, fraction, k
+):
+    """F·N not a whole number: Ray's sort cuts at the same floor(F·N)-th row as the local
+    engine (0.29 × 100 is 29, though 0.29 * 100 is 28.999... in floating point)."""
+    from mmtools.steps.filter.step import FilterConfig, make_filter
+
+    rng = np.random.default_rng(n)
+    table = pa.table({C.ID: [f"r{i:03d}" for i in range(n)], "key": rng.permutation(n) / n})
+    for part, rows in enumerate(table.to_batches(max_chunksize=n // 2 + 1)):
+        pq.write_table(pa.Table.from_batches([rows]), tmp_path / f"in-{part}.parquet")
+    manifests = run_both(
+        tmp_path,
+        "filter",
+        lambda src: [make_filter(FilterConfig(top_fraction=fraction, by="key"))],
+        lambda: Source([str(tmp_path / "in-*.parquet")]),
+    )
+    out = assert_same(tmp_path, manifests)
+    best = np.argsort(-table["key"].to_numpy())[:k]
+    assert sorted(out[C.ID].to_pylist()) == sorted(table[C.ID].take(best).to_pylist())
+    assert manifests["ray"]["rows"] == k and manifests["ray"]["dropped"] == {"top_fraction": n - k}
+
+
+@pytest.mark.ray
 @pytest.mark.parametrize(
     ("methods", "keep", "mark", "dropped"),
     [

@@ -172,6 +172,30 @@ def test_numeric_sketch_memory_is_bounded_and_quantiles_close():
     assert sum(report["histogram"]["counts"]) == pytest.approx(values.size, rel=0.01)
 
 
+def test_quantiles_of_sorted_and_trending_columns_come_from_the_whole_column(tmp_path):
+    """Values in order (ascending, descending, a trend under noise): a sample biased to the
+    first or last rows read would put every quantile near one end."""
+    rng = np.random.default_rng(2)
+    n = 200_000
+    columns = {
+        "ascending": np.sort(rng.uniform(0, 1, n)),
+        "descending": np.linspace(1, 0, n),
+        "trending": np.linspace(0, 10, n) + rng.normal(0, 1, n),
+    }
+    pq.write_table(pa.table(columns), tmp_path / "ordered.parquet", row_group_size=10_000)
+    report = json.loads(
+        mmtools("stats", tmp_path / "ordered.parquet", "--json", "--sample-size", "4000").stdout
+    )
+    for name, values in columns.items():
+        s = report["columns"][name]
+        assert s["sampled"] and s["count"] == n
+        for key, q in (("p05", 0.05), ("p25", 0.25), ("p50", 0.5), ("p75", 0.75), ("p95", 0.95)):
+            # A uniform sample of 4000 places a quantile within about ±2% of rank.
+            lo, hi = np.quantile(values, [q - 0.02, q + 0.02])
+            assert lo <= s["quantiles"][key] <= hi, (name, key)
+    assert report["columns"]["ascending"]["quantiles"]["p50"] == pytest.approx(0.5, abs=0.02)
+
+
 def test_top_values_counter_is_bounded_and_finds_the_heavy_hitters():
     rng = np.random.default_rng(0)
     words = np.array([f"w{i}" for i in range(5000)])

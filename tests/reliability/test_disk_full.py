@@ -75,7 +75,7 @@ def test_file_size_limit_fails_clearly_without_manifest_and_rerun_resumes(kind, 
         env={**os.environ, **THREADS},
     )
     err = proc.stderr.decode()
-    assert proc.returncode != 0
+    assert proc.returncode == 4, err  # partial: the committed shards are kept
     assert one_line(err)
     assert err.startswith(f"mmtools {kind}: error: ") and "File too large" in err
     assert not (out / "_manifest.json").exists()

@@ -16,9 +16,11 @@ import time
 import zlib
 
 import numpy as np
-from conftest import MMTOOLS, image_bytes
+from conftest import MMTOOLS, image_bytes, mmtools
 from harness import THREADS, media_file, outcome, png_header, tiny_clip
 from PIL import Image
+
+from mmtools.media import ENV_DECODE_TIMEOUT, MAX_JPEG_SCANS
 
 BUDGET = 2 << 30
 
@@ -164,4 +166,24 @@ def test_an_image_that_takes_minutes_to_decode_is_rejected_in_seconds(tmp_path):
     code, _, seconds = run_measured(argv, tmp_path / "log", 20, {"MMTOOLS_DECODE_TIMEOUT": "2"})
     assert code == 0 and seconds < 20
     rows, rejects = outcome(out)
-    assert set(rows) == {f"ok{i}.jpg" for i in range(5)} and set(rejects) == {"slow.jpg"}
+    assert set(rows) == {f"ok{i}.jpg" for i in range(5)}
+    # Thousands of scans: refused by their count before any decoding starts.
+    assert rejects == {"slow.jpg": "decompression_bomb"}
+
+
+def test_a_legal_image_slower_than_the_decode_time_limit_is_a_decode_timeout(tmp_path):
+    """86 scans (under the scan limit) of 4000x4000 pixels: about a second to decode."""
+    slow = scan_bomb(repeats=80)
+    assert slow.count(b"\xff\xda") <= MAX_JPEG_SCANS
+    folder = tmp_path / "media"
+    folder.mkdir()
+    (folder / "slow.jpg").write_bytes(slow)
+    for i in range(3):
+        (folder / f"ok{i}.jpg").write_bytes(image_bytes(i))
+    ok = {f"ok{i}.jpg" for i in range(3)}
+    mmtools("ingest", folder, "-q", "-o", tmp_path / "limited", env={ENV_DECODE_TIMEOUT: "0.1"})
+    rows, rejects = outcome(tmp_path / "limited")
+    assert set(rows) == ok and rejects == {"slow.jpg": "decode_timeout"}
+    mmtools("ingest", folder, "-q", "-o", tmp_path / "default")  # the default limit: 60 s
+    rows, rejects = outcome(tmp_path / "default")
+    assert set(rows) == ok | {"slow.jpg"} and rejects == {}
