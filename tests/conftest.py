@@ -24,7 +24,8 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Commits stay atomic against killed processes without fsync; fsync only guards power loss and
-# costs a lot on CI disks. test_dataset_io runs one resume test with fsync on.
+# costs a lot on CI disks. test_durability turns it back on: it traces the order of syncs and
+# renames, and kills and resumes a run with fsync on.
 os.environ.setdefault("MMTOOLS_FSYNC", "0")
 
 MMTOOLS = [sys.executable, "-m", "mmtools"]

@@ -114,8 +114,18 @@ class Store:
         return os.path.join(self.root, name)
 
     def makedirs(self, name: str = "") -> None:
-        """Create a directory (and its parents)."""
+        """Create a directory (and its parents), each new one durably."""
+        from mmtools.io.manifest import fsync_path
+
+        path, created = os.path.abspath(self.path(name)), []
+        while not os.path.isdir(path):
+            created.append(path)
+            path = os.path.dirname(path)
         os.makedirs(self.path(name), exist_ok=True)
+        # A new directory's entry lives in its parent: without this sync a power cut could
+        # lose the directory, and what was committed in it, after the commit was made.
+        for new in reversed(created):
+            fsync_path(os.path.dirname(new))
 
     def exists(self, name: str) -> bool:
         """Whether `name` exists."""

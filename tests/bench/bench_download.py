@@ -8,7 +8,8 @@ package registry into its own venv, created under /tmp on first run) and `mmtool
 download the same listing with the same thread count and, where mmtools offers them, the
 same `--image-size 256 --resize-mode keep_ratio`. Printed: successes (must be equal), image
 sizes (equal per URL when both resize), wall time, throughput ratio and peak RSS. Exits 1
-when a target misses: successes equal, mmtools >= 1.0x img2dataset's throughput.
+when a target misses, naming it: successes equal, image sizes equal (when both resize),
+mmtools >= 1.0x img2dataset's throughput.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from timing import Targets
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZES = [(320, 240), (640, 480), (200, 300), (512, 512), (1024, 768), (300, 900), (100, 80)]
@@ -183,18 +185,22 @@ def report(n: int, threads: int, resize: bool, i2d, mmt) -> int:
             f"  {name:<12} {ok:>6} successes  {sec:7.2f} s  {n / sec:8.1f} URLs/s  "
             f"{rss:7.0f} MiB peak RSS"
         )
+    targets = Targets()
     ratio = i2d[0] / mmt[0]
     print(f"  throughput ratio mmtools / img2dataset: {ratio:.2f}x (target >= {TARGET_RATIO}x)")
-    same_ok = i2d[2] == mmt[2]
-    print(f"  successes equal: {same_ok}")
-    same_sizes = None
+    print(f"  successes equal: {i2d[2] == mmt[2]}")
     if resize:
         differ = [u for u in i2d[3] if mmt[3].get(u) != i2d[3][u]]
         same_sizes = not differ and i2d[3].keys() == mmt[3].keys()
         print(f"  image sizes equal: {same_sizes} ({len(differ)} differ)")
+        detail = f"{len(differ)} of {len(i2d[3])} differ, target equal per URL"
+        targets.holds("image sizes", same_sizes, detail)
     else:
         print("  image sizes: not compared (this mmtools has no --image-size)")
-    return 0 if same_ok and ratio >= TARGET_RATIO and same_sizes is not False else 1
+    targets.at_least("throughput ratio mmtools / img2dataset", ratio, TARGET_RATIO, "x")
+    detail = f"mmtools {mmt[2]}, img2dataset {i2d[2]}, target equal"
+    targets.holds("successes", i2d[2] == mmt[2], detail)
+    return targets.exit_code()
 
 
 if __name__ == "__main__":
