@@ -97,6 +97,19 @@ def sources_of(batch: pa.RecordBatch, rows) -> list[str | None] | None:
     return batch.column(C.SOURCE).take(pa.array(rows, pa.int64())).cast(pa.string()).to_pylist()
 
 
+def rejects_at(step: str, batch: pa.RecordBatch, rows, reasons: list) -> pa.RecordBatch:
+    """Reject rows for the rows at positions `rows` of `batch`: their ids and sources, with
+    `reasons[i]`, a (reason, detail) pair, for the row at position i (a list or a dict)."""
+    ids = batch.column(C.ID).take(pa.array(rows, pa.int64())).to_pylist()
+    return reject_batch(
+        step,
+        ids,
+        [reasons[int(i)][0] for i in rows],
+        [reasons[int(i)][1] for i in rows],
+        sources_of(batch, rows),
+    )
+
+
 class Step:
     """A streaming transform over record batches.
 

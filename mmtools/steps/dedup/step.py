@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from mmtools import columns as C
 from mmtools.errors import DataContractError, UsageError
-from mmtools.step import GlobalStep, Result, reject_batch, sources_of
+from mmtools.step import GlobalStep, Result, rejects_at
 from mmtools.steps.dedup.groups import cluster_ids, keep_best, parse_keep, priority
 from mmtools.steps.dedup.method import DedupMethod
 
@@ -196,14 +196,8 @@ class Dedup(GlobalStep):
         rejected = np.flatnonzero(state == REJECTED)
         rejects = None
         if len(rejected):
-            why = [self._rejects[start + int(i)] for i in rejected]
-            rejects = reject_batch(
-                self.name,
-                ids.take(rejected).cast(pa.string()).to_pylist(),
-                [w[0] for w in why],
-                [w[1] for w in why],
-                sources_of(batch, rejected),
-            )
+            why = {int(i): self._rejects[start + int(i)] for i in rejected}
+            rejects = rejects_at(self.name, batch, rejected, why)
         if self.config.mark:
             keep = state != REJECTED
             out = batch.filter(pa.array(keep))

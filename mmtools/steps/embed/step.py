@@ -26,7 +26,7 @@ from mmtools import models
 from mmtools.errors import DataContractError, UsageError
 from mmtools.media import DEFAULT_MAX_PIXELS, cells
 from mmtools.models.device import PRECISIONS, check_precision, resolve_device
-from mmtools.step import Result, Step, reject_batch, sources_of
+from mmtools.step import Result, Step, rejects_at
 
 log = logging.getLogger("mmtools")
 
@@ -192,16 +192,7 @@ class EmbedStep(Step):
             out = out.append_column(C.EMBEDDINGS[m], self._to_arrow(embeddings[m][keep]))
         if keep.all():
             return Result(out)
-        bad = np.flatnonzero(~keep)
-        ids = batch.column(C.ID).take(pa.array(bad)).to_pylist()
-        rejects = reject_batch(
-            self.name,
-            ids,
-            [row_reason[i][0] for i in bad],
-            [row_reason[i][1] for i in bad],
-            sources_of(batch, bad),
-        )
-        return Result(out, rejects)
+        return Result(out, rejects_at(self.name, batch, np.flatnonzero(~keep), row_reason))
 
     def _encode(self, modality: str, bufs: dict, reasons: list[Reason]) -> np.ndarray:
         """Run the model over the rows in model-sized chunks; normalise; flag bad vectors."""

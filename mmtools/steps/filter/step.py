@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from mmtools import columns as C
 from mmtools.errors import UsageError
-from mmtools.step import GlobalStep, Result, Step, reject_batch, sources_of
+from mmtools.step import GlobalStep, Result, Step, rejects_at
 from mmtools.steps.filter.rank import TopFraction, TopFractionConfig
 
 INVERTED_NOTE = "would_drop_"  # with --invert: rows each rule matched, as summary notes
@@ -342,15 +342,8 @@ class Filter(Step):
     def _result(self, batch: pa.RecordBatch, v: _Verdict) -> Result:
         rejects = None
         if v.rejects:
-            rows = [i for i, _, _ in v.rejects]
-            ids = batch.column(C.ID).take(pa.array(rows)).to_pylist()
-            rejects = reject_batch(
-                self.name,
-                ids,
-                [r for _, r, _ in v.rejects],
-                [d for _, _, d in v.rejects],
-                sources_of(batch, rows),
-            )
+            why = {i: (r, d) for i, r, d in v.rejects}
+            rejects = rejects_at(self.name, batch, list(why), why)
         rejected = np.zeros(batch.num_rows, bool)
         rejected[[i for i, _, _ in v.rejects]] = True
         if not self.config.invert:

@@ -18,7 +18,7 @@ import pyarrow as pa
 from mmtools import columns as C
 from mmtools import models
 from mmtools.errors import DataContractError, UsageError
-from mmtools.step import Result, Step, reject_batch, sources_of
+from mmtools.step import Result, Step, rejects_at
 from mmtools.steps.embed import ClapEmbed, ClipEmbed, EmbedConfig
 
 log = logging.getLogger("mmtools")
@@ -113,15 +113,7 @@ class Score(Step):
         out = out.append_column(self.produces[0], pa.array(score, pa.float32()))
         if keep.all():
             return Result(out)
-        bad = np.flatnonzero(~keep)
-        ids = batch.column(C.ID).take(pa.array(bad)).to_pylist()
-        rejects = reject_batch(
-            self.name,
-            ids,
-            [reasons[i][0] for i in bad],
-            [reasons[i][1] for i in bad],
-            sources_of(batch, bad),
-        )
+        rejects = rejects_at(self.name, batch, np.flatnonzero(~keep), reasons)
         return Result(out.filter(pa.array(keep)), rejects)
 
 
