@@ -39,6 +39,14 @@ bench *args:
         exit 1
     fi
 
+# Mutation testing of the core modules (step contract, accounting, top fraction, dedup,
+# stats, dataset I/O) with their fast tests; slow, outside CI. Prints the score at the end.
+mutate *args:
+    {{python}} -m pip install -q 'mutmut>=3.3'
+    {{python}} -m mutmut run {{args}} || true
+    {{python}} -m mutmut export-cicd-stats
+    {{python}} -c "import json; s = json.load(open('mutants/mutmut-cicd-stats.json')); n = s['killed'] + s['survived'] + s.get('timeout', 0) + s.get('suspicious', 0); print(f\"mutants killed: {s['killed']}/{n} ({s['killed'] / max(n, 1):.0%}); survivors: mutmut results\")"
+
 # Long crash/resume soak (200 kills per step kind).
 soak:
     MMTOOLS_SOAK=200 {{python}} -m pytest -q tests/reliability

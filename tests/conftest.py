@@ -27,6 +27,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # costs a lot on CI disks. test_durability turns it back on: it traces the order of syncs and
 # renames, and kills and resumes a run with fsync on.
 os.environ.setdefault("MMTOOLS_FSYNC", "0")
+# Under `just mutate` the suite runs in mutmut's mutated copy of the tree: the commands the
+# tests start must import that copy too (the mutant to run is named in the environment).
+if "MUTANT_UNDER_TEST" in os.environ:
+    _copy = str(Path(__file__).resolve().parents[1])
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_copy, os.environ.get("PYTHONPATH")]))
 
 MMTOOLS = [sys.executable, "-m", "mmtools"]
 

@@ -45,8 +45,9 @@ def demo(
         shutil.rmtree(directory)
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / "demo.log", "wb") as log:
-        threshold = calibrate_threshold()
-        report = run_demo(directory, DemoConfig(rows=rows, seed=seed), threshold, log)
+        cfg = DemoConfig(rows=rows, seed=seed)
+        threshold = calibrate_threshold(cfg.mismatch)
+        report = run_demo(directory, cfg, threshold, log)
     (directory / "report.json").write_text(jsonlib.dumps(report, indent=2))
     if json:
         typer.echo(jsonlib.dumps(report, indent=2))

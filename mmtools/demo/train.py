@@ -1,7 +1,14 @@
 """Train `mmtools-shapes` on freshly generated `mmtools.demo.synth` pairs and evaluate it.
 
-    python -m mmtools.demo.train                  # rebuilds the shipped weights
-    python -m mmtools.demo.train --steps 50 --out /tmp/shapes
+The shipped weights are built in two stages: plain scenes first, then the randomised
+`synth.TRAIN` domain (image sides, shape radii, textures, noise, phrasings), starting from
+the first stage's weights:
+
+    python -m mmtools.demo.train --domain plain --steps 600 --seed 0 --out /tmp/stage1
+    python -m mmtools.demo.train --init /tmp/stage1/mmtools-shapes.safetensors --steps 150 --seed 1
+
+A training record (`mmtools-shapes.train.json`) beside the weights lists every generator seed
+used, so demos and tests draw their data elsewhere.
 
 Progress goes to stderr; the held-out metrics go to stdout as one JSON line.
 """
@@ -29,6 +36,8 @@ WEIGHT_DECAY = 0.1
 WARMUP_STEPS = 50
 EVAL_PAIRS = 1000
 EVAL_SEED_OFFSET = 1_000_000  # held-out pairs come from a stream training never draws from
+VARIANT_SEED_OFFSET = 3_000_000  # and pairs of the held-out generator variant from another
+DOMAINS = {"plain": synth.PLAIN, "train": synth.TRAIN}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,7 +45,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mmtools.demo.train")
     parser.add_argument("--steps", type=int, default=600, help="optimiser steps")
     parser.add_argument("--out", type=Path, default=shapes_model.weights_path().parent)
-    parser.add_argument("--seed", type=int, default=0, help="seeds the data and the init")
+    parser.add_argument("--seed", type=int, default=1, help="seeds the data and the init")
+    parser.add_argument("--domain", choices=sorted(DOMAINS), default="train", help="scenes")
+    parser.add_argument("--init", type=Path, help="start from these weights (safetensors)")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(message)s", stream=sys.stderr)
     log.setLevel(logging.INFO)
@@ -46,17 +57,56 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(2)
     torch.manual_seed(args.seed)
     model, preprocess, tokenizer = build()
+    init = {}
+    if args.init:
+        load(model, args.init)
+        record = args.init.with_name(shapes_model.record_path().name)
+        init = json.loads(record.read_text()) if record.exists() else {"weights": str(args.init)}
+    domain = DOMAINS[args.domain]
     start = time.monotonic()
-    train(model, batches(preprocess, tokenizer, args.steps, args.seed), args.steps)
+    train(model, batches(preprocess, tokenizer, args.steps, args.seed, domain), args.steps)
     log.info("trained %d steps in %.0f s", args.steps, time.monotonic() - start)
 
     path = args.out / shapes_model.weights_path().name
     save(model, path)
     load(model, path)  # evaluate exactly what was written, fp16 rounding included
-    metrics = evaluate(model, preprocess, tokenizer, EVAL_PAIRS, args.seed + EVAL_SEED_OFFSET)
+    metrics = evaluate(
+        model, preprocess, tokenizer, EVAL_PAIRS, args.seed + EVAL_SEED_OFFSET, domain
+    )
+    variant = evaluate(
+        model, preprocess, tokenizer, EVAL_PAIRS, args.seed + VARIANT_SEED_OFFSET, synth.HELD_OUT
+    )
+    metrics["variant_auc_matched_vs_shuffled"] = variant["auc_matched_vs_shuffled"]
     for name, value in metrics.items():
-        log.info("%-28s %.4f", name, value)
+        log.info("%-32s %.4f", name, value)
+    record = training_record(args.steps, args.seed, args.domain, metrics, init)
+    (args.out / shapes_model.record_path().name).write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps({"steps": args.steps, "seed": args.seed, **metrics}))
+
+
+def training_record(
+    steps: int, seed: int, domain: str, metrics: dict[str, float], init: dict[str, Any]
+) -> dict[str, Any]:
+    """What the weights were trained and evaluated on, so that no demo or test draws its
+    "unseen" data from the same generator stream."""
+    eval_seed, variant_seed = seed + EVAL_SEED_OFFSET, seed + VARIANT_SEED_OFFSET
+    gen = "mmtools.demo.synth.generate"
+    return {
+        "model": shapes_model.MODEL_NAME,
+        "steps": steps,
+        "batch_size": BATCH_SIZE,
+        "train": {"generator": gen, "domain": domain, "seed": seed, "pairs": steps * BATCH_SIZE},
+        "eval": {"generator": gen, "domain": domain, "seed": eval_seed, "pairs": EVAL_PAIRS},
+        "variant": {
+            "generator": gen,
+            "domain": "HELD_OUT",
+            "seed": variant_seed,
+            "pairs": EVAL_PAIRS,
+        },
+        "init": init,
+        "seeds": sorted({seed, eval_seed, variant_seed, *init.get("seeds", [])}),
+        "metrics": {k: round(v, 4) for k, v in metrics.items()},
+    }
 
 
 def build() -> tuple[Any, Any, Any]:
@@ -70,11 +120,13 @@ def build() -> tuple[Any, Any, Any]:
     return model, preprocess, open_clip.get_tokenizer(shapes_model.MODEL_NAME)
 
 
-def batches(preprocess: Any, tokenizer: Any, steps: int, seed: int) -> Iterator[tuple[Any, Any]]:
+def batches(
+    preprocess: Any, tokenizer: Any, steps: int, seed: int, domain: Any
+) -> Iterator[tuple[Any, Any]]:
     """Yield `steps` (images, tokens) batches drawn from one seeded synth stream."""
     import torch
 
-    stream = synth.generate(steps * BATCH_SIZE, seed)
+    stream = synth.generate(steps * BATCH_SIZE, seed, domain=domain)
     for _ in range(steps):
         samples = [next(stream) for _ in range(BATCH_SIZE)]
         images = torch.stack([preprocess(s.image) for s in samples])
@@ -154,11 +206,14 @@ def embed(model: Any, preprocess: Any, tokenizer: Any, samples: list[Any]) -> tu
     return image_emb.numpy(), text_emb.numpy()
 
 
-def evaluate(model: Any, preprocess: Any, tokenizer: Any, n: int, seed: int) -> dict[str, float]:
-    """Held-out ROC AUC (matched vs shuffled captions) and zero-shot recall@1 both ways."""
+def evaluate(
+    model: Any, preprocess: Any, tokenizer: Any, n: int, seed: int, domain: Any = None
+) -> dict[str, float]:
+    """Held-out ROC AUC (matched vs shuffled captions) and zero-shot recall@1 both ways, on
+    pairs of the training domain (or of `domain`) from a seed training never used."""
     import numpy as np
 
-    samples = list(synth.generate(n, seed))
+    samples = list(synth.generate(n, seed, domain=domain or synth.TRAIN))
     image_emb, text_emb = embed(model, preprocess, tokenizer, samples)
     sims = image_emb @ text_emb.T
     matched = np.diag(sims)

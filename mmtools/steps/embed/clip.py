@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import numpy as np
@@ -15,6 +16,8 @@ from mmtools.steps.embed.step import (
     split_preprocess,
     text_reasons,
 )
+
+log = logging.getLogger(__name__)
 
 
 class _ImageTower:
@@ -81,12 +84,17 @@ class _ClipTextTower:
         return self.encoder.encode_text(chunk["tokens"])
 
 
+DOMAIN_SAMPLE = 256  # images of a run checked against the bundled model's domain
+DOMAIN_MIN = 8  # images checked before it can warn
+
+
 class ClipEmbed(EmbedStep):
     """Image and/or text embeddings from an open_clip model."""
 
     name = "clip_embed"
     media = C.IMAGE
     allowed = ("image", "text")
+    _checked = _outside = 0  # images checked against mmtools-shapes' domain; how many fell out
 
     def spec(self) -> models.ClipSpec:
         """The resolved open_clip model (weights fetched on first use)."""
@@ -101,3 +109,33 @@ class ClipEmbed(EmbedStep):
             "text": lambda: _ClipTextTower(encoder),
         }
         return {m: towers[m]() for m in self.modalities}
+
+    def _finish(self, batch, job):
+        shapes_model = self.spec().name == models.SHAPES_MODEL
+        if shapes_model and self._checked < DOMAIN_SAMPLE and "image" in self._towers:
+            self._check_domain(job)
+        return super()._finish(batch, job)
+
+    def _check_domain(self, job) -> None:
+        """One warning when most of the first images look nothing like the bundled model's
+        generated shapes (photographs, say): its embeddings and scores mean little there."""
+        from mmtools.models import shapes
+
+        bufs, futures = job
+        tower = self._towers["image"]
+        if tower.mean is None:
+            return
+        decoded = [r is None for f in futures for r in f.result()["image"]]
+        pixels = bufs["image"]["pixels"].numpy()[np.flatnonzero(decoded)]
+        rgb = (pixels.transpose(0, 2, 3, 1) * tower.std + tower.mean) * 255
+        self._checked += len(rgb)
+        self._outside += int((shapes.palette_share(rgb) < shapes.IN_DOMAIN_SHARE).sum())
+        if self._checked >= DOMAIN_MIN and 2 * self._outside > self._checked:
+            log.warning(
+                "%s: %d of the first %d images look unlike the generated shapes it was "
+                "trained on (photographs?); its embeddings and scores mean little for them",
+                models.SHAPES_MODEL,
+                self._outside,
+                self._checked,
+            )
+            self._checked = DOMAIN_SAMPLE  # warn once
