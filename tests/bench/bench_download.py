@@ -93,15 +93,30 @@ def ensure_venv(venv: Path) -> Path:
     return exe
 
 
+# Starts the command and reports its exit code and peak RSS. Measured from a small process:
+# Linux counts the peak RSS of the process that spawns a command into the command's own
+# (exec keeps the parent's high-water mark), so a wait from this benchmark, which holds the
+# datasets it reads, would report this process's peak instead of the command's.
+LAUNCHER = """
+import os, sys
+pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ)
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(f"{os.waitstatus_to_exitcode(status)} {usage.ru_maxrss}")
+"""
+
+
 def measured(cmd: list, env: dict | None = None) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB, the process and its descendants) of one command."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([str(c) for c in cmd], env=env, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed ({os.waitstatus_to_exitcode(status)}): {' '.join(map(str, cmd))}")
-    return seconds, usage.ru_maxrss / 1024
+    """Wall seconds and peak RSS (MiB) of one command."""
+    with tempfile.NamedTemporaryFile("r", suffix=".txt") as report:
+        launch = [sys.executable, "-S", "-c", LAUNCHER, report.name]
+        t0 = time.perf_counter()
+        subprocess.run(launch + [str(c) for c in cmd], env=env, stdout=subprocess.DEVNULL)
+        seconds = time.perf_counter() - t0
+        code, maxrss = map(int, report.read().split())
+    if code != 0:
+        raise SystemExit(f"failed ({code}): {' '.join(map(str, cmd))}")
+    return seconds, maxrss / 1024
 
 
 def mmtools_options() -> str:
@@ -129,7 +144,11 @@ def run_img2dataset(exe: Path, listing: Path, out: Path, threads: int, resize: b
     cmd += ["--image_size", 256, "--resize_mode", "keep_ratio" if resize else "no"]
     seconds, rss = measured(cmd, {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
     stats = [json.loads(Path(p).read_text()) for p in glob.glob(f"{out}/*_stats.json")]
-    table = pa.concat_tables([pq.read_table(p) for p in sorted(glob.glob(f"{out}/*.parquet"))])
+    shards = sorted(glob.glob(f"{out}/*.parquet"))
+    columns = [
+        c for c in ("url", "width", "height", "status") if c in pq.read_schema(shards[0]).names
+    ]
+    table = pa.concat_tables([pq.read_table(p, columns=columns) for p in shards])
     if "status" in table.column_names:
         table = table.filter(pc.equal(table.column("status"), "success"))
     sizes = sizes_by(table, "url")
