@@ -243,9 +243,9 @@ class _Helpers:
             except BaseException as e:  # handed to the caller's thread
                 call.error = e
             call.fn = None
-            call.done.set()
-            with self.lock:
+            with self.lock:  # idle before the caller hears: its next call finds this thread
                 self.idle += 1
+            call.done.set()
 
 
 _HELPERS = _Helpers()

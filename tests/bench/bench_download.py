@@ -7,9 +7,10 @@ A loopback server (its own process) serves N image URLs of several sizes and asp
 package registry into its own venv, created under /tmp on first run) and `mmtools ingest`
 download the same listing with the same thread count and, where mmtools offers them, the
 same `--image-size 256 --resize-mode keep_ratio`. Printed: successes (must be equal), image
-sizes (equal per URL when both resize), wall time, throughput ratio and peak RSS. Exits 1
-when a target misses, naming it: successes equal, image sizes equal (when both resize),
-mmtools >= 1.0x img2dataset's throughput.
+sizes (equal per URL when both resize), wall time, throughput ratio and peak RSS (each
+command's own). Exits 1 when a target misses, naming it: successes equal, image sizes equal
+(when both resize), mmtools >= 1.0x img2dataset's throughput, mmtools' peak RSS <= 1.5x
+img2dataset's.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from timing import Targets
 ROOT = Path(__file__).resolve().parents[2]
 SIZES = [(320, 240), (640, 480), (200, 300), (512, 512), (1024, 768), (300, 900), (100, 80)]
 TARGET_RATIO = 1.0
+TARGET_RSS = 1.5  # mmtools' peak RSS over img2dataset's, at most
 
 
 def make_images(k: int) -> list[bytes]:
@@ -207,6 +209,8 @@ def report(n: int, threads: int, resize: bool, i2d, mmt) -> int:
     targets = Targets()
     ratio = i2d[0] / mmt[0]
     print(f"  throughput ratio mmtools / img2dataset: {ratio:.2f}x (target >= {TARGET_RATIO}x)")
+    rss = mmt[1] / i2d[1]
+    print(f"  peak RSS mmtools / img2dataset: {rss:.2f}x (target <= {TARGET_RSS}x)")
     print(f"  successes equal: {i2d[2] == mmt[2]}")
     if resize:
         differ = [u for u in i2d[3] if mmt[3].get(u) != i2d[3][u]]
@@ -217,6 +221,7 @@ def report(n: int, threads: int, resize: bool, i2d, mmt) -> int:
     else:
         print("  image sizes: not compared (this mmtools has no --image-size)")
     targets.at_least("throughput ratio mmtools / img2dataset", ratio, TARGET_RATIO, "x")
+    targets.at_most("peak RSS mmtools / img2dataset", rss, TARGET_RSS, "x")
     detail = f"mmtools {mmt[2]}, img2dataset {i2d[2]}, target equal"
     targets.holds("successes", i2d[2] == mmt[2], detail)
     return targets.exit_code()
