@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -135,6 +136,7 @@ class ImageInfo:
     width: int
     height: int
     format: str
+    orientation: int = 1  # EXIF orientation (1-8) still to apply to the stored pixels
 
 
 @dataclass
@@ -175,7 +177,7 @@ def _open_image(data: bytes, max_pixels: int):
 def _load(img) -> None:
     """Decode the pixels, within the decode time limit."""
     try:
-        _within_time_limit(img.load)
+        within_time_limit(img.load)
     except MediaError:
         raise
     except OSError as e:
@@ -185,32 +187,68 @@ def _load(img) -> None:
         raise MediaError("corrupt", f"{type(e).__name__}: {e}") from None
 
 
-def _within_time_limit(fn) -> None:
-    """Run `fn` in a daemon thread; past the limit, reject the item and leave the thread.
+def within_time_limit(fn):
+    """`fn()`, run by a helper thread; past the decode time limit, reject the item
+    (`decode_timeout`) and leave the helper to it.
 
-    A decoder stuck in C cannot be stopped from Python; the abandoned thread finishes (or
-    dies with the process) on its own, and the row becomes a `decode_timeout` reject.
+    A decoder stuck in C cannot be stopped from Python; the abandoned helper finishes (or
+    dies with the process) on its own, and another takes its place.
     """
     limit = _seconds(ENV_DECODE_TIMEOUT, DEFAULT_DECODE_TIMEOUT)
     if limit <= 0:
-        fn()
-        return
-    outcome: list[BaseException | None] = []
-
-    def target():
-        try:
-            fn()
-            outcome.append(None)
-        except BaseException as e:  # handed to the caller's thread
-            outcome.append(e)
-
-    worker = threading.Thread(target=target, daemon=True, name="mmtools-decode")
-    worker.start()
-    worker.join(limit)
-    if worker.is_alive():
+        return fn()
+    call = _HELPERS.start(fn)
+    if not call.done.wait(limit):
         raise MediaError("decode_timeout", f"decoding took more than {limit:g} s")
-    if outcome[0] is not None:
-        raise outcome[0]
+    if call.error is not None:
+        raise call.error
+    return call.result
+
+
+class _Call:
+    """One call handed to a helper thread, and its outcome."""
+
+    __slots__ = ("done", "error", "fn", "result")
+
+    def __init__(self, fn):
+        self.fn, self.done, self.result, self.error = fn, threading.Event(), None, None
+
+
+class _Helpers:
+    """Daemon threads that run calls for callers who wait a limited time (a thread per call
+    would cost more than decoding a small image). There are as many as calls ever ran at
+    once, plus those still stuck in a call their caller gave up on."""
+
+    def __init__(self):
+        self.calls: queue.SimpleQueue[_Call] = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.idle = 0
+
+    def start(self, fn) -> _Call:
+        """Hand `fn` to an idle helper, or to a new one when none is idle."""
+        call = _Call(fn)
+        with self.lock:
+            if self.idle:
+                self.idle -= 1
+            else:
+                threading.Thread(target=self._serve, daemon=True, name="mmtools-decode").start()
+        self.calls.put(call)
+        return call
+
+    def _serve(self) -> None:
+        while True:
+            call = self.calls.get()
+            try:
+                call.result = call.fn()
+            except BaseException as e:  # handed to the caller's thread
+                call.error = e
+            call.fn = None
+            with self.lock:  # idle before the caller hears: its next call finds this thread
+                self.idle += 1
+            call.done.set()
+
+
+_HELPERS = _Helpers()
 
 
 class _PixelBudget:
@@ -257,14 +295,26 @@ def probe_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, verify: bool 
         with PIXEL_BUDGET.hold(img.width * img.height):
             _load(img)
     width, height = img.size
-    orientation = img.getexif().get(0x0112, 1) if hasattr(img, "getexif") else 1
+    orientation = _orientation(img)
     if orientation in (5, 6, 7, 8):  # EXIF-rotated by 90°: report the displayed size
         width, height = height, width
-    return ImageInfo(width, height, fmt)
+    return ImageInfo(width, height, fmt, orientation)
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS):
-    """Decode to an upright RGB PIL image (EXIF orientation applied, alpha over white)."""
+def _orientation(img) -> int:
+    """The EXIF orientation (1-8) of an opened image; 1 when it has none or a broken one."""
+    try:
+        value = int(img.getexif().get(0x0112, 1))
+    except Exception:  # a broken EXIF block should not cost the image
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, hold: bool = True):
+    """Decode to an upright RGB PIL image (EXIF orientation applied, alpha over white);
+    `hold=False` where the caller already holds the image's pixels against the budget."""
+    if not hold:
+        return _upright_rgb(_open_image(data, max_pixels))
     with decoded_image(data, max_pixels) as img:
         return img
 

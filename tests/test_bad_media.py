@@ -7,7 +7,7 @@ import pytest
 from conftest import encode, image_bytes, mmtools, read_dataset, read_rejects
 from PIL import Image
 
-from mmtools.media import MediaError, decode_image
+from mmtools.media import ENV_DECODE_TIMEOUT, MediaError, decode_image, within_time_limit
 
 
 def _png(mode: str, size=(40, 30), **kw) -> bytes:
@@ -119,3 +119,23 @@ def test_missing_file_in_listing(tmp_path, image_folder):
         "duplicate_id",
         "missing_file",
     ]
+
+
+def test_the_decode_time_limit_rejects_an_overrun_and_reuses_its_threads(monkeypatch):
+    import threading
+    import time
+
+    monkeypatch.setenv(ENV_DECODE_TIMEOUT, "0.2")
+    helpers = lambda: sum(t.name == "mmtools-decode" for t in threading.enumerate())  # noqa: E731
+    within_time_limit(lambda: None)
+    before = helpers()
+    assert [within_time_limit(lambda i=i: i * 2) for i in range(50)] == list(range(0, 100, 2))
+    assert helpers() == before  # one call after another: the same thread serves them all
+    start = time.monotonic()
+    with pytest.raises(MediaError) as e:
+        within_time_limit(lambda: time.sleep(1))
+    assert e.value.reason == "decode_timeout" and time.monotonic() - start < 0.9
+    with pytest.raises(ZeroDivisionError):  # the call's own error reaches the caller
+        within_time_limit(lambda: 1 / 0)
+    assert within_time_limit(lambda: "next") == "next"  # another thread took over
+    assert helpers() == before + 1

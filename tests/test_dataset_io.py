@@ -202,3 +202,12 @@ def test_resume_offsets_read_exactly_the_remaining_rows(tmp_path, skip):
         for v in b.column("id").to_pylist()
     ]
     assert got == table.column("id").to_pylist()[skip:]
+
+
+def test_wide_rows_reach_the_parquet_encoder_a_page_at_a_time():
+    """About a MiB of rows at a time: 11 rows of 90 KB images; small rows as pyarrow does."""
+    from mmtools.io.dataset import write_batch_rows
+
+    assert write_batch_rows(90_000) == 11
+    assert write_batch_rows(5_000_000) == 1
+    assert write_batch_rows(100) == 1024 and write_batch_rows(0) == 1024

@@ -3,8 +3,10 @@ deadline with its own reason, and only transient failures are retried."""
 
 from __future__ import annotations
 
+import base64
 import collections
 import email.utils
+import gzip
 import http.server
 import socket
 import threading
@@ -89,6 +91,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _loop(self, seen):
         self._send(302, headers=[("Location", self.path)])
 
+    def _moved(self, seen):  # a relative redirect
+        self._send(301, headers=[("Location", "../../img/moved")])
+
+    def _gzip(self, seen):  # compressed although nobody asked
+        self._send(body=gzip.compress(GOOD), headers=[("Content-Encoding", "gzip")])
+
+    def _badgzip(self, seen):
+        self._send(body=b"not gzip at all", headers=[("Content-Encoding", "gzip")])
+
     def _giant(self, seen):
         self.send_response(200)
         self.send_header("Content-Length", str(10**12))
@@ -167,6 +178,9 @@ CASES = {
     "otherbot": (None, 1, ""),
     "us": ("opted_out", 1, "mmtools: noindex"),
     "loop": ("http_error", 11, "redirects"),
+    "moved": (None, 1, ""),
+    "gzip": (None, 1, ""),
+    "badgzip": ("corrupt", 1, "damaged gzip"),
     "giant": ("too_large", 1, "Content-Length"),
     "endless": ("too_large", 1, "more than"),
     "drip": ("timeout", 1, "timed out"),
@@ -231,6 +245,48 @@ def test_a_url_that_is_not_valid_is_an_http_error_at_once():
         with pytest.raises(MediaError) as e:
             download(url, DownloadOptions(timeout=TIMEOUT))
         assert e.value.reason == "http_error" and "not a valid URL" in e.value.detail
+
+
+def test_a_path_with_spaces_or_non_ascii_is_percent_encoded(server):
+    base, counts, _ = server
+    assert download(f"{base}/img/a b/\u00e9t\u00e9?q=x y") == GOOD
+    assert counts["/img/a%20b/%C3%A9t%C3%A9"] == 1
+
+
+class _Proxy(http.server.BaseHTTPRequestHandler):
+    """A forward proxy that answers every request itself and remembers what it was asked."""
+
+    seen: list
+
+    def do_GET(self):
+        auth = self.headers.get("Proxy-Authorization")
+        self.seen.append((self.path, self.headers.get("Host"), auth))
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(GOOD)))
+        self.end_headers()
+        self.wfile.write(GOOD)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_proxy_from_the_environment_is_used_except_for_no_proxy(server, monkeypatch):
+    base, counts, _ = server
+    seen = []
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), type("P", (_Proxy,), {"seen": seen}))
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("http_proxy", f"http://me:s%40cret@127.0.0.1:{proxy.server_port}")
+        monkeypatch.delenv("no_proxy", raising=False)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        assert download("http://images.example/a.jpg?s=1") == GOOD
+        token = base64.b64encode(b"me:s@cret").decode()
+        assert seen == [("http://images.example/a.jpg?s=1", "images.example", f"Basic {token}")]
+        monkeypatch.setenv("no_proxy", "127.0.0.1")
+        assert download(f"{base}/img/direct") == GOOD
+        assert counts["/img/direct"] == 1 and len(seen) == 1
+    finally:
+        proxy.shutdown()
 
 
 def test_retry_after_takes_seconds_or_a_date():

@@ -219,6 +219,27 @@ def test_cli_center_crop_keeps_original_size(tmp_path):
     assert proc.returncode == 6, proc.stderr.decode()
 
 
+def test_cli_resizing_rejects_damaged_images_as_verifying_does(tmp_path):
+    """Resizing decodes each image once, and that decode is its check: a truncated file is
+    still `truncated`, not stored grey-filled."""
+    src = tmp_path / "imgs"
+    src.mkdir()
+    good_jpg, good_png = jpeg(300, 100), png(300, 100)
+    (src / "good.jpg").write_bytes(good_jpg)
+    (src / "cut.jpg").write_bytes(good_jpg[: len(good_jpg) * 3 // 4])
+    (src / "cut.png").write_bytes(good_png[: len(good_png) // 2])
+    (src / "anim.gif").write_bytes(encode(Image.fromarray(noise(90, 60)), "GIF"))
+    out = tmp_path / "ds"
+    mmtools("ingest", src, "-o", out, "--image-size", N, "--resize-mode", "keep_ratio", "-q")
+    assert reject_reasons(out) == {"cut.jpg": "truncated", "cut.png": "truncated"}
+    rows = {r["id"]: r for r in read_dataset(out).to_pylist()}
+    assert {k: (r["width"], r["height"]) for k, r in rows.items()} == {
+        "good.jpg": (192, 64),
+        "anim.gif": (96, 64),
+    }
+    assert rows["good.jpg"]["image"]["bytes"] == resize(good_jpg, resize_mode="keep_ratio")[0]
+
+
 def test_cli_without_resizing_adds_no_columns_and_refuses_paths_only(tmp_path):
     src = tmp_path / "imgs"
     src.mkdir()

@@ -22,7 +22,8 @@ from mmtools.io.fs import reaching, store
 from mmtools.io.manifest import build_manifest
 
 ROW_GROUP_ROWS = 8192
-ROW_GROUP_BYTES = 64 << 20
+ROW_GROUP_BYTES = 32 << 20
+PAGE_BYTES = 1 << 20  # rows handed to the Parquet encoder at a time: about this many bytes
 
 
 @dataclass
@@ -203,8 +204,12 @@ class DatasetSink:
             return
         if self._writer is None:
             self._tmp = L.TMP_PREFIX + L.shard_name(self._unit.index)
+            rows = sum(b.num_rows for b in self._pending)
             self._writer = pq.ParquetWriter(
-                self.store.path(self._tmp), self.schema, filesystem=self.store.filesystem()
+                self.store.path(self._tmp),
+                self.schema,
+                filesystem=self.store.filesystem(),
+                write_batch_size=write_batch_rows(self._pending_bytes / max(rows, 1)),
             )
         self._writer.write_table(pa.Table.from_batches(self._pending, self.schema))
         self._pending, self._pending_bytes = [], 0
@@ -321,6 +326,14 @@ class DatasetSink:
 
     def _write_table(self, table: pa.Table, name: str) -> None:
         pq.write_table(table, self.store.path(name), filesystem=self.store.filesystem())
+
+
+def write_batch_rows(row_bytes: float) -> int:
+    """Rows the Parquet writer encodes at a time for rows of `row_bytes` bytes. Its default,
+    1024, makes one page of a whole row group of images (~100 KB each) and holds it twice
+    (plain and compressed) while it is encoded; rows of about PAGE_BYTES at a time keep that
+    to a few pages, and write faster."""
+    return int(max(1, min(1024, PAGE_BYTES // max(row_bytes, 1))))
 
 
 def read_rejects(path: str) -> pa.Table | None:

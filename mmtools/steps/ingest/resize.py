@@ -24,7 +24,7 @@ import functools
 from dataclasses import dataclass
 
 from mmtools.errors import UsageError
-from mmtools.media import PIXEL_BUDGET, ImageInfo, MediaError
+from mmtools.media import PIXEL_BUDGET, ImageInfo, MediaError, within_time_limit
 
 MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
 SHORTER_SIDE_MODES = ("keep_ratio", "center_crop")
@@ -32,7 +32,6 @@ FORMATS = {"jpg": "jpeg", "png": "png", "webp": "webp"}  # --encode-format -> im
 DEFAULT_QUALITY = {"jpg": 95, "png": 9, "webp": 95}  # img2dataset's; png: compression level
 QUALITY_RANGE = {"jpg": (0, 100), "png": (0, 9), "webp": (1, 100)}
 WHITE = (255, 255, 255)
-_ORIENTATION = 0x0112  # EXIF tag
 
 
 @dataclass(frozen=True)
@@ -137,12 +136,18 @@ def output_size(opts: ResizeOptions, width: int, height: int) -> tuple[int, int]
 
 
 def resize_image(data: bytes, info: ImageInfo, opts: ResizeOptions) -> Resized | None:
-    """The image resized and re-encoded per `opts`; None when the source bytes can stay."""
+    """The image resized and re-encoded per `opts`; None when the source bytes can stay.
+
+    Every image is decoded here (OpenCV, within the decode time limit), so this decode also
+    verifies it: what OpenCV cannot read is decoded by Pillow, which either reads it (a
+    format OpenCV lacks) or rejects it with the reason verifying gives (`truncated`,
+    `corrupt`). `info` comes from `probe_image`, which need not decode the pixels first.
+    """
     if not opts.reencodes:
         return None
     scaled = scaled_size(opts, info.width, info.height)
     with PIXEL_BUDGET.hold(info.width * info.height):
-        img, orientation = _decode(data)
+        img, orientation = _decode(data, info)
         alpha = img.ndim == 3 and img.shape[2] == 4
         if scaled is None and not alpha and info.format == FORMATS[opts.format]:
             return None
@@ -164,43 +169,38 @@ def _cv2():
     return cv2
 
 
-def _decode(data: bytes):
+def _decode(data: bytes, info: ImageInfo):
     """Pixels as OpenCV reads them unchanged (BGR, BGRA or grey; 8-bit) and the EXIF
     orientation still to apply."""
     import numpy as np
 
     cv2 = _cv2()
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    raw = np.frombuffer(data, np.uint8)
+    try:
+        img = within_time_limit(lambda: cv2.imdecode(raw, cv2.IMREAD_UNCHANGED))
+    except cv2.error:
+        img = None
     if img is None or img.dtype not in (np.uint8, np.uint16) or img.ndim not in (2, 3):
         return _decode_with_pillow(data), 1
     if img.dtype == np.uint16:
         img = np.rint(img * (255.0 / 65535.0)).astype(np.uint8)
-    return img, _orientation(data)
+    return img, info.orientation
 
 
 def _decode_with_pillow(data: bytes):
-    """BGR pixels, upright and over white, of what OpenCV cannot read."""
+    """BGR pixels, upright and over white, of what OpenCV cannot read (its pixels are
+    already held against the decoding budget)."""
     import numpy as np
 
     from mmtools.media import decode_image
 
     try:
-        return np.ascontiguousarray(np.asarray(decode_image(data))[:, :, ::-1])
+        rgb = decode_image(data, hold=False)
+        return np.ascontiguousarray(np.asarray(rgb)[:, :, ::-1])
     except MediaError:
         raise
     except Exception as e:
         raise MediaError("corrupt", f"cannot decode for resizing: {e}") from None
-
-
-def _orientation(data: bytes) -> int:
-    import io
-
-    from PIL import Image
-
-    try:
-        return int(Image.open(io.BytesIO(data)).getexif().get(_ORIENTATION, 1))
-    except Exception:  # a broken EXIF block should not cost the image
-        return 1
 
 
 def _flatten(img):

@@ -141,6 +141,7 @@ class Ingest(Step):
             )
         self.kinds = kinds
         self.workers = workers
+        self._download = config.download()
         self._pool: ThreadPoolExecutor | None = None
 
     def params(self) -> dict:
@@ -237,7 +238,7 @@ class Ingest(Step):
                 caption, encoding = read_sidecar(row["sidecar"])
             if caption is not None:
                 caption = caption.replace("\x00", "").strip()
-            data = read_bytes(row["location"], row["offset"], row["size"], self.config.download())
+            data = read_bytes(row["location"], row["offset"], row["size"], self._download)
             out = {C.ID: key, C.TEXT: caption, C.SOURCE: source_name(row)}
             out[C.TEXT_ENCODING] = encoding
             described, data = self._describe(row["kind"], data)
@@ -265,7 +266,9 @@ class Ingest(Step):
 
     def _describe_image(self, data: bytes) -> tuple[dict, bytes]:
         opts = self.config.resize
-        info = probe_image(data, self.config.max_pixels, self.config.verify)
+        # Re-encoding decodes every image, and that decode verifies it: none before it.
+        verify = self.config.verify and not opts.reencodes
+        info = probe_image(data, self.config.max_pixels, verify)
         check_size(opts, info.width, info.height)
         out = {}
         if opts.reencodes:
