@@ -14,7 +14,9 @@ NOT_FOUND = EXIT_DATA  # an id no dataset of the chain holds
 
 
 def explain(
-    dataset: Annotated[str, typer.Argument(help="A finished dataset directory.")],
+    dataset: Annotated[
+        str, typer.Argument(metavar="DATASET", help="A finished dataset directory.")
+    ],
     ids: Annotated[list[str], typer.Argument(metavar="ID...", help="Row ids to explain.")],
     json: Annotated[
         bool, typer.Option("--json", help="One JSON object per id, a line each.")
