@@ -46,12 +46,24 @@ MIXUP_LAMBDA = "mixup_lambda"
 MIXUP_MODE = "mixup_mode"
 DUP_CLUSTER = "dup_cluster"
 IS_DUPLICATE = "is_duplicate"
+# With dedup --mark, for a duplicate: the method that found it, the id of the row kept in its
+# place and how close the two are (DUP_VALUE: as the ledger's `value`); null for other rows.
+DUP_METHOD = "dup_method"
+DUP_KEPT_ID = "dup_kept_id"
+DUP_VALUE = "dup_value"
 
 # Reject rows, written to `_rejects/`.
 REJECT_STEP = "step"
 REJECT_REASON = "reason"
 REJECT_DETAIL = "detail"
 REJECT_SOURCE = "source"  # the URL, file path or tar::key the row came from; null if unknown
+
+# Drop ledger rows, written to `_dropped/`: a row a step dropped by a named rule (id, step and
+# source as in reject rows), the value that decided (a score, a distance, a similarity; null
+# where a rule has none) and, for a duplicate, the id of the row kept instead.
+DROP_RULE = "rule"
+DROP_VALUE = "value"
+DROP_KEPT_ID = "kept_id"
 
 EMBEDDINGS = {"image": IMAGE_EMBEDDING, "text": TEXT_EMBEDDING, "audio": AUDIO_EMBEDDING}
 MEDIA = (IMAGE, AUDIO)
@@ -63,6 +75,16 @@ REJECT_SCHEMA = pa.schema(
         pa.field(REJECT_STEP, pa.string()),
         pa.field(REJECT_REASON, pa.string()),
         pa.field(REJECT_DETAIL, pa.string()),
+        pa.field(REJECT_SOURCE, pa.string()),
+    ]
+)
+LEDGER_SCHEMA = pa.schema(
+    [
+        pa.field(ID, pa.string()),
+        pa.field(REJECT_STEP, pa.string()),
+        pa.field(DROP_RULE, pa.string()),
+        pa.field(DROP_VALUE, pa.float64()),
+        pa.field(DROP_KEPT_ID, pa.string()),
         pa.field(REJECT_SOURCE, pa.string()),
     ]
 )
@@ -134,8 +156,8 @@ def upgrade_rejects(table: pa.Table | pa.RecordBatch) -> pa.Table | pa.RecordBat
 
 
 def own_names() -> set[str]:
-    """Every data column name this module spells (reject-row columns aside)."""
-    reject = {REJECT_STEP, REJECT_REASON, REJECT_DETAIL}
+    """Every data column name this module spells (reject and ledger columns aside)."""
+    reject = {REJECT_STEP, REJECT_REASON, REJECT_DETAIL, DROP_RULE, DROP_VALUE, DROP_KEPT_ID}
     names = {v for k, v in globals().items() if k.isupper() and isinstance(v, str)}
     return names - reject - {LISTING_PREFIX}
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from mmtools import columns as C
 
@@ -24,7 +25,8 @@ def add_counts(total: dict[str, int], more: dict[str, int]) -> None:
 
 @dataclass
 class Result:
-    """What a step made of one input batch: kept rows, reject rows and counts dropped by rule."""
+    """What a step made of one input batch: kept rows, reject rows, counts dropped by rule and,
+    where the ledger is on, one ledger row per dropped row (`drops`, C.LEDGER_SCHEMA)."""
 
     batch: pa.RecordBatch
     rejects: pa.RecordBatch | None = None
@@ -33,14 +35,21 @@ class Result:
     # Counters beside the row accounting (e.g. mixup's pairs skipped); they travel with the
     # result, so they add up the same way on every engine.
     notes: dict[str, int] = field(default_factory=dict)
+    drops: pa.RecordBatch | None = None
 
     @property
     def rejected(self) -> int:
         """Number of reject rows."""
         return 0 if self.rejects is None else self.rejects.num_rows
 
-    def check(self, rows_in: int, step: str) -> None:
-        """Assert the row accounting: in = out - generated + rejected + dropped."""
+    @property
+    def ledger_rows(self) -> int:
+        """Number of ledger rows."""
+        return 0 if self.drops is None else self.drops.num_rows
+
+    def check(self, rows_in: int, step: str, ledger: bool = False) -> None:
+        """Assert the row accounting: in = out - generated + rejected + dropped; with the
+        `ledger` on, also one ledger row per dropped row, under the rule that counted it."""
         accounted = (
             self.batch.num_rows - self.generated + self.rejected + sum(self.dropped.values())
         )
@@ -49,21 +58,78 @@ class Result:
                 f"{step}: row accounting broken: {rows_in} in, {self.batch.num_rows} out "
                 f"({self.generated} generated), {self.rejected} rejected, {self.dropped} dropped"
             )
+        expected = {k: n for k, n in self.dropped.items() if n}
+        if ledger and self.ledger_counts() != expected:
+            raise AssertionError(
+                f"{step}: drop ledger broken: {expected} dropped, ledger rows by rule "
+                f"{self.ledger_counts()}"
+            )
+
+    def ledger_counts(self) -> dict[str, int]:
+        """Ledger rows by rule."""
+        if not self.ledger_rows:
+            return {}
+        counts = pc.value_counts(self.drops.column(C.DROP_RULE)).to_pylist()
+        return {c["values"]: c["counts"] for c in counts}
 
     def then(self, after: Result) -> Result:
         """This result followed by the next step's result on its batch: that step's rows and
         the row accounting of both, as if one step had made them."""
-        rejects = [r for r in (self.rejects, after.rejects) if r is not None and r.num_rows]
         dropped, notes = dict(self.dropped), dict(self.notes)
         add_counts(dropped, after.dropped)
         add_counts(notes, after.notes)
         return Result(
             after.batch,
-            pa.concat_batches(rejects) if len(rejects) > 1 else (rejects or [None])[0],
+            concat_rows(self.rejects, after.rejects),
             dropped,
             self.generated + after.generated,
             notes,
+            concat_rows(self.drops, after.drops),
         )
+
+
+def concat_rows(*parts: pa.RecordBatch | None) -> pa.RecordBatch | None:
+    """The rows of the non-empty `parts` in one batch (None when there are none)."""
+    rows = [p for p in parts if p is not None and p.num_rows]
+    return pa.concat_batches(rows) if len(rows) > 1 else (rows or [None])[0]
+
+
+def ledger_rows(
+    step: str,
+    batch: pa.RecordBatch,
+    where,
+    rule: str,
+    value=None,
+    kept_id: pa.Array | None = None,
+) -> pa.RecordBatch | None:
+    """Ledger rows (C.LEDGER_SCHEMA) for the rows of `batch` where the mask `where` holds,
+    dropped by `step` under `rule`. `value` (floats; NaN or null: none) and `kept_id` are
+    given for every row of `batch`, or not at all. None when no row is dropped."""
+    mask = where if isinstance(where, pa.Array | pa.ChunkedArray) else pa.array(where, pa.bool_())
+    ids = batch.column(C.ID).filter(mask).cast(pa.string())
+    n = len(ids)
+    if not n:
+        return None
+    values = pa.nulls(n, pa.float64()) if value is None else _floats(value).filter(mask)
+    kept = pa.nulls(n, pa.string()) if kept_id is None else kept_id.filter(mask).cast(pa.string())
+    if C.SOURCE in batch.schema.names:
+        source = batch.column(C.SOURCE).filter(mask).cast(pa.string())
+    else:
+        source = pa.nulls(n, pa.string())
+    cols = [
+        ids,
+        pa.repeat(pa.scalar(step, pa.string()), n),
+        pa.repeat(pa.scalar(rule, pa.string()), n),
+    ]
+    return pa.RecordBatch.from_arrays([*cols, values, kept, source], schema=C.LEDGER_SCHEMA)
+
+
+def _floats(value) -> pa.Array:
+    """A float64 column, NaN as null."""
+    if isinstance(value, pa.Array | pa.ChunkedArray):
+        value = value.cast(pa.float64())
+        return pc.if_else(pc.is_nan(value), None, value)
+    return pa.array(value, pa.float64(), from_pandas=True)
 
 
 def reject_batch(
@@ -139,6 +205,9 @@ class Step:
     # Set by the engine where it shows progress: called with a number of input rows that
     # are done, from any thread, by a step that finishes rows one by one inside a batch.
     progress: Callable[[int], None] | None = None
+    # Set by the engine: whether the step makes ledger rows for the rows it drops
+    # (`drop_rows`); it travels with the step to the workers.
+    ledger: bool = True
 
     def __init__(self, config: Any = None):
         self.config = config
@@ -181,6 +250,15 @@ class Step:
     def close(self) -> None:
         """Release resources."""
 
+    def drop_rows(
+        self, batch: pa.RecordBatch, where, rule: str, value=None, kept_id=None
+    ) -> pa.RecordBatch | None:
+        """Ledger rows for the rows of `batch` where the mask `where` holds, dropped by `rule`
+        (see `ledger_rows`); None when the ledger is off or no row is dropped."""
+        if not self.ledger:
+            return None
+        return ledger_rows(self.name, batch, where, rule, value, kept_id)
+
     def advance(self, rows: int = 1) -> None:
         """Report `rows` more input rows done before their batch's result (progress only)."""
         if self.progress is not None:
@@ -198,7 +276,8 @@ class Bucketed(Protocol):
     (POSITION), into bucket rows (`bucket_rows`: a BUCKET column, equal for every two rows
     that may be in one group), brings each bucket to one call of `bucket_edges`, and hands
     the components of the edges to `set_groups`. A method that needs a model first
-    (`sample_rate` not None) is fitted on the rows `sample_rows` picks (`fit`).
+    (`sample_rate` not None) is fitted on the rows `sample_rows` picks (`fit`). Then it
+    brings the `member_columns` of the rows in groups to `set_members`.
     """
 
     bucket_columns: tuple[str, ...]  # key columns that then need no scan in input order

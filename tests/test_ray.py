@@ -28,7 +28,7 @@ from mmtools.engines.ray import executor as ray_engine
 from mmtools.engines.ray import global_ops
 from mmtools.errors import PartialError, UsageError
 from mmtools.io.dataset import DatasetSink
-from mmtools.io.layout import REJECTS_DIR
+from mmtools.io.layout import DROPPED_DIR, REJECTS_DIR
 from mmtools.io.source import Source
 from mmtools.step import Result, Step
 
@@ -36,7 +36,7 @@ BATCH, SHARD = 8, 12
 SUMMARY_KEYS = (
     "rows_in rows_out rejected reasons dropped generated upstream_rejected resumed_from notes"
 )
-MANIFEST_KEYS = "fingerprint schema columns rows rejects dropped generated position"
+MANIFEST_KEYS = "fingerprint schema columns rows rejects dropped ledger generated position"
 # Model outputs may differ in the last bits: the workers run torch with other thread counts.
 MODEL_COLUMNS = (C.IMAGE_EMBEDDING, C.TEXT_EMBEDDING, C.CLIP_SCORE)
 
@@ -126,7 +126,13 @@ def assert_same(tmp: Path, manifests: dict) -> pa.Table:
             assert a[name].equals(b[name]), name
     ra, rb = read(local, REJECTS_DIR), read(ray, REJECTS_DIR)
     assert (ra is None and rb is None) or ra.equals(rb)
+    # The drop ledger: the same rows (ids, rules, values, kept rows), one per dropped row.
+    da, db = read(local, DROPPED_DIR), read(ray, DROPPED_DIR)
+    assert (da is None and db is None) or da.equals(db)
     ma, mb = manifests["local"], manifests["ray"]
+    for m, ledger in ((ma, da), (mb, db)):
+        rows = 0 if ledger is None else ledger.num_rows
+        assert rows == m["ledger"]["rows"] == sum(m["summary"]["dropped"].values())
     for key in MANIFEST_KEYS.split():
         assert ma[key] == mb[key], key
     shards = [[(s["name"], s["rows"], s["inputs"]) for s in m["shards"]] for m in (ma, mb)]

@@ -40,6 +40,7 @@ COMMANDS = (
     "head",
     "stats",
     "export",
+    "explain",
     "demo",
 )
 

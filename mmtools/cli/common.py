@@ -30,6 +30,7 @@ class Common:
     ray_address: str | None = None
     ray_concurrency: int | None = None
     num_gpus_per_worker: float | None = None
+    ledger: bool = True
 
 
 def setup_logging(verbose: bool, quiet: bool) -> None:
@@ -115,6 +116,7 @@ def execute(command: str, source, steps: list, c: Common, dataset=None):
         batch_size=batch_size,
         quiet=c.quiet,
         argv=argv,
+        ledger=c.ledger,
     )
     report(summary, c)
     return summary

@@ -212,6 +212,7 @@ def expand(**bundles: Bundle):
     return wrap
 
 
+LEDGER_HELP = "Write a row for each dropped row to _dropped/ (or down the pipe); on by default."
 # The options of a dataset-to-dataset command.
 DATASET = Bundle(
     Common,
@@ -230,6 +231,7 @@ DATASET = Bundle(
         "verbose": Verbose,
         "json": Json,
         "wait_lock": WaitLock,
+        "ledger": Annotated[bool, typer.Option("--ledger/--no-ledger", help=LEDGER_HELP)],
     },
 )
 

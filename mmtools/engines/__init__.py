@@ -2,9 +2,10 @@
 
 `run()` owns what every engine shares: it opens the output (the resume point, or "already
 complete"), has a global step's first pass run, writes what the steps made of each input
-batch with the row accounting checked, forwards the reject rows of an upstream run, and
-commits the output with its lineage and summary. An `Executor` only computes: in this
-process (`engines.local.LocalExecutor`) or on a Ray cluster (`engines.ray.executor`).
+batch with the row accounting checked, forwards the reject and drop ledger rows of an
+upstream run, and commits the output with its lineage and summary. An `Executor` only
+computes: in this process (`engines.local.LocalExecutor`) or on a Ray cluster
+(`engines.ray.executor`).
 
 Heavy modules (pyarrow, tqdm) are imported where they are used: `mmtools --help` imports
 this package through the Ray options.
@@ -67,6 +68,7 @@ class Summary:
     dropped: dict[str, int] = field(default_factory=dict)
     generated: int = 0
     upstream_rejected: int = 0
+    upstream_dropped: int = 0  # ledger rows received from an upstream run in a pipe
     resumed_from: int = 0
     notes: dict[str, int] = field(default_factory=dict)  # the steps' own counters
     skipped: dict[str, int] = field(default_factory=dict)  # input files passed over, by type
@@ -118,9 +120,11 @@ def run(
     batch_size: int = 1024,
     quiet: bool = False,
     argv: list[str] | None = None,
+    ledger: bool = True,
 ) -> tuple[Summary, dict]:
     """Run `steps` over `source` into `sink` with `executor` (default: in this process);
-    return the summary and the manifest."""
+    return the summary and the manifest. With `ledger`, every dropped row gets a ledger row
+    (`_dropped/`, or down the pipe), and those from an upstream run are forwarded."""
     from mmtools.step import GlobalStep
 
     if executor is None:
@@ -129,9 +133,13 @@ def run(
         executor = LocalExecutor()
     t0 = time.monotonic()
     summary = Summary(command, sink.path, skipped=dict(source.skipped))
+    for step in steps:
+        step.ledger = ledger
     schema, info = output_schema(source.schema, steps)
     incoming: list[pa.RecordBatch] = []
     source.on_rejects = incoming.append
+    drops: list[pa.RecordBatch] = []
+    source.on_drops = drops.append if ledger else (lambda rows: None)
     start = sink.open(schema, fingerprint(command, steps, source), source.locate)
     if sink.complete:
         summary.already_complete = True
@@ -143,7 +151,8 @@ def run(
             first_pass(executor, source, steps[0], batch_size)
             steps[0].seek(start.rows)  # where a resumed run's pass 2 starts
         results = executor.results(source, steps, start.rows, batch_size)
-        Writer(sink, schema, start, incoming, summary).write_all(results, source, steps, quiet)
+        writer = Writer(sink, schema, start, (incoming, drops), summary, ledger)
+        writer.write_all(results, source, steps, quiet)
         if steps and all(s.counts_successes for s in steps) and summary.rows_in:
             summary.success_rate = round(summary.rows_out / summary.rows_in, 4)
     except BaseException as e:
@@ -155,7 +164,22 @@ def run(
         source.close()
     summary.seconds = time.monotonic() - t0
     lineage = [*source.upstream, {"argv": argv or [], **summary.as_dict()}]
+    lineage[-1] |= trail(source, steps, schema)
     return summary, commit(sink, summary, lineage, info)
+
+
+def trail(source: Source, steps: list[Step], schema: pa.Schema) -> dict:
+    """What `explain` needs to follow a row through this run: the steps, the columns they
+    added, and the directories of the input's shards ('-' for a stream)."""
+    import posixpath
+
+    shards = {str(d.get("shard")) for d in source.locate(0, source.total_rows or 0)}
+    dirs = {posixpath.dirname(p) if "/" in p else p for p in shards}
+    return {
+        "steps": [s.name for s in steps],
+        "added": [n for n in schema.names if n not in source.schema.names],
+        "inputs": sorted(dirs),
+    }
 
 
 def first_pass(executor: Executor, source: Source, step: GlobalStep, batch_size: int) -> None:
@@ -222,12 +246,15 @@ def commit(sink: Sink, summary: Summary, lineage: list[dict], info: dict) -> dic
 
 class Writer:
     """Pass 2's results into the sink, in input order, each checked against the row
-    accounting, with the reject rows received from upstream forwarded alongside."""
+    accounting (and the drop ledger), with the reject and ledger rows received from upstream
+    forwarded alongside."""
 
-    def __init__(self, sink: Sink, schema: pa.Schema, start: Position, incoming, summary):
-        self.sink, self.schema, self.summary = sink, schema, summary
+    def __init__(self, sink: Sink, schema: pa.Schema, start: Position, incoming, summary, ledger):
+        self.sink, self.schema, self.summary, self.ledger = sink, schema, summary, ledger
         self.rows, self.start = start.rows, start.rows
-        self.upstream = _Upstream(incoming, start.upstream_rejects, summary)
+        rejects, drops = incoming
+        self.upstream = _Upstream(rejects, start.upstream_rejects, summary, "upstream_rejected")
+        self.drops = _Upstream(drops, start.upstream_drops, summary, "upstream_dropped")
 
     def write_all(self, results, source: Source, steps: list[Step], quiet: bool) -> None:
         """Write every result, then the reject rows that came after the last data batch."""
@@ -249,7 +276,7 @@ class Writer:
             steps[0].progress = progress
         try:
             for rows, res in results:
-                res.check(rows, what)
+                res.check(rows, what, self.ledger)
                 self.write(rows, res)
                 progress.reach(self.rows)
             self.write(0, None)  # rejects that arrived after the last data batch, or with none
@@ -263,14 +290,18 @@ class Writer:
         from mmtools.io.dataset import Position
 
         self.rows += rows
-        forwarded = self.upstream.take()
-        consumed = Position(self.rows, self.upstream.position)
+        forwarded, drops = self.upstream.take(), self.drops.take()
+        consumed = Position(self.rows, self.upstream.position, self.drops.position)
         if res is None:
-            self.sink.write(None, forwarded, {}, consumed)
+            self.sink.write(None, forwarded, {}, consumed, drops=drops)
         else:
             out = _conform(res.batch, self.schema)
             rejects = [res.rejects] if res.rejected else []
-            self.sink.write(out, rejects + forwarded, res.dropped, consumed, res.generated)
+            if self.ledger and res.ledger_rows:
+                drops = [res.drops, *drops]
+            self.sink.write(
+                out, rejects + forwarded, res.dropped, consumed, res.generated, drops=drops
+            )
             _count(self.summary, res, out.num_rows)
         self.summary.rows_in = self.rows - self.start
 
@@ -304,10 +335,12 @@ def _conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
 
 
 class _Upstream:
-    """Reject rows received from an upstream mmtools process, minus those already committed."""
+    """Reject (or ledger) rows received from an upstream mmtools process, minus those already
+    committed; counted in the summary under `counter`."""
 
-    def __init__(self, incoming: list, committed: int, summary: Summary):
+    def __init__(self, incoming: list, committed: int, summary: Summary, counter: str):
         self.incoming, self.committed, self.summary = incoming, committed, summary
+        self.counter = counter
         self.received = 0
 
     @property
@@ -316,7 +349,7 @@ class _Upstream:
         return max(self.committed, self.received)
 
     def take(self) -> list[pa.RecordBatch]:
-        """The reject rows received since the last call that are not committed yet."""
+        """The rows received since the last call that are not committed yet."""
         out = []
         while self.incoming:
             rej = self.incoming.pop(0)
@@ -324,7 +357,8 @@ class _Upstream:
             self.received += rej.num_rows
             if rej.num_rows > already:
                 out.append(rej.slice(already))
-                self.summary.upstream_rejected += rej.num_rows - already
+                counted = getattr(self.summary, self.counter) + rej.num_rows - already
+                setattr(self.summary, self.counter, counted)
         return out
 
 

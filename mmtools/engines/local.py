@@ -54,5 +54,5 @@ def _apply(step: Step, items: Iterator[tuple[int, Result]]) -> Iterator[tuple[in
 
     for res in step.run(feed()):
         rows, before = pending.popleft()
-        res.check(before.batch.num_rows, step.name)
+        res.check(before.batch.num_rows, step.name, step.ledger)
         yield rows, before.then(res)

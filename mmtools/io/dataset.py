@@ -28,10 +28,25 @@ PAGE_BYTES = 1 << 20  # rows handed to the Parquet encoder at a time: about this
 
 @dataclass
 class Position:
-    """How far the input has been consumed: data rows and reject rows received from upstream."""
+    """How far the input has been consumed: data rows, and the reject and ledger rows received
+    from upstream."""
 
     rows: int = 0
     upstream_rejects: int = 0
+    upstream_drops: int = 0
+
+    def as_dict(self) -> dict:
+        """As the progress records and the manifest store it."""
+        return {
+            "rows": self.rows,
+            "upstream_rejects": self.upstream_rejects,
+            "upstream_drops": self.upstream_drops,
+        }
+
+    @classmethod
+    def of(cls, record: dict) -> Position:
+        """From a stored position (one written before the ledger has no ledger count)."""
+        return cls(record["rows"], record["upstream_rejects"], record.get("upstream_drops", 0))
 
 
 @dataclass
@@ -43,6 +58,7 @@ class Unit:
     rows: int = 0
     bytes: int = 0
     rejects: list[pa.RecordBatch] = field(default_factory=list)
+    drops: list[pa.RecordBatch] = field(default_factory=list)  # ledger rows
     dropped: dict[str, int] = field(default_factory=dict)
     generated: int = 0
     started: float = field(default_factory=time.monotonic)
@@ -107,7 +123,7 @@ class DatasetSink:
             self.complete = True
             self.manifest = manifest
             self._finish_cleanup()
-            return Position(manifest["position"]["rows"], manifest["position"]["upstream_rejects"])
+            return Position.of(manifest["position"])
         if run is None:
             self._refuse_foreign()
             self.store.write_json(L.RUN_FILE, {"fingerprint": fingerprint, "command": self.command})
@@ -117,17 +133,16 @@ class DatasetSink:
         """Load this run's committed units, drop what came after them; where to go on from."""
         self.records = self._load_records()
         self._remove_orphans()
-        last = self.records[-1]["position"] if self.records else {"rows": 0, "upstream_rejects": 0}
-        pos = Position(last["rows"], last["upstream_rejects"])
+        pos = Position.of(self.records[-1]["position"]) if self.records else Position()
         self._unit = Unit(self._base + len(self.records), pos)
-        self.position = Position(pos.rows, pos.upstream_rejects)
+        self.position = Position.of(pos.as_dict())
         return pos
 
     def _clear(self) -> None:
         for pattern in ("part-*.parquet", L.MANIFEST, L.RUN_FILE, L.TMP_PREFIX + "*"):
             for name in self.store.list(pattern):
                 self.store.unlink(name)
-        for d in (L.PROGRESS_DIR, L.REJECTS_DIR):
+        for d in (L.PROGRESS_DIR, L.REJECTS_DIR, L.DROPPED_DIR):
             self.store.rmtree(d)
 
     def _refuse_foreign(self) -> None:
@@ -155,7 +170,9 @@ class DatasetSink:
     def _remove_orphans(self) -> None:
         keep = self._kept() | {r["shard"] for r in self.records if r["shard"]}
         keep |= {r["rejects"] for r in self.records if r["rejects"]}
-        for name in self.store.list("part-*.parquet") + self.store.list(L.REJECTS_DIR + "/*"):
+        keep |= {r["drops"] for r in self.records if r.get("drops")}
+        names = self.store.list("part-*.parquet") + self.store.list(L.REJECTS_DIR + "/*")
+        for name in names + self.store.list(L.DROPPED_DIR + "/*"):
             if name not in keep:
                 self.store.unlink(name)
         for name in self._temporaries():
@@ -178,8 +195,10 @@ class DatasetSink:
         dropped: dict,
         consumed: Position,
         generated: int = 0,
+        drops=(),
     ) -> None:
-        """Add one processed input batch; commit the current shard when it is full."""
+        """Add one processed input batch (with its ledger rows, `drops`); commit the current
+        shard when it is full."""
         unit = self._unit
         if batch is not None and batch.num_rows:
             self._pending.append(batch)
@@ -192,6 +211,7 @@ class DatasetSink:
             ):
                 self._flush_pending()
         unit.rejects.extend(r for r in rejects if r is not None and r.num_rows)
+        unit.drops.extend(d for d in drops if d is not None and d.num_rows)
         for rule, n in dropped.items():
             unit.dropped[rule] = unit.dropped.get(rule, 0) + n
         unit.generated += generated
@@ -223,7 +243,7 @@ class DatasetSink:
         if self.position == unit.start and not unit.rows:
             return
         self._flush_pending()
-        shard = rejects_name = None
+        shard = rejects_name = drops_name = None
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -236,6 +256,14 @@ class DatasetSink:
             rows = [C.upgrade_rejects(r) for r in unit.rejects]
             self._write_table(pa.Table.from_batches(rows, C.REJECT_SCHEMA), tmp)
             self.store.commit(tmp, rejects_name)
+        if unit.drops:
+            drops_name = L.dropped_name(unit.index)
+            self.store.makedirs(L.DROPPED_DIR)
+            tmp = f"{L.DROPPED_DIR}/{L.TMP_PREFIX}{unit.index:05d}"
+            ledger = pa.Table.from_batches(unit.drops, C.LEDGER_SCHEMA)
+            # Ids are unique: a dictionary is only worth it for the step and rule names.
+            self._write_table(ledger, tmp, use_dictionary=[C.REJECT_STEP, C.DROP_RULE])
+            self.store.commit(tmp, drops_name)
         record = {
             "shard": shard,
             "rows": unit.rows,
@@ -244,20 +272,17 @@ class DatasetSink:
             "rejected": sum(r.num_rows for r in unit.rejects),
             "reject_reasons": _reason_counts(unit.rejects),
             "dropped": unit.dropped,
+            "drops": drops_name,
+            "drop_rows": sum(d.num_rows for d in unit.drops),
             "generated": unit.generated,
             "seconds": round(time.monotonic() - unit.started, 3),
             "inputs": self._locate(unit.start.rows, self.position.rows),
-            "position": {
-                "rows": self.position.rows,
-                "upstream_rejects": self.position.upstream_rejects,
-            },
+            "position": self.position.as_dict(),
         }
         self.store.makedirs(L.PROGRESS_DIR)
         self.store.write_json(f"{L.PROGRESS_DIR}/{unit.index:05d}.json", record)
         self.records.append(record)
-        self._unit = Unit(
-            unit.index + 1, Position(self.position.rows, self.position.upstream_rejects)
-        )
+        self._unit = Unit(unit.index + 1, Position.of(self.position.as_dict()))
 
     def close(self, summary: dict, lineage: list[dict], column_info: dict) -> dict:
         """Commit the last shard and write the manifest: the dataset is complete."""
@@ -306,11 +331,11 @@ class DatasetSink:
                 "rejected": 0,
                 "reject_reasons": {},
                 "dropped": {},
+                "drops": None,
+                "drop_rows": 0,
                 "generated": 0,
                 "inputs": [],
-                "position": self.records[-1]["position"]
-                if self.records
-                else {"rows": 0, "upstream_rejects": 0},
+                "position": self.records[-1]["position"] if self.records else Position().as_dict(),
             }
         )
 
@@ -324,8 +349,8 @@ class DatasetSink:
                 self.store.unlink(self._tmp)
         self._lock.release()
 
-    def _write_table(self, table: pa.Table, name: str) -> None:
-        pq.write_table(table, self.store.path(name), filesystem=self.store.filesystem())
+    def _write_table(self, table: pa.Table, name: str, **options) -> None:
+        pq.write_table(table, self.store.path(name), filesystem=self.store.filesystem(), **options)
 
 
 def write_batch_rows(row_bytes: float) -> int:
@@ -344,6 +369,14 @@ def read_rejects(path: str) -> pa.Table | None:
     tables = [
         C.upgrade_rejects(pq.read_table(st.path(n), filesystem=st.filesystem())) for n in names
     ]
+    return pa.concat_tables(tables) if tables else None
+
+
+def read_dropped(path: str) -> pa.Table | None:
+    """The drop ledger of a dataset directory (`_dropped/`), or None when it has none."""
+    st = store(path)
+    names = sorted(st.list(L.DROPPED_DIR + "/part-*.parquet"))
+    tables = [pq.read_table(st.path(n), filesystem=st.filesystem()) for n in names]
     return pa.concat_tables(tables) if tables else None
 
 

@@ -94,9 +94,13 @@ def build_manifest(
             "shards": [r["rejects"] for r in records if r["rejects"]],
         },
         "dropped": dropped,
+        "ledger": {
+            "rows": sum(r.get("drop_rows", 0) for r in records),
+            "shards": [r["drops"] for r in records if r.get("drops")],
+        },
         "generated": sum(r.get("generated", 0) for r in records),
         "stats": run_stats(records),
-        "position": {"rows": position.rows, "upstream_rejects": position.upstream_rejects},
+        "position": position.as_dict(),
         "summary": summary,
         "lineage": lineage,
     }

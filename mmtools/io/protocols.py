@@ -24,6 +24,8 @@ class Source(Protocol):
     upstream: list[dict]  # the lineage of the runs that made the input
     # Called with the reject rows that arrive with the input (from an upstream mmtools run).
     on_rejects: Callable[[pa.RecordBatch], None]
+    # Called with the drop ledger rows that arrive with the input (likewise).
+    on_drops: Callable[[pa.RecordBatch], None]
     # Input files passed over without becoming rows (unsupported types), counted by kind.
     skipped: dict[str, int]
 
@@ -87,8 +89,9 @@ class Sink(Protocol):
         dropped: dict[str, int],
         consumed: Position,
         generated: int = 0,
+        drops: list[pa.RecordBatch] = (),
     ) -> None:
-        """Add what the steps made of the input up to `consumed`."""
+        """Add what the steps made of the input up to `consumed` (`drops`: ledger rows)."""
         ...
 
     def close(self, summary: dict, lineage: list[dict], column_info: dict) -> dict:

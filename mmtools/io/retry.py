@@ -85,7 +85,10 @@ class RetrySink(DatasetSink):
         return self._resume()
 
     def _kept(self) -> set[str]:
-        return {s["name"] for s in self.base["shards"]} | set(self.base["rejects"]["shards"])
+        ledger = set(self.base.get("ledger", {}).get("shards", []))
+        return (
+            {s["name"] for s in self.base["shards"]} | set(self.base["rejects"]["shards"]) | ledger
+        )
 
     def _complete(self, summary: dict, lineage: list[dict], column_info: dict) -> None:
         if self.complete:
@@ -163,5 +166,6 @@ class RetrySink(DatasetSink):
 def _next_index(manifest: dict) -> int:
     """The first commit-unit index after every shard and reject shard of `manifest`."""
     names = [s["name"] for s in manifest["shards"]] + manifest["rejects"]["shards"]
+    names += manifest.get("ledger", {}).get("shards", [])
     found = [int(m.group(1)) for n in names if (m := INDEX.search(n))]
     return max(found, default=-1) + 1

@@ -117,6 +117,7 @@ class Source:
         self.paths = resolve(inputs)
         self.upstream: list[dict] = []
         self.on_rejects = lambda rejects: None
+        self.on_drops = lambda drops: None
         self.skipped: dict[str, int] = {}
         self._spool: str | None = None
         self.dataset_dir = False  # a single dataset directory (with a manifest, if complete)
@@ -124,7 +125,7 @@ class Source:
             self.shards = None
             self._stdin = stdin if stdin is not None else sys.stdin.buffer
             self.schema, self._stream, self._upstream_fp = read_stream(
-                self._stdin, self._rejects, self._end
+                self._stdin, self._rejects, self._end, self._drops
             )
         else:
             self.shards, self.schema = self._open_files()
@@ -135,6 +136,9 @@ class Source:
 
     def _rejects(self, rejects: pa.RecordBatch) -> None:
         self.on_rejects(rejects)
+
+    def _drops(self, drops: pa.RecordBatch) -> None:
+        self.on_drops(drops)
 
     def _end(self, trailer: dict) -> None:
         self.upstream = trailer.get("lineage", [])

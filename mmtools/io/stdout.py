@@ -44,11 +44,13 @@ class StreamSink:
         self._writer = StreamWriter(self.out, schema, digest)
         return Position()
 
-    def write(self, batch, rejects, dropped, consumed, generated: int = 0) -> None:
-        """Send rows and rejects downstream."""
+    def write(self, batch, rejects, dropped, consumed, generated: int = 0, drops=()) -> None:
+        """Send rows, rejects and ledger rows downstream."""
         try:
             for r in rejects:
                 self._writer.write_rejects(r)
+            for d in drops:
+                self._writer.write_drops(d)
             if batch is not None:
                 self._writer.write(batch)
         except BrokenPipeError:

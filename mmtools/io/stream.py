@@ -1,13 +1,15 @@
 """Arrow IPC streams between mmtools processes, with reject side-records and an end trailer.
 
-A stream written by mmtools marks its schema with `mmtools.stream`. Reject rows travel as
-zero-row batches whose custom metadata holds them, and the stream ends with a zero-row
+A stream written by mmtools marks its schema with `mmtools.stream`. Reject rows and drop
+ledger rows travel as zero-row batches whose custom metadata holds them (reject rows as JSON,
+ledger rows as a base64 Arrow IPC stream, columnar), and the stream ends with a zero-row
 trailer batch carrying the row count and lineage. A stream that stops before the trailer
 (the upstream process died) is reported as truncated, never taken as complete.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
@@ -19,6 +21,7 @@ from mmtools.errors import DataContractError, TruncatedStreamError
 
 STREAM_KEY = b"mmtools.stream"
 REJECTS_KEY = b"mmtools.rejects"
+DROPS_KEY = b"mmtools.dropped"
 END_KEY = b"mmtools.end"
 FINGERPRINT_KEY = b"mmtools.fingerprint"  # what made the stream: a resumed reader checks it
 
@@ -35,6 +38,7 @@ class StreamWriter:
         self._writer = pa.ipc.new_stream(out, self.schema)
         self.rows = 0
         self.rejects = 0
+        self.drops = 0
 
     def _empty_batch(self) -> pa.RecordBatch:
         return pa.RecordBatch.from_pylist([], schema=self.schema)
@@ -55,19 +59,35 @@ class StreamWriter:
         self._writer.write_batch(self._empty_batch(), custom_metadata={REJECTS_KEY: payload})
         self.rejects += rejects.num_rows
 
+    def write_drops(self, drops: pa.RecordBatch) -> None:
+        """Forward drop ledger rows as a side record."""
+        if drops is None or not drops.num_rows:
+            return
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, drops.schema) as w:
+            w.write_batch(drops)
+        payload = base64.b64encode(sink.getvalue().to_pybytes())
+        self._writer.write_batch(self._empty_batch(), custom_metadata={DROPS_KEY: payload})
+        self.drops += drops.num_rows
+
     def close(self, lineage: list[dict]) -> None:
         """Write the trailer and the end-of-stream marker."""
-        trailer = json.dumps({"rows": self.rows, "rejects": self.rejects, "lineage": lineage})
+        counts = {"rows": self.rows, "rejects": self.rejects, "drops": self.drops}
+        trailer = json.dumps({**counts, "lineage": lineage})
         self._writer.write_batch(self._empty_batch(), custom_metadata={END_KEY: trailer})
         self._writer.close()
         self._out.flush()
 
 
 def read_stream(
-    src: BinaryIO, on_rejects: Callable[[pa.RecordBatch], None], on_end: Callable[[dict], None]
+    src: BinaryIO,
+    on_rejects: Callable[[pa.RecordBatch], None],
+    on_end: Callable[[dict], None],
+    on_drops: Callable[[pa.RecordBatch], None] | None = None,
 ) -> tuple[pa.Schema, Iterator[pa.RecordBatch], str]:
     """Open an Arrow IPC stream; return its schema, an iterator over its data batches and
-    the fingerprint of the run that wrote it ('' if none)."""
+    the fingerprint of the run that wrote it ('' if none). Side records go to `on_rejects`
+    and `on_drops` (ledger rows) as they arrive, the trailer to `on_end`."""
     peek = getattr(src, "peek", None)
     if peek is not None and not peek(1):
         raise TruncatedStreamError(
@@ -98,9 +118,9 @@ def read_stream(
                     f"input stream broke off after {rows} rows: {e}"
                 ) from None
             custom = dict(custom or {})
-            if REJECTS_KEY in custom:
-                on_rejects(_rejects_from_json(custom[REJECTS_KEY]))
-            elif END_KEY in custom:
+            if _side_record(custom, on_rejects, on_drops):
+                continue
+            if END_KEY in custom:
                 trailer = json.loads(custom[END_KEY])
                 if trailer["rows"] != rows:
                     raise TruncatedStreamError(
@@ -118,6 +138,22 @@ def read_stream(
             )
 
     return schema, batches(), upstream
+
+
+def _side_record(custom: dict, on_rejects, on_drops) -> bool:
+    """Hand a side record (reject or ledger rows) to its callback; False for another batch."""
+    if REJECTS_KEY in custom:
+        on_rejects(_rejects_from_json(custom[REJECTS_KEY]))
+    elif DROPS_KEY in custom:
+        if on_drops is not None:
+            on_drops(_drops_from_ipc(custom[DROPS_KEY]))
+    else:
+        return False
+    return True
+
+
+def _drops_from_ipc(payload: bytes) -> pa.RecordBatch:
+    return pa.ipc.open_stream(base64.b64decode(payload)).read_next_batch()
 
 
 def _rejects_from_json(payload: bytes) -> pa.RecordBatch:

@@ -1,8 +1,8 @@
 """Envelopes: one input batch on its way through the Ray pipeline, with its row accounting.
 
-Each travels as one Arrow row (ENVELOPE): the batch and the reject rows so far as Arrow IPC
-bytes, the dropped, generated and noted counts, its input offset, and a pickled mmtools
-error when a step refused the batch.
+Each travels as one Arrow row (ENVELOPE): the batch, the reject rows and the drop ledger
+rows so far as Arrow IPC bytes, the dropped, generated and noted counts, its input offset,
+and a pickled mmtools error when a step refused the batch.
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ ENVELOPE = pa.schema(
         pa.field("rows", pa.int64()),  # input rows in this batch
         pa.field("data", pa.large_binary()),  # the batch, Arrow IPC stream
         pa.field("rejects", pa.large_binary()),  # reject rows so far, Arrow IPC stream
+        pa.field("drops", pa.large_binary()),  # drop ledger rows so far, Arrow IPC stream
         pa.field("dropped", pa.string()),  # JSON {rule: count}
         pa.field("generated", pa.int64()),
         pa.field("notes", pa.string()),  # JSON {counter: n}
         pa.field("error", pa.large_binary()),  # a pickled mmtools error, not to be retried
     ]
 )
-BINARY = ("data", "rejects", "error")
+BINARY = ("data", "rejects", "drops", "error")
 JSON = ("dropped", "notes")
 
 
@@ -39,6 +40,7 @@ class Envelope:
     rows: int
     data: pa.Buffer | bytes
     rejects: pa.Buffer | bytes | None = None
+    drops: pa.Buffer | bytes | None = None
     dropped: dict[str, int] = field(default_factory=dict)
     generated: int = 0
     notes: dict[str, int] = field(default_factory=dict)
@@ -54,11 +56,17 @@ class Envelope:
             [] if self.rejects is None else pa.ipc.open_stream(self.rejects).read_all().to_batches()
         )
 
+    def drop_rows(self) -> list[pa.RecordBatch]:
+        """The drop ledger rows so far."""
+        return [] if self.drops is None else pa.ipc.open_stream(self.drops).read_all().to_batches()
+
     def add(self, res: Result) -> None:
         """Take the result of one more step."""
         self.data = ipc([res.batch], res.batch.schema)
         if res.rejected:
             self.rejects = ipc([*self.reject_rows(), res.rejects], C.REJECT_SCHEMA)
+        if res.ledger_rows:
+            self.drops = ipc([*self.drop_rows(), res.drops], C.LEDGER_SCHEMA)
         add_counts(self.dropped, res.dropped)
         add_counts(self.notes, res.notes)
         self.generated += res.generated

@@ -2,8 +2,8 @@
 
 The driver keeps the source (resume offset) and the sink (shards, rejects, manifest, lock):
 the run lifecycle is the one of every engine. Each input batch travels through Ray as one
-*envelope* row: the batch as Arrow IPC bytes, the reject rows so far, the dropped and
-generated counts and its input offset. Every step is one `map_batches` stage over
+*envelope* row: the batch as Arrow IPC bytes, the reject and drop ledger rows so far, the
+dropped and generated counts and its input offset. Every step is one `map_batches` stage over
 envelopes: Ray tasks for a plain step, an actor pool for a step that loads something in
 `setup()` (a model), so the model loads once per actor. The driver takes the envelopes back
 in input order (`preserve_order`) as one result per input batch.
@@ -39,7 +39,7 @@ from mmtools.engines.ray.envelope import Envelope, pack, unpack, wrap
 from mmtools.errors import MmtoolsError, PartialError, TemporaryError, require_module
 from mmtools.io.fs import is_remote
 from mmtools.io.protocols import Source
-from mmtools.step import POSITION, GlobalStep, Result, Step
+from mmtools.step import POSITION, GlobalStep, Result, Step, concat_rows
 
 __all__ = ["ENV_ADDRESS", "RETRIES", "RayExecutor", "RayOptions"]
 
@@ -76,7 +76,7 @@ def _process(fn: _StepFn, table: pa.Table) -> pa.Table:
             env.error = blob
         return pack(envelopes)
     for env, batch, res in zip(live, batches, results, strict=True):
-        res.check(batch.num_rows, step.name)
+        res.check(batch.num_rows, step.name, step.ledger)
         env.add(res)
     return pack(envelopes)
 
@@ -306,9 +306,8 @@ def _results(ds, start: int) -> Iterator[tuple[int, Result]]:
         if env.error is not None:
             raise pickle.loads(env.error)
         expected += env.rows
-        rejects = env.reject_rows()
-        merged = pa.concat_batches(rejects) if rejects else None
-        yield env.rows, Result(env.batch(), merged, env.dropped, env.generated, env.notes)
+        rejects, drops = concat_rows(*env.reject_rows()), concat_rows(*env.drop_rows())
+        yield env.rows, Result(env.batch(), rejects, env.dropped, env.generated, env.notes, drops)
 
 
 class _KeysFn:

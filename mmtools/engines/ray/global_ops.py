@@ -32,7 +32,11 @@ def decide(ray, step: GlobalStep, keys) -> bool:
         n = keys.count()
         if (rate := method.sample_rate()) is not None:
             method.fit(sample(keys, method, rate))
-        method.set_groups(n, *bucket_groups(ray, method, keys, n))
+        positions, labels = bucket_groups(ray, method, keys, n)
+        method.set_groups(n, positions, labels)
+        columns = list(method.member_columns())
+        if columns and len(positions):
+            method.set_members(members(keys, columns, positions))
         step.finish_scan()
         return True
     return False
@@ -93,6 +97,20 @@ def bucket_groups(ray, method: Bucketed, keys, n: int) -> tuple[np.ndarray, np.n
     i = np.concatenate([t["i"].to_numpy() for t in found]) if found else np.empty(0, np.int64)
     j = np.concatenate([t["j"].to_numpy() for t in found]) if found else np.empty(0, np.int64)
     return position_components(i, j)
+
+
+def members(keys, columns: list[str], positions: np.ndarray) -> pa.Table:
+    """The `columns` of the key rows at `positions` (with their POSITION), picked on the
+    workers: only the rows in groups come to the driver."""
+    import pyarrow.compute as pc
+
+    wanted = pa.array(positions, pa.int64())
+
+    def pick(rows: pa.Table) -> pa.Table:
+        return rows.filter(pc.is_in(rows[POSITION], value_set=wanted))
+
+    picked = keys.select_columns([*columns, POSITION]).map_batches(pick, batch_format="pyarrow")
+    return pa.concat_tables(list(blocks(picked)))
 
 
 def shuffle_with_tasks(ds):

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mmtools.errors import UsageError
-from mmtools.step import BUCKET
+from mmtools.step import BUCKET, POSITION
 
 KEEP_MODES = ("first", "highest", "lowest")
 
@@ -141,6 +141,32 @@ class BucketGrouped:
         """The labels of `active` rows set by `set_groups`, or None."""
         return None if self._groups is None else self._groups[active]
 
+    # -- how close a duplicate is to the row kept instead (the ledger, --mark) ---------------
+
+    values_wanted: bool = False  # set by `Dedup`: `values` will be asked for
+    _members: pa.Table | None = None
+
+    def values(self, dropped: np.ndarray, kept: np.ndarray) -> np.ndarray:
+        """How close each dropped row is to the row kept instead (input positions): a
+        distance or a similarity, as the method measures it; NaN where it measures none."""
+        return np.full(len(dropped), np.nan)
+
+    def member_columns(self) -> tuple[str, ...]:
+        """Key columns `values` needs of the rows in groups, when a groupby on buckets found
+        the groups (its keys then are not here): the engine hands them to `set_members`."""
+        return ()
+
+    def set_members(self, rows: pa.Table) -> None:
+        """The `member_columns` of the rows in groups, each with its POSITION."""
+        self._members = rows.sort_by(POSITION)
+
+    def member_keys(self, column: str, positions: np.ndarray) -> pa.Array | None:
+        """`column` of the rows in groups at `positions` (from `set_members`), or None."""
+        if self._members is None:
+            return None
+        at = np.searchsorted(self._members[POSITION].to_numpy(), positions)
+        return self._members[column].combine_chunks().take(pa.array(at, pa.int64()))
+
 
 def mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64's mixing of uint64 values: well-spread hashes, the same on every machine."""
@@ -181,6 +207,7 @@ class Grouping:
     members: np.ndarray  # rows in a group of two or more
     keepers: np.ndarray  # the row kept from each member's group
     groups: int  # number of groups of two or more
+    keeper: np.ndarray  # per row: the row kept from its group (-1 for a row in none)
 
 
 def keep_best(labels: np.ndarray, prio: np.ndarray) -> Grouping:
@@ -195,7 +222,9 @@ def keep_best(labels: np.ndarray, prio: np.ndarray) -> Grouping:
     drop = np.zeros(len(labels), dtype=bool)
     drop[order[~start]] = True
     keepers = order[start][run]
-    return Grouping(drop, order[grouped], keepers[grouped], int((size > 1).sum()))
+    keeper = np.full(len(labels), -1, dtype=np.int64)
+    keeper[order] = keepers
+    return Grouping(drop, order[grouped], keepers[grouped], int((size > 1).sum()), keeper)
 
 
 def cluster_ids(n: int, members: np.ndarray, keepers: np.ndarray) -> np.ndarray:

@@ -193,6 +193,30 @@ class MinHashText(BucketGrouped):
         )
         return np.where(codes >= 0, per_text[np.maximum(codes, 0)], -1)
 
+    def values(self, dropped: np.ndarray, kept: np.ndarray) -> np.ndarray:
+        """The Jaccard similarity of each dropped row's caption shingles to its kept row's."""
+        a, b = self._captions(dropped), self._captions(kept)
+        if a is None:
+            return np.full(len(dropped), np.nan)
+        size = self.shingle
+        return np.array(
+            [
+                1.0 if x == y else jaccard(shingles(x, size), shingles(y, size))
+                for x, y in zip(a.to_pylist(), b.to_pylist(), strict=True)
+            ],
+            np.float64,
+        )
+
+    def _captions(self, positions: np.ndarray) -> pa.Array | None:
+        if self._texts:
+            texts = pa.chunked_array(self._texts, pa.string())
+            return texts.take(pa.array(positions, pa.int64())).combine_chunks()
+        return self.member_keys(KEY, positions)
+
+    def member_columns(self) -> tuple[str, ...]:
+        """The captions, when similarities are wanted."""
+        return (KEY,) if self.values_wanted else ()
+
     def release(self) -> None:
         """Drop the captions."""
-        self._texts, self._groups = [], None
+        self._texts, self._groups, self._members = [], None, None

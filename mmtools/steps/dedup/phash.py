@@ -162,7 +162,8 @@ class PHash(BucketGrouped):
         """Group label per active row: components of the within-radius graph."""
         if (preset := self.preset(active)) is not None:
             return preset
-        hashes = np.concatenate(self._hashes)[active] if self._hashes else np.empty(0, np.uint64)
+        self._hashes = [np.concatenate(self._hashes)] if self._hashes else []
+        hashes = self._hashes[0][active] if self._hashes else np.empty(0, np.uint64)
         uniq, inverse = np.unique(hashes, return_inverse=True)
         # Equal hashes share a label through `inverse`; the index only sees distinct ones.
         i, j = near_pairs(uniq, self.max_distance)
@@ -173,6 +174,21 @@ class PHash(BucketGrouped):
         )
         return per_hash[inverse]
 
+    def values(self, dropped: np.ndarray, kept: np.ndarray) -> np.ndarray:
+        """The Hamming distance (bits) between each dropped row's pHash and its kept row's."""
+        if self._hashes:
+            a, b = self._hashes[0][dropped], self._hashes[0][kept]
+        elif (found := self.member_keys(KEY, dropped)) is not None:
+            a = found.to_numpy(zero_copy_only=False)
+            b = self.member_keys(KEY, kept).to_numpy(zero_copy_only=False)
+        else:
+            return np.full(len(dropped), np.nan)
+        return popcount(a.astype(np.uint64) ^ b.astype(np.uint64)).astype(np.float64)
+
+    def member_columns(self) -> tuple[str, ...]:
+        """The hashes, when distances are wanted."""
+        return (KEY,) if self.values_wanted else ()
+
     def release(self) -> None:
         """Drop the hashes."""
-        self._hashes, self._groups = [], None
+        self._hashes, self._groups, self._members = [], None, None

@@ -233,6 +233,7 @@ class Semantic(BucketGrouped):
         self.column, self.eps, self.clusters, self.seed = column, eps, clusters, seed
         self.bucket_columns, self.bucket_inputs = (column,), (column, ERROR)
         self.model: KMeans | None = None
+        self._x: np.ndarray | None = None
         self.failures: dict[int, tuple[str, str]] = {}
         self._rows: list[tuple[np.ndarray, np.ndarray | None]] = []
         self._n = 0
@@ -281,6 +282,7 @@ class Semantic(BucketGrouped):
         if (preset := self.preset(active)) is not None:
             return preset
         x = self._unit_rows()
+        self._x = x if self.values_wanted else None
         if len(active) < len(x):
             x = np.ascontiguousarray(x[active])
         k = self.clusters or default_clusters(len(x))
@@ -342,9 +344,25 @@ class Semantic(BucketGrouped):
             found_j.append(pos[a:b][j])
         return np.concatenate(found_i), np.concatenate(found_j)
 
+    def values(self, dropped: np.ndarray, kept: np.ndarray) -> np.ndarray:
+        """The cosine similarity of each dropped row's embedding to its kept row's."""
+        if self._x is not None:
+            a, b = self._x[dropped], self._x[kept]
+        elif (found := self.member_keys(self.column, dropped)) is not None:
+            a = unit_rows(embedding_rows(found, self.dim)[0])[0]
+            b = unit_rows(embedding_rows(self.member_keys(self.column, kept), self.dim)[0])[0]
+        else:
+            return np.full(len(dropped), np.nan)
+        return np.einsum("ij,ij->i", a.astype(np.float64), b.astype(np.float64))
+
+    def member_columns(self) -> tuple[str, ...]:
+        """The embeddings, when similarities are wanted."""
+        return (self.column,) if self.values_wanted else ()
+
     def release(self) -> None:
         """Drop the embeddings and the model."""
         self._rows, self._groups, self.model = [], None, None
+        self._x = self._members = None
 
 
 def _matrix(table: pa.Table) -> np.ndarray:

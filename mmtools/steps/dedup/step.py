@@ -3,6 +3,11 @@
 Pass 1 keeps only keys (ids, the keep-rule column, hashes, captions, embeddings); between
 the passes each method, in the order given, groups the rows the previous methods kept and
 the keep rule picks one row per group; pass 2 streams the rows and drops or marks them.
+
+Each duplicate is tied to the row kept in its place by the method that found it, with how
+close the two are (`DedupMethod.values`: pHash bits apart, caption Jaccard similarity,
+embedding cosine similarity; none for exact keys): in its ledger row when dropped, in the
+dup_method, dup_kept_id and dup_value columns with --mark.
 """
 
 from __future__ import annotations
@@ -16,12 +21,13 @@ import pyarrow.compute as pc
 
 from mmtools import columns as C
 from mmtools.errors import DataContractError, UsageError
-from mmtools.step import GlobalStep, Result, rejects_at
+from mmtools.step import GlobalStep, Result, concat_rows, rejects_at
 from mmtools.steps.dedup.groups import cluster_ids, keep_best, parse_keep, priority
 from mmtools.steps.dedup.method import DedupMethod
 
 METHODS = ("exact", "phash", "minhash", "semantic")
 ALIVE, REJECTED = -1, -2
+MARKS = (C.DUP_CLUSTER, C.IS_DUPLICATE, C.DUP_METHOD, C.DUP_KEPT_ID, C.DUP_VALUE)
 log = logging.getLogger("mmtools")
 
 
@@ -112,19 +118,26 @@ class Dedup(GlobalStep):
         needed = list(self.requires)
         for method in self.methods:
             needed += method.bind(schema)
+            method.values_wanted = self._tied
         self.scan_columns = tuple(dict.fromkeys(needed))
         if not self.config.mark:
             return schema
-        kept = [f for f in schema if f.name not in (C.DUP_CLUSTER, C.IS_DUPLICATE)]
-        extra = [pa.field(C.DUP_CLUSTER, pa.int64()), pa.field(C.IS_DUPLICATE, pa.bool_())]
+        kept = [f for f in schema if f.name not in MARKS]
+        types = (pa.int64(), pa.bool_(), pa.string(), pa.string(), pa.float64())
+        extra = [pa.field(name, t) for name, t in zip(MARKS, types, strict=True)]
         return pa.schema(kept + extra, metadata=schema.metadata)
+
+    @property
+    def _tied(self) -> bool:
+        """Whether each duplicate's kept row and closeness are wanted (ledger or --mark)."""
+        return self.ledger or self.config.mark
 
     def column_info(self) -> dict:
         """Provenance of the mark columns: the methods and options that made them."""
         if not self.config.mark:
             return {}
         info = {"step": self.name, **self.params()}
-        return {C.DUP_CLUSTER: info, C.IS_DUPLICATE: info}
+        return dict.fromkeys(MARKS, info)
 
     # -- pass 1 ----------------------------------------------------------------------------
 
@@ -153,6 +166,9 @@ class Dedup(GlobalStep):
         self._values = []
         self._state = np.full(n, ALIVE, dtype=np.int8)
         self._rejects: dict[int, tuple[str, str]] = {}
+        # Per row: the row kept instead of a duplicate (-1: none) and how close it is.
+        self._kept = np.full(n if self._tied else 0, -1, dtype=np.int64)
+        self._value = np.full(n if self._tied else 0, np.nan)
         members, keepers = [], []
         for k, method in enumerate(self.methods):
             for pos, why in method.failures.items():
@@ -160,6 +176,10 @@ class Dedup(GlobalStep):
                     self._state[pos], self._rejects[pos] = REJECTED, why
             active = np.flatnonzero(self._state == ALIVE)
             grouping = keep_best(method.labels(active), prio[active])
+            if self._tied:
+                dropped = np.flatnonzero(grouping.drop)
+                at, kept = active[dropped], active[grouping.keeper[dropped]]
+                self._kept[at], self._value[at] = kept, method.values(at, kept)
             method.release()
             self._state[active[grouping.drop]] = k
             members.append(active[grouping.members])
@@ -204,15 +224,36 @@ class Dedup(GlobalStep):
             return Result(self._marked(out, state[keep], start, keep), rejects)
         dropped = {m.name: int((state == k).sum()) for k, m in enumerate(self.methods)}
         out = batch.filter(pa.array(state == ALIVE))
-        return Result(out, rejects, {k: v for k, v in dropped.items() if v})
+        drops = None
+        if self.ledger and out.num_rows < batch.num_rows - len(rejected):
+            kept, value = self._ties(start, batch.num_rows)
+            drops = concat_rows(
+                *(
+                    self.drop_rows(batch, state == k, m.name, value, kept)
+                    for k, m in enumerate(self.methods)
+                )
+            )
+        return Result(out, rejects, {k: v for k, v in dropped.items() if v}, drops=drops)
+
+    def _ties(self, start: int, rows: int) -> tuple[pa.Array, np.ndarray]:
+        """The ids of the rows kept instead of rows [start, start + rows) (null where none)
+        and how close each is to it."""
+        kept = self._kept[start : start + rows]
+        ids = self._ids.take(pa.array(kept, pa.int64(), mask=kept < 0)).cast(pa.string())
+        return ids, self._value[start : start + rows]
 
     def _marked(self, out: pa.RecordBatch, state: np.ndarray, start: int, keep: np.ndarray):
         cluster = self._cluster[start : start + len(keep)][keep]
-        names = [n for n in out.schema.names if n not in (C.DUP_CLUSTER, C.IS_DUPLICATE)]
+        kept, value = self._ties(start, len(keep))
+        names = [n for n in out.schema.names if n not in MARKS]
         cols = [out.column(n) for n in names]
         cols.append(pa.array(cluster, pa.int64(), mask=cluster < 0))
         cols.append(pa.array(state >= 0, pa.bool_()))
-        return pa.RecordBatch.from_arrays(cols, names=[*names, C.DUP_CLUSTER, C.IS_DUPLICATE])
+        methods = pa.array([m.name for m in self.methods], pa.string())
+        cols.append(methods.take(pa.array(state, pa.int64(), mask=state < 0)))
+        cols.append(kept.filter(pa.array(keep)))
+        cols.append(pa.array(value[keep], pa.float64(), from_pandas=True))
+        return pa.RecordBatch.from_arrays(cols, names=[*names, *MARKS])
 
     def _locate(self, ids: pa.Array) -> int:
         """Input position of this batch's first row, checked against the ids of pass 1."""

@@ -127,7 +127,14 @@ class TopFraction(GlobalStep):
             return ~np.isnan(key) | id_ok
         return (key > t) | ((key == t) & id_ok)
 
+    def measure(self, batch: pa.RecordBatch, ledger: bool = True) -> np.ndarray | None:
+        """The key of each row of `batch` for the ledger (NaN: none); None without `ledger`."""
+        return _keys(batch.column(self.config.by)) if ledger else None
+
     def process(self, batch: pa.RecordBatch) -> Result:
         """Keep the rows above the cut."""
         keep = self.keep(batch)
-        return Result(batch.filter(pa.array(keep)), dropped={self.name: int((~keep).sum())})
+        drops = self.drop_rows(batch, ~keep, self.name, self.measure(batch, self.ledger))
+        return Result(
+            batch.filter(pa.array(keep)), dropped={self.name: int((~keep).sum())}, drops=drops
+        )

@@ -5,12 +5,15 @@ first one that fails, in this order: `top_fraction`, `where`, the preset rules, 
 duration rule, then the audio rules that decode the waveform (`silence`, `loudness`), which
 only decode the rows still alive. With `invert`, the rows some rule would drop are written
 and the rows every rule keeps are counted as dropped by `inverted`.
+
+Each dropped row gets a ledger row with the value its rule measured (`Rule.measure`): the
+score or column a threshold reads, the caption's words or characters, the smaller image
+side, the aspect ratio, the silent share of the frames, the loudness; null for a rule that
+measures no number (`english`, an SQL condition on more than one column, `inverted`).
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -19,119 +22,20 @@ import pyarrow as pa
 
 from mmtools import columns as C
 from mmtools.errors import UsageError
-from mmtools.step import GlobalStep, Result, Step, rejects_at
+from mmtools.step import GlobalStep, Result, Step, concat_rows, rejects_at
 from mmtools.steps.filter.rank import TopFraction, TopFractionConfig
+from mmtools.steps.filter.rules import (
+    AudioRule,
+    Rule,
+    build_rules,
+    sql_columns,
+    sql_condition,
+    where_rule,
+)
 
 INVERTED_NOTE = "would_drop_"  # with --invert: rows each rule matched, as summary notes
-ENGLISH = r"(?i)^(en|eng|english)([-_].*)?$"
 FRAME_LENGTH, HOP_LENGTH = 2048, 512
-
-
-# -- rule expressions (polars is imported lazily: `mmtools --help` must stay fast) --------
-
-
-def _col(name: str):
-    import polars as pl
-
-    return pl.col(name)
-
-
-def _min_words(n: int):
-    return _col(C.TEXT).str.count_matches(r"\S+") >= n
-
-
-def _min_chars(n: int):
-    return _col(C.TEXT).str.len_chars() >= n
-
-
-def _min_side(n: int):
-    import polars as pl
-
-    return pl.min_horizontal(_col(C.WIDTH), _col(C.HEIGHT)) >= n
-
-
-def _max_aspect(ratio: float):
-    import polars as pl
-
-    lo = pl.min_horizontal(_col(C.WIDTH), _col(C.HEIGHT)).cast(pl.Float64)
-    hi = pl.max_horizontal(_col(C.WIDTH), _col(C.HEIGHT)).cast(pl.Float64)
-    return (lo > 0) & (hi <= ratio * lo)
-
-
-def _english():
-    return _col(C.LANGUAGE).str.contains(ENGLISH)
-
-
-def _between(column: str, lo: float | None, hi: float | None):
-    import polars as pl
-
-    x = _col(column).cast(pl.Float64)
-    keep = x.is_not_nan()  # NaN passes polars comparisons; a NaN score must not
-    if lo is not None:
-        keep = keep & (x >= lo)
-    if hi is not None:
-        keep = keep & (x <= hi)
-    return keep
-
-
-@dataclass(frozen=True)
-class Rule:
-    """A named keep-condition: `build(*args)` is a polars expression over `columns`."""
-
-    name: str
-    build: Callable
-    args: tuple = ()
-    columns: tuple[str, ...] = ()
-    optional: bool = False  # skipped (not an error) when its columns are missing
-
-    def expr(self):
-        """The polars boolean expression; null counts as failing."""
-        return self.build(*self.args)
-
-
-@dataclass(frozen=True)
-class AudioRule:
-    """A keep-condition on the decoded waveform: silent-frame ratio or overall RMS level."""
-
-    name: str  # "silence" (at most `limit` of the frames below `silence_db`) or "loudness"
-    limit: float
-    silence_db: float = -60.0
-    columns: tuple[str, ...] = (C.AUDIO,)
-    optional: bool = False
-
-    def passes(self, frames_db: np.ndarray, rms_db: float) -> bool:
-        """Whether a clip with these levels (dBFS) passes."""
-        if self.name == "silence":
-            return float(np.mean(frames_db < self.silence_db)) <= self.limit
-        return rms_db >= self.limit
-
-
-_ENGLISH_RULE = Rule("english", _english, (), (C.LANGUAGE,), optional=True)
-
-# DataComp "basic": the baseline's own script (mlfoundations/datacomp, baselines/apply_filter.py)
-# keeps > 2 words and > 5 characters, English (fastText), smaller side >= 200 px, aspect <= 3.
-# LAION-400M/5B: alt-text of >= 5 characters, images of >= 5 KB, CLIP ViT-B/32 score >= 0.28
-# (the LAION-2B-en threshold; DataComp's "laion" baseline adds English detection).
-PRESETS: dict[str, list[Rule | AudioRule]] = {
-    "datacomp-basic": [
-        Rule("min_words", _min_words, (3,), (C.TEXT,)),
-        Rule("min_chars", _min_chars, (6,), (C.TEXT,)),
-        Rule("min_side", _min_side, (200,), (C.WIDTH, C.HEIGHT)),
-        Rule("max_aspect", _max_aspect, (3.0,), (C.WIDTH, C.HEIGHT)),
-        _ENGLISH_RULE,
-    ],
-    "laion": [
-        Rule("clip_score", _between, (C.CLIP_SCORE, 0.28, None), (C.CLIP_SCORE,)),
-        Rule("min_chars", _min_chars, (5,), (C.TEXT,)),
-        Rule("min_bytes", _between, (C.IMAGE_NBYTES, 5000, None), (C.IMAGE_NBYTES,), True),
-        _ENGLISH_RULE,
-    ],
-    "audio-basic": [
-        Rule("duration", _between, (C.DURATION, 1.0, None), (C.DURATION,)),
-        AudioRule("silence", 0.5),
-        AudioRule("loudness", -50.0),
-    ],
-}
+__all__ = ["Filter", "FilterConfig", "RankedFilter", "make_filter", "sql_columns"]
 
 
 @dataclass
@@ -151,77 +55,6 @@ class FilterConfig:
     invert: bool = False
 
 
-def build_rules(config: FilterConfig) -> list[Rule | AudioRule]:
-    """The expression and audio rules of `config`, in the order they are counted."""
-    rules: list = []
-    if config.where is not None:
-        rules.append(Rule("where", _sql, (config.where,)))
-    for name in config.presets:
-        if name not in PRESETS:
-            raise UsageError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-        rules += PRESETS[name]
-    if config.min_duration is not None or config.max_duration is not None:
-        rules.append(
-            Rule(
-                "duration",
-                _between,
-                (C.DURATION, config.min_duration, config.max_duration),
-                (C.DURATION,),
-            )
-        )
-    if config.max_silence is not None:
-        rules.append(AudioRule("silence", config.max_silence, config.silence_db))
-    if config.min_loudness is not None:
-        rules.append(AudioRule("loudness", config.min_loudness))
-    return sorted(rules, key=lambda r: isinstance(r, AudioRule))
-
-
-# -- SQL -----------------------------------------------------------------------------------
-
-
-def _sql(expression: str):
-    import polars as pl
-
-    return pl.sql_expr(expression)
-
-
-def sql_columns(expression: str, schema: pa.Schema) -> list[str]:
-    """Columns an SQL expression reads; a usage error for a bad one, checked on `schema`."""
-    import polars as pl
-
-    where = f"--where {expression!r}"
-    available = f"the input has columns {', '.join(schema.names)}"
-    try:
-        expr = pl.sql_expr(expression)
-    except pl.exceptions.PolarsError:
-        raise UsageError(f"{where} is not valid SQL: {_parse_error(expression)}") from None
-    names = list(dict.fromkeys(expr.meta.root_names()))
-    if unknown := [n for n in names if n not in schema.names]:
-        raise UsageError(f"{where}: unknown column {', '.join(unknown)}; {available}") from None
-    try:
-        frame = pl.from_arrow(schema.empty_table().select(names))
-        dtype = frame.select(expr).dtypes[0] if names else pl.select(expr).dtypes[0]
-    except pl.exceptions.PolarsError as e:
-        raise UsageError(f"{where}: {str(e).splitlines()[0]}; {available}") from None
-    if dtype != pl.Boolean:
-        raise UsageError(f"{where} must be a condition (true or false); it gives {dtype}")
-    return names
-
-
-def _parse_error(expression: str) -> str:
-    """The parser's message for `expression`, with the column counted within it."""
-    import polars as pl
-
-    prefix = "SELECT * FROM t WHERE "
-    try:
-        pl.SQLContext(t=pl.DataFrame()).execute(prefix + expression, eager=True)
-    except pl.exceptions.PolarsError as e:
-        msg = str(e).splitlines()[0].removeprefix("sql parser error: ")
-        at = r"(Line: \d+, )?Column: (\d+)"
-        return re.sub(at, lambda m: f"column {int(m[2]) - len(prefix)}", msg)
-    return "cannot parse it as an expression"
-
-
 # -- the global top fraction ----------------------------------------------------------------
 
 
@@ -233,12 +66,16 @@ class _Verdict:
     alive: np.ndarray
     dropped: dict[str, int] = field(default_factory=dict)
     rejects: list[tuple[int, str, str]] = field(default_factory=list)
+    # With the ledger on: (rule, rows it dropped, the values it measured or None) per rule.
+    drops: list[tuple[str, np.ndarray, np.ndarray | None]] | None = None
 
-    def fail(self, name: str, keep: np.ndarray) -> None:
+    def fail(self, name: str, keep: np.ndarray, value: np.ndarray | None = None) -> None:
         lost = self.alive & ~keep
         if lost.any():
             self.dropped[name] = self.dropped.get(name, 0) + int(lost.sum())
             self.alive &= keep
+            if self.drops is not None:
+                self.drops.append((name, lost, value))
 
 
 class Filter(Step):
@@ -269,8 +106,8 @@ class Filter(Step):
     def _plan(self, schema: pa.Schema) -> list:
         active = []
         for rule in self.rules:
-            if isinstance(rule, Rule) and rule.build is _sql:
-                rule = Rule("where", _sql, rule.args, tuple(sql_columns(rule.args[0], schema)))
+            if isinstance(rule, Rule) and rule.build is sql_condition:
+                rule = where_rule(rule.args[0], schema)
             if rule.optional and not set(rule.columns) <= set(schema.names):
                 continue
             C.require(schema, rule.columns, f"filter rule {rule.name}")
@@ -291,25 +128,31 @@ class Filter(Step):
         """Apply the rules to one batch."""
         if self._active is None:
             self._active = self._plan(batch.schema)
-        v = _Verdict(np.ones(batch.num_rows, bool))
+        v = _Verdict(np.ones(batch.num_rows, bool), drops=[] if self.ledger else None)
         if self.top is not None:
-            v.fail(self.top.name, self.top.keep(batch))
+            v.fail(self.top.name, self.top.keep(batch), self.top.measure(batch, self.ledger))
         exprs = [r for r in self._active if isinstance(r, Rule)]
-        for rule, keep in zip(exprs, self._evaluate(batch, exprs), strict=True):
-            v.fail(rule.name, keep)
+        for rule, (keep, value) in zip(exprs, self._evaluate(batch, exprs), strict=True):
+            v.fail(rule.name, keep, value)
         audio = [r for r in self._active if isinstance(r, AudioRule)]
         if audio and v.alive.any():
             self._audio(batch, audio, v)
         return self._result(batch, v)
 
-    def _evaluate(self, batch: pa.RecordBatch, rules: list[Rule]) -> list[np.ndarray]:
-        """Every expression rule in one polars pass over only the columns they read."""
+    def _evaluate(
+        self, batch: pa.RecordBatch, rules: list[Rule]
+    ) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """Every expression rule in one polars pass over only the columns they read: whether
+        each row passes, and (with the ledger on) the value the rule measured."""
         import polars as pl
 
         if not rules:
             return []
         if self._exprs is None:
             self._exprs = [r.expr().fill_null(False).alias(f"r{i}") for i, r in enumerate(rules)]
+            measured = [i for i, r in enumerate(rules) if r.measure is not None and self.ledger]
+            measures = [rules[i].measure().cast(pl.Float64).alias(f"m{i}") for i in measured]
+            self._measured, self._exprs = measured, self._exprs + measures
         names = list(dict.fromkeys(c for r in rules for c in r.columns))
         try:
             frame = pl.from_arrow(batch.select(names)).fill_nan(None) if names else pl.DataFrame()
@@ -318,10 +161,14 @@ class Filter(Step):
             msg = str(e).splitlines()[0]
             raise UsageError(f"a filter rule failed on the data: {msg}") from None
         n = batch.num_rows
-        return [
+        cols = [
             np.broadcast_to(s.to_numpy(), n) if s.len() == 1 and n != 1 else s.to_numpy()
             for s in out.get_columns()
         ]
+        values: list[np.ndarray | None] = [None] * len(rules)
+        for i, col in zip(self._measured, cols[len(rules) :], strict=True):
+            values[i] = col
+        return list(zip(cols[: len(rules)], values, strict=True))
 
     def _audio(self, batch: pa.RecordBatch, rules: list[AudioRule], v: _Verdict) -> None:
         """Decode the live rows' audio once and apply every audio rule."""
@@ -331,9 +178,11 @@ class Filter(Step):
         levels = list(self._pool.map(_levels, cells(batch.column(C.AUDIO).take(pa.array(rows)))))
         for rule in rules:
             keep = np.ones(batch.num_rows, bool)
+            value = np.full(batch.num_rows, np.nan)
             for i, level in zip(rows, levels, strict=True):
-                keep[i] = not isinstance(level, tuple) or rule.passes(*level)
-            v.fail(rule.name, keep)
+                if isinstance(level, tuple):
+                    keep[i], value[i] = rule.passes(*level), rule.value(*level)
+            v.fail(rule.name, keep, value)
         for i, level in zip(rows, levels, strict=True):
             if isinstance(level, Exception) and v.alive[i]:
                 v.rejects.append((i, getattr(level, "reason", "corrupt"), str(level)))
@@ -347,12 +196,21 @@ class Filter(Step):
         rejected = np.zeros(batch.num_rows, bool)
         rejected[[i for i, _, _ in v.rejects]] = True
         if not self.config.invert:
-            return Result(batch.filter(pa.array(v.alive)), rejects, v.dropped)
+            drops = [
+                self.drop_rows(batch, lost, rule, value) for rule, lost, value in v.drops or ()
+            ]
+            return Result(
+                batch.filter(pa.array(v.alive)), rejects, v.dropped, drops=concat_rows(*drops)
+            )
         out = ~v.alive & ~rejected
         kept = int(v.alive.sum())
         notes = {f"{INVERTED_NOTE}{name}": n for name, n in v.dropped.items()}
         return Result(
-            batch.filter(pa.array(out)), rejects, {"inverted": kept} if kept else {}, notes=notes
+            batch.filter(pa.array(out)),
+            rejects,
+            {"inverted": kept} if kept else {},
+            notes=notes,
+            drops=self.drop_rows(batch, v.alive, "inverted"),
         )
 
 

@@ -87,6 +87,7 @@ class ListingSource:
         self.skipped = skipped_counts(skipped)
         self.upstream: list[dict] = []
         self.on_rejects = lambda rejects: None
+        self.on_drops = lambda drops: None
         self.total_rows = self.table.num_rows
         self._digest = listing_digest(self.table, inputs)
         self._inputs = [os.path.abspath(p) for p in inputs]

@@ -227,14 +227,15 @@ class Mixup(GlobalStep):
         for k, reason, detail in failed:  # first parents that could not be decoded
             rejected[rows[k]] = True
             rejects.append((ids[int(rows[k])].as_py(), reason, detail))
-        out, dropped = [made], {}
+        out, dropped, drops = [made], {}, None
         if self.config.keep_originals:
             out.insert(0, self._originals(batch.filter(pa.array(~rejected))))
         elif (~rejected).any():
             dropped[DROPPED_RULE] = int((~rejected).sum())
+            drops = self.drop_rows(batch, ~rejected, DROPPED_RULE)
         rej = reject_batch(self.name, *zip(*rejects, strict=True)) if rejects else None
         notes = {"pairs_skipped": self.skipped - skipped}  # a parent was rejected
-        return Result(pa.concat_batches(out), rej, dropped, made.num_rows, notes)
+        return Result(pa.concat_batches(out), rej, dropped, made.num_rows, notes, drops)
 
     def _pairs_here(self, ids: pa.Array, rejected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Rows of this batch that are first parents of a pair to make, and those pairs."""
