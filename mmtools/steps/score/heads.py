@@ -157,7 +157,7 @@ class HeadScore(Step):
         for name, path in self.config.heads:
             head = H.load(path)
             column = head.input or self.media_column
-            dim = _embedding_dim(schema, column, name)
+            dim = _embedding_dim(schema, column, f"head {name}")
             head.check(column, dim, info.get(column), name, self.config.force)
             self._inputs[name] = column
             self._info[name] = _provenance(info.get(column), column) | {
@@ -206,7 +206,7 @@ class HeadScore(Step):
         """Load the heads and embed the queries (once per worker)."""
         from mmtools.models.device import resolve_device
 
-        if self._fns:
+        if self._device is not None:
             return
         self._device = resolve_device(self.config.embed.device)
         fns = {}
@@ -320,7 +320,7 @@ def _provenance(info: dict | None, column: str) -> dict:
 def _embedding_dim(schema: pa.Schema, column: str, what: str) -> int:
     if column not in schema.names:
         raise DataContractError(
-            f"{what} need(s) column {column}; the input has {', '.join(schema.names)}"
+            f"{what} needs column {column}; the input has {', '.join(schema.names)}"
         )
     t = schema.field(column).type
     if not pa.types.is_fixed_size_list(t) or not pa.types.is_floating(t.value_type):
