@@ -32,6 +32,7 @@ COMMANDS = (
     "ingest",
     "embed",
     "score",
+    "train_head",
     "filter",
     "dedup",
     "rewrite",

@@ -20,6 +20,7 @@ from mmtools import models
 from mmtools.errors import DataContractError, UsageError
 from mmtools.step import Result, Step, rejects_at
 from mmtools.steps.embed import ClapEmbed, ClipEmbed, EmbedConfig
+from mmtools.steps.score.heads import HeadScore, HeadScoreConfig
 
 log = logging.getLogger("mmtools")
 
@@ -148,32 +149,43 @@ def _reasons(col_a, ok_a, col_b, ok_b, names) -> list:
     return out
 
 
-def score_steps(schema: pa.Schema, media: str | None, config: EmbedConfig) -> list:
-    """Embedding steps for what is missing (with the model of what is there), then `Score`."""
+def score_steps(
+    schema: pa.Schema,
+    media: str | None,
+    config: EmbedConfig,
+    probes: HeadScoreConfig | None = None,
+    pair: bool = True,
+) -> list:
+    """Embedding steps for what is missing (with the model of what is there), then `Score`
+    (when `pair` and the input has text, or always without `probes`), then `HeadScore` for
+    the heads and queries of `probes`."""
     names = schema.names
+    probes = probes if probes is not None and probes.columns() else None
     if media is None:
         found = [m for m in SCORES if C.EMBEDDINGS[m] in names or m in names]
         if len(found) != 1:
             what = "both image and audio" if found else "no image or audio (or embedding)"
             raise UsageError(f"the input has {what}; choose with --media image or --media audio")
         media = found[0]
-    missing = [m for m in (media, "text") if C.EMBEDDINGS[m] not in names]
-    if not missing:
-        return [Score(ScoreConfig(media=media))]
-    recorded = (
-        next(
-            (
-                C.column_info(schema).get(C.EMBEDDINGS[m])
-                for m in (media, "text")
-                if m not in missing
-            ),
+    has_text = C.TEXT in names or C.TEXT_EMBEDDING in names
+    if probes is None and not pair:
+        raise UsageError("--no-clip-score leaves nothing to do; add --head or --query")
+    pair = pair and (has_text or probes is None)
+    wanted = [media, "text"] if pair else [media]
+    missing = [m for m in wanted if C.EMBEDDINGS[m] not in names]
+    steps: list = []
+    if missing:
+        recorded = next(
+            (C.column_info(schema).get(C.EMBEDDINGS[m]) for m in wanted if m not in missing),
             None,
         )
-        or {}
-    )
-    config = replace(_default_to(config, media, recorded), modalities=missing)
-    steps = [ClapEmbed(config) if media == "audio" else ClipEmbed(config)]
-    return [*steps, Score(ScoreConfig(media=media))]
+        embed = replace(_default_to(config, media, recorded or {}), modalities=missing)
+        steps.append(ClapEmbed(embed) if media == "audio" else ClipEmbed(embed))
+    if pair:
+        steps.append(Score(ScoreConfig(media=media)))
+    if probes is not None:
+        steps.append(HeadScore(replace(probes, media=media, embed=config)))
+    return steps
 
 
 def _default_to(config: EmbedConfig, media: str, recorded: dict) -> EmbedConfig:
