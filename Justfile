@@ -39,6 +39,10 @@ bench *args:
         exit 1
     fi
 
+# GPU readiness of embed: ViT-B-32 and ViT-L-14, fp16 and bf16, 20k images (a tiny model on CPU).
+bench-gpu *args:
+    {{python}} tests/bench/bench_gpu.py {{args}}
+
 # Long crash/resume soak (200 kills per step kind).
 soak:
     MMTOOLS_SOAK=200 {{python}} -m pytest -q tests/reliability
