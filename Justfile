@@ -47,6 +47,10 @@ mutate *args:
     {{python}} -m mutmut export-cicd-stats
     {{python}} -c "import json; s = json.load(open('mutants/mutmut-cicd-stats.json')); n = s['killed'] + s['survived'] + s.get('timeout', 0) + s.get('suspicious', 0); print(f\"mutants killed: {s['killed']}/{n} ({s['killed'] / max(n, 1):.0%}); survivors: mutmut results\")"
 
+# GPU readiness of embed: ViT-B-32 and ViT-L-14, fp16 and bf16, 20k images (a tiny model on CPU).
+bench-gpu *args:
+    {{python}} tests/bench/bench_gpu.py {{args}}
+
 # Long crash/resume soak (200 kills per step kind).
 soak:
     MMTOOLS_SOAK=200 {{python}} -m pytest -q tests/reliability

@@ -111,6 +111,9 @@ class _HTTPServer(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # TCP_NODELAY, as model servers (uvicorn, llama.cpp) set it: headers and body go out in two
+    # writes, and with Nagle the body waits ~40 ms for the client's delayed ACK.
+    disable_nagle_algorithm = True
     owner: LLMServer
 
     def log_message(self, *args) -> None:

@@ -102,6 +102,22 @@ def test_requests_overlap_up_to_the_concurrency_limit(tmp_path, dataset):
     assert elapsed < 30 * 0.3  # one at a time would take 9 s of latency alone
 
 
+def test_batches_smaller_than_the_concurrency_still_fill_every_connection(tmp_path, echo_prompt):
+    texts = {f"{i:02d}": f"a photo number {i}" for i in range(40)}
+    out = tmp_path / "out"
+    with LLMServer(latency=0.3) as server:
+        rewrite(
+            server,
+            write_rows(tmp_path / "in.parquet", texts),
+            *("-o", out, "--prompt", echo_prompt, "--concurrency", 8, "--batch-size", 2),
+        )
+    # Waiting for each 2-row batch before sending more would hold 4 requests in flight at most.
+    assert server.max_in_flight == 8
+    t = read_dataset(out)
+    assert t[C.ID].to_pylist() == list(texts)  # input order kept
+    assert t[C.TEXT_SYNTHETIC].to_pylist() == [f"{v} (rewritten)" for v in texts.values()]
+
+
 def test_429_with_retry_after_and_500s_are_retried_then_succeed(tmp_path, dataset):
     with LLMServer(rate_limit_first=3, retry_after=1, errors_first=3) as server:
         rewrite(server, dataset, "-o", tmp_path / "out", "--concurrency", 8, "--backoff", 0.05)

@@ -240,12 +240,22 @@ class Rewrite(Step):
         return self._finish(self._start(batch))
 
     def run(self, batches: Iterable[pa.RecordBatch]) -> Iterator[Result]:
-        """Like `process` per batch, with the next batch's requests sent while one finishes."""
+        """Like `process` per batch, in order, with later batches' requests sent meanwhile.
+
+        Batches are started until the rows behind the oldest unfinished one could keep every
+        connection busy twice over (2 x concurrency), so small batches or a slow row at the
+        head do not leave connections idle; a finished batch is yielded at once. Memory stays
+        bounded by that window plus a batch.
+        """
         pending: deque[_Pending] = deque()
+        behind, window = 0, 2 * self.config.concurrency  # rows in pending[1:]
         for batch in batches:
-            pending.append(self._start(batch))
-            if len(pending) > 1:
+            job = self._start(batch)
+            behind += batch.num_rows if pending else 0
+            pending.append(job)
+            while pending and (pending[0].future.done() or behind >= window):
                 yield self._finish(pending.popleft())
+                behind -= pending[0].batch.num_rows if pending else 0
         while pending:
             yield self._finish(pending.popleft())
 
