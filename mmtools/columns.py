@@ -162,8 +162,20 @@ def own_names() -> set[str]:
     return names - reject - {LISTING_PREFIX}
 
 
+def require_named(schema: pa.Schema, columns: list[str] | tuple[str, ...], option: str) -> None:
+    """Raise a usage error (exit 2) when a column the user named in `option` is not in the
+    input: the command line is wrong, not the data."""
+    from mmtools.errors import UsageError
+
+    missing = [c for c in columns if c not in schema.names]
+    if missing:
+        has = ", ".join(schema.names)
+        raise UsageError(f"{option}: unknown column {', '.join(missing)}; the input has {has}")
+
+
 def require(schema: pa.Schema, columns: list[str] | tuple[str, ...], step: str) -> None:
-    """Raise a data-contract error naming the missing columns, if any."""
+    """Raise a data-contract error (exit 3) naming the columns a step needs that the input
+    lacks, if any (a column the user named: `require_named`)."""
     from mmtools.errors import DataContractError
 
     missing = [c for c in columns if c not in schema.names]

@@ -11,6 +11,8 @@
 #   INPUT   a folder of audio clips with .txt captions (or anything `mmtools ingest` reads)
 # Environment: AUDIO_MODEL (default laion/clap-htsat-unfused, or a local directory),
 #   MIN_SCORE (default 0.1), MIN_DURATION (default 1), MMTOOLS (default: mmtools)
+# Rerun on a finished OUTPUT, it changes nothing and exits 0, pipes and pipefail included; a
+# run that rejects every row exits 7 after committing (mmtools' fail-safe).
 set -euo pipefail
 
 if [ $# -lt 2 ]; then

@@ -4,7 +4,11 @@
 # Each new WebDataset tar (or folder) in INBOX becomes one curated dataset under
 # OUTPUT/curated/<name>: ingest | embed | score | filter. mmtools' own resume makes a killed
 # run pick up where it stopped, and its output lock (exit 5) plus the flock below make sure two
-# cron runs never overlap. One log line per run goes to OUTPUT/cron.log.
+# cron runs never overlap. One log line per run goes to OUTPUT/cron.log, naming each shard that
+# failed with the pipeline's exit code (pipefail: the last stage that failed). A shard whose
+# every row was rejected is committed and logged as failed with code 7 (mmtools' fail-safe),
+# once: the next run sees it complete. A stage whose reader leaves exits 0, so a pipeline
+# rerun on a finished shard is a success that writes nothing.
 #
 #   */30 * * * * /path/to/recipes/cron_incremental.sh /data/inbox /data/curated
 #
@@ -28,21 +32,23 @@ if ! flock -n 9; then
     echo "$(date -Is) skipped: the previous run is still going" >>"$output/cron.log"
     exit 0
 fi
-start=$(date +%s) done=0 failed=0
+start=$(date +%s) done=0 failed=0 failures=""
 for shard in "$inbox"/*; do
     name=$(basename "$shard")
     name=${name%.tar}
     target=$output/curated/$name
     [ -f "$target/_manifest.json" ] && continue
-    if $MMTOOLS ingest "$shard" -q \
+    code=0
+    $MMTOOLS ingest "$shard" -q \
         | $MMTOOLS embed --model "$MODEL" ${PRETRAINED:+--pretrained "$PRETRAINED"} -q \
         | $MMTOOLS score -q \
-        | $MMTOOLS filter --where "$WHERE" -o "$target" -q; then
+        | $MMTOOLS filter --where "$WHERE" -o "$target" -q || code=$?
+    if [ "$code" -eq 0 ]; then
         done=$((done + 1))
     else
-        failed=$((failed + 1))
+        failed=$((failed + 1)) failures="$failures $name:$code"
     fi
 done
-echo "$(date -Is) curated $done new shard(s), $failed failed, $(( $(date +%s) - start )) s" \
-    >>"$output/cron.log"
+echo "$(date -Is) curated $done new shard(s), $failed failed${failures:+ (shard:exit$failures)}," \
+    "$(( $(date +%s) - start )) s" >>"$output/cron.log"
 [ "$failed" -eq 0 ]

@@ -21,6 +21,8 @@
 #               model's own weights, e.g. MODEL=mmtools-shapes PRETRAINED= for the offline one)
 #   FRACTION    the fraction kept (default 0.3)
 #   MMTOOLS     the mmtools command line (default: mmtools)
+# Rerun on a finished OUTPUT, it changes nothing and exits 0, pipes and pipefail included; a
+# run that rejects every row exits 7 after committing (mmtools' fail-safe).
 set -euo pipefail
 
 if [ $# -lt 2 ]; then
@@ -34,7 +36,8 @@ MODEL=${MODEL-ViT-B-32}
 PRETRAINED=${PRETRAINED-laion2b_s34b_b79k}
 FRACTION=${FRACTION:-0.3}
 
-if $MMTOOLS info "$input" --json | grep -q '"name": "clip_score"'; then
+schema=$($MMTOOLS info "$input" --json)
+if grep -q '"name": "clip_score"' <<<"$schema"; then
     $MMTOOLS filter "$input" --top-fraction "$FRACTION" --by clip_score -o "$output" "$@"
 else
     $MMTOOLS score "$input" --model "$MODEL" ${PRETRAINED:+--pretrained "$PRETRAINED"} -q \

@@ -19,6 +19,8 @@
 #   PRETRAINED  its checkpoint tag or file (default openai, as LAION used; set it empty to use the
 #               model's own weights, e.g. MODEL=mmtools-shapes PRETRAINED= for the offline one)
 #   MMTOOLS     the mmtools command line (default: mmtools)
+# Rerun on a finished OUTPUT, it changes nothing and exits 0, pipes and pipefail included; a
+# run that rejects every row exits 7 after committing (mmtools' fail-safe).
 set -euo pipefail
 
 if [ $# -lt 2 ]; then
@@ -31,7 +33,8 @@ MMTOOLS=${MMTOOLS:-mmtools}
 MODEL=${MODEL-ViT-B-32}
 PRETRAINED=${PRETRAINED-openai}
 
-if $MMTOOLS info "$input" --json | grep -q '"name": "clip_score"'; then
+schema=$($MMTOOLS info "$input" --json)
+if grep -q '"name": "clip_score"' <<<"$schema"; then
     $MMTOOLS filter "$input" --preset laion -o "$output" "$@"
 else
     $MMTOOLS score "$input" --model "$MODEL" ${PRETRAINED:+--pretrained "$PRETRAINED"} -q \

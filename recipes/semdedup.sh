@@ -12,6 +12,8 @@
 #   INPUT   an mmtools dataset; embedded first unless it has image_embedding
 # Environment: MODEL, PRETRAINED (default ViT-B-32 / laion2b_s34b_b79k; MODEL=mmtools-shapes
 #   PRETRAINED= runs offline), EPS (default 0.05), MMTOOLS (default: mmtools)
+# Rerun on a finished OUTPUT, it changes nothing and exits 0, pipes and pipefail included; a
+# run that rejects every row exits 7 after committing (mmtools' fail-safe).
 set -euo pipefail
 
 if [ $# -lt 2 ]; then

@@ -12,7 +12,7 @@ import pytest
 from conftest import MMTOOLS, mmtools
 
 from mmtools.cli import app
-from mmtools.errors import EXIT_CODES
+from mmtools.errors import EXIT_CODES, exit_code_table
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 COMMANDS = sorted(c.name for c in app.registered_commands)
@@ -45,10 +45,20 @@ def test_every_command_is_in_the_readme(command):
     assert re.search(rf"mmtools {command}\b", text.split(f"### `mmtools {command}`")[1])
 
 
-def test_every_exit_code_is_in_the_readme():
+def test_the_readme_exit_code_table_is_exit_codes():
     text = README.read_text()
-    for code in [*EXIT_CODES, 141]:
-        assert re.search(rf"^\| {code} \|", text, re.M), f"README lacks exit code {code}"
+    section = text.split("## Exit codes", 1)[1]
+    table = "\n".join(line for line in section.splitlines() if line.startswith("|"))
+    assert table == exit_code_table()
+    assert [int(c) for c in re.findall(r"^\| (\d+) \|", table, re.M)] == list(EXIT_CODES)
+
+
+def test_main_help_ends_with_the_exit_code_table():
+    out = mmtools("--help").stdout.decode()
+    listed = out.split("Exit codes:", 1)[1].strip().splitlines()
+    assert [line.split(None, 1) for line in listed] == [
+        [str(code), text] for code, text in EXIT_CODES.items()
+    ]
 
 
 def test_python_dash_m_and_console_script_agree():

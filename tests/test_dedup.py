@@ -391,10 +391,11 @@ def test_dedup_is_idempotent_and_accounts_for_every_row(texts, batch_size, metho
     [
         (["-m", "fuzzy"], 2, "--method must be one of exact, phash, minhash, semantic"),
         (["--keep", "best"], 2, "--keep must be 'first', 'highest:COLUMN' or 'lowest:COLUMN'"),
-        (["--keep", "highest:nope"], 3, "needs column(s) nope"),
+        (["--keep", "highest:nope"], 2, "--keep: unknown column nope; the input has id, text"),
         (["-m", "phash"], 3, "dedup --method phash needs column(s) image"),
         (["-m", "semantic"], 3, "needs column(s) image_embedding"),
         (["-m", "semantic", "--column", "text"], 3, "not an embedding"),
+        (["-m", "semantic", "--column", "nope"], 2, "--column: unknown column nope"),
         (["--exact-key", "pixels"], 2, "--exact-key takes image, audio, text"),
     ],
 )

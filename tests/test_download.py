@@ -381,6 +381,8 @@ def test_ingest_download_options_reach_the_downloader(server, tmp_path):
     assert read_dataset(out).num_rows == 2 and "curator/3" in agents
     small = tmp_path / "small"
     no_opt_outs = ["--disallowed-header-directives", ""]
-    mmtools("ingest", listing, "-o", small, "--max-bytes", len(GOOD) - 1, "-q", *no_opt_outs)
+    # every row fails on purpose: accept it (the fail-safe would exit 7)
+    more = [*no_opt_outs, "--max-reject-rate", "1"]
+    mmtools("ingest", listing, "-o", small, "--max-bytes", len(GOOD) - 1, "-q", *more)
     reasons = pq.read_table(small / "_rejects").column(C.REJECT_REASON).to_pylist()
     assert reasons == ["too_large", "too_large"]

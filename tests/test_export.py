@@ -1,52 +1,191 @@
-"""`mmtools export` writes formats other tools read, and mmtools reads them back."""
+"""`mmtools export` writes formats other tools read, keeping ids, bytes, columns and
+embeddings; `mmtools ingest` reads every format back as the dataset it came from; an export
+commits, resumes and refuses like every other command."""
 
 from __future__ import annotations
 
+import io
 import json
 import tarfile
 
-from conftest import mmtools, read_dataset
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import image_bytes, mmtools, read_dataset
+
+from mmtools import columns as C
+
+N = 12
+DIM = 8
 
 
-def test_webdataset_round_trip(tmp_path, dataset):
+@pytest.fixture
+def rich(tmp_path):
+    """A dataset with awkward ids, every kind of column and two embedding columns."""
+    rng = np.random.default_rng(0)
+    ids = [f"sub/img{i:02d}.jpg" for i in range(N - 3)] + ["a b", "ünï/cødé", "x.y.z"]
+    emb = rng.normal(size=(N, DIM)).astype(np.float16)
+    table = pa.table(
+        {
+            C.ID: ids,
+            C.IMAGE: C.media_array([image_bytes(i) for i in range(N)], [None] * N),
+            C.TEXT: [f"caption {i}" if i != 3 else None for i in range(N)],
+            C.CLIP_SCORE: pa.array(rng.normal(0.3, 0.05, N), pa.float32()),
+            "license": [f"cc-by-{i % 3}" for i in range(N)],
+            "aesthetic": pa.array([float(i) / 7 for i in range(N)], pa.float64()),
+            "nsfw": pa.array([i % 2 == 0 for i in range(N)]),
+            C.IMAGE_EMBEDDING: pa.FixedSizeListArray.from_arrays(
+                pa.array(emb.ravel(), pa.float16()), DIM
+            ),
+            C.TEXT_EMBEDDING: pa.FixedSizeListArray.from_arrays(
+                pa.array(rng.normal(size=N * DIM).astype(np.float32)), DIM
+            ),
+        }
+    )
+    root = tmp_path / "rich"
+    root.mkdir()
+    pq.write_table(table, root / "part-00000.parquet")
+    return root
+
+
+def _same_dataset(back, original) -> None:
+    """`back` holds the rows of `original`: same ids, media bytes, and every column with its
+    type and values (those ingest writes itself are measured again; source names the file)."""
+    a, b = read_dataset(original), read_dataset(back)
+    a_rows = {r[C.ID]: r for r in a.to_pylist()}
+    b_rows = {r[C.ID]: r for r in b.to_pylist()}
+    assert sorted(b_rows) == sorted(a_rows)
+    for name in a.schema.names:
+        if name in (C.ID, C.IMAGE):
+            continue
+        assert b.schema.field(name).type == a.schema.field(name).type, name
+        for i, row in a_rows.items():
+            assert b_rows[i][name] == row[name], (name, i)
+    for i, row in a_rows.items():
+        assert b_rows[i][C.IMAGE]["bytes"] == row[C.IMAGE]["bytes"]
+
+
+def test_webdataset_keys_are_the_ids_and_keep_every_column(tmp_path, rich):
     out = tmp_path / "wds"
-    mmtools("export", dataset, "--format", "webdataset", "-o", out, "--shard-rows", 16)
+    proc = mmtools("export", rich, "-o", out, "--shard-rows", 5)
+    # 12 samples of 5 files (media, caption, metadata, two embeddings), one without a caption,
+    # and 3 tars
+    assert "12 in, 12 out" in proc.stderr.decode() and "files 62" in proc.stderr.decode()
     tars = sorted(out.glob("*.tar"))
-    assert [t.name for t in tars] == ["00000.tar", "00001.tar"]
+    assert [t.name for t in tars] == ["00000.tar", "00001.tar", "00002.tar"]
     with tarfile.open(tars[0]) as tf:
         names = tf.getnames()
-        meta = json.loads(tf.extractfile("000000000.json").read())
-    assert names[:3] == ["000000000.jpg", "000000000.txt", "000000000.json"]
-    assert meta["id"] == read_dataset(dataset).column("id")[0].as_py()
-    back = tmp_path / "back"
-    mmtools("ingest", *tars, "-o", back)
-    a, b = read_dataset(dataset), read_dataset(back)
-    assert a.column("image_sha256").to_pylist() == b.column("image_sha256").to_pylist()
-    assert a.column("text").to_pylist() == b.column("text").to_pylist()
+        meta = json.loads(tf.extractfile("sub%2Fimg00%2Ejpg.json").read())
+        vec = np.load(io.BytesIO(tf.extractfile("sub%2Fimg00%2Ejpg.image_embedding.npy").read()))
+    assert names[:5] == [
+        "sub%2Fimg00%2Ejpg.jpg",
+        "sub%2Fimg00%2Ejpg.txt",
+        "sub%2Fimg00%2Ejpg.json",
+        "sub%2Fimg00%2Ejpg.image_embedding.npy",
+        "sub%2Fimg00%2Ejpg.text_embedding.npy",
+    ]
+    assert meta["id"] == "sub/img00.jpg" and meta["license"] == "cc-by-0"
+    assert meta["nsfw"] is True and C.IMAGE_EMBEDDING not in meta
+    first = read_dataset(rich).column(C.IMAGE_EMBEDDING)[0].as_py()
+    assert vec.dtype == np.float16 and vec.tolist() == first
+    with tarfile.open(tars[2]) as tf:
+        keys = sorted({n.split(".", 1)[0] for n in tf.getnames()})
+    assert keys == ["%C3%BCn%C3%AF%2Fc%C3%B8d%C3%A9", "x%2Ey%2Ez"]  # ünï/cødé, x.y.z
 
 
-def test_jsonl_and_folder(tmp_path, dataset):
-    mmtools("export", dataset, "--format", "jsonl", "-o", tmp_path / "j")
-    rows = [json.loads(line) for line in (tmp_path / "j" / "data.jsonl").read_text().splitlines()]
-    assert len(rows) == 30 and rows[0]["file"] == "media/000000000.jpg"
-    assert (tmp_path / "j" / rows[0]["file"]).read_bytes()[:2] == b"\xff\xd8"
-    assert "image" not in rows[0] and rows[0]["width"] == 48
-    mmtools("export", dataset, "--format", "folder", "-o", tmp_path / "f")
-    back = tmp_path / "back"
-    mmtools("ingest", tmp_path / "f", "-o", back)
-    assert sorted(read_dataset(back).column("text").to_pylist()) == sorted(
-        read_dataset(dataset).column("text").to_pylist()
+@pytest.mark.parametrize("fmt", ["webdataset", "jsonl", "folder"])
+def test_export_then_ingest_gives_back_the_dataset(tmp_path, rich, fmt):
+    out, back = tmp_path / "exported", tmp_path / "back"
+    mmtools("export", rich, "--format", fmt, "-o", out, "--shard-rows", 5, "-q")
+    inputs = {"webdataset": sorted(out.glob("*.tar")), "jsonl": sorted(out.glob("*.jsonl"))}
+    mmtools("ingest", *inputs.get(fmt, [out]), "-o", back, "-q")
+    _same_dataset(back, rich)
+
+
+def test_ingest_id_col_reads_ids_from_a_tar_without_its_export_record(tmp_path, rich):
+    out = tmp_path / "wds"
+    mmtools("export", rich, "-o", out, "-q")
+    (out / "_export.json").unlink()  # tars copied elsewhere: a plain WebDataset
+    plain = tmp_path / "plain"
+    mmtools("ingest", out / "00000.tar", "-o", plain, "-q")
+    rows = read_dataset(plain)
+    assert "00000/a%20b" in rows.column(C.ID).to_pylist()  # tarname/key without --id-col
+    assert sorted(rows.column("listing_id").to_pylist()) == sorted(
+        read_dataset(rich).column(C.ID).to_pylist()
     )
+    keyed = tmp_path / "keyed"
+    mmtools("ingest", out / "00000.tar", "--id-col", "id", "-o", keyed, "-q")
+    assert sorted(read_dataset(keyed).column(C.ID).to_pylist()) == sorted(
+        read_dataset(rich).column(C.ID).to_pylist()
+    )
+    proc = mmtools(
+        "ingest", out / "00000.tar", "--id-col", "idd", "-o", tmp_path / "x", check=False
+    )
+    assert proc.returncode == 2 and "--id-col idd" in proc.stderr.decode()
 
 
-def test_export_refuses_non_empty_output(tmp_path, dataset):
+def test_jsonl_rows_hold_every_column_and_the_media_file(tmp_path, rich):
+    mmtools("export", rich, "--format", "jsonl", "-o", tmp_path / "j", "-q")
+    lines = (tmp_path / "j" / "00000.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert len(rows) == N and rows[0]["file"] == "media/sub%2Fimg00%2Ejpg.jpg"
+    assert (tmp_path / "j" / rows[0]["file"]).read_bytes() == image_bytes(0)
+    assert rows[0]["id"] == "sub/img00.jpg" and C.IMAGE not in rows[0]
+    assert len(rows[0][C.IMAGE_EMBEDDING]) == DIM and rows[3]["text"] is None
+
+
+def test_export_reruns_resume_and_refuse_like_every_command(tmp_path, rich, dataset):
+    out = tmp_path / "o"
+    mmtools("export", rich, "-o", out, "-q")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    again = mmtools("export", rich, "-o", out)
+    assert "is already complete; nothing to do" in again.stderr.decode()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    other = mmtools("export", rich, "-o", out, "--format", "jsonl", check=False)
+    assert other.returncode == 6 and "--overwrite" in other.stderr.decode()
+    mmtools("export", rich, "-o", out, "--format", "jsonl", "--overwrite", "-q")
+    assert sorted(p.name for p in out.iterdir()) == ["00000.jsonl", "_export.json", "media"]
+
+
+def test_export_refuses_a_directory_it_did_not_make(tmp_path, dataset):
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "x").write_text("keep")
     proc = mmtools("export", dataset, "-o", tmp_path / "o", check=False)
     assert proc.returncode == 2 and "--overwrite" in proc.stderr.decode()
+    assert (tmp_path / "o" / "x").read_text() == "keep"
+
+
+def test_export_killed_mid_stream_resumes_to_the_same_tars(tmp_path, dataset):
+    # A stream that breaks off after some shards: they stay committed, the rerun goes on.
+    full = mmtools("filter", dataset, "--where", "true", "-o", "-", "--batch-size", 4, "-q")
+    reader = pa.ipc.open_stream(full.stdout)
+    batches = list(reader)
+    cut = pa.BufferOutputStream()
+    with pa.ipc.new_stream(cut, reader.schema) as w:
+        for b in batches[:4]:
+            w.write_batch(b)
+    broken = cut.getvalue().to_pybytes()[:-8]  # no end-of-stream marker, no trailer
+    out, ref = tmp_path / "o", tmp_path / "ref"
+    proc = mmtools("export", "-", "-o", out, "--shard-rows", 4, input=broken, check=False)
+    assert proc.returncode == 3 and not (out / "_export.json").exists()
+    assert len(list((out / "_progress").glob("*.json"))) >= 2
+    resumed = mmtools("export", "-", "-o", out, "--shard-rows", 4, input=full.stdout)
+    assert "resumed after" in resumed.stderr.decode()
+    mmtools("export", "-", "-o", ref, "--shard-rows", 4, "-q", input=full.stdout)
+    tars = sorted(p.name for p in ref.glob("*.tar"))
+    assert sorted(p.name for p in out.glob("*.tar")) == tars and len(tars) >= 6
+    for name in tars:
+        assert (out / name).read_bytes() == (ref / name).read_bytes()
 
 
 def test_export_from_a_pipe(tmp_path, image_folder):
     stream = mmtools("ingest", image_folder, "-q").stdout
     mmtools("export", "-", "--format", "jsonl", "-o", tmp_path / "j", input=stream)
-    assert len((tmp_path / "j" / "data.jsonl").read_text().splitlines()) == 30
+    assert len((tmp_path / "j" / "00000.jsonl").read_text().splitlines()) == 30
+
+
+def test_export_help_describes_its_own_shards():
+    out = mmtools("export", "--help").stdout.decode()
+    shard = " ".join(out.split("--shard-rows", 1)[1].split("--shard-bytes")[0].split())
+    assert "per .tar (webdataset) or .jsonl file (jsonl)" in shard and "Parquet" not in shard

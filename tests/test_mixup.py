@@ -434,7 +434,7 @@ def test_plan_depends_on_the_rows_not_their_order(n, seed, kind, fraction):
         (["--mode", "video"], 2, "--mode must be one of"),
         (["--pairing", "closest"], 2, "--pairing must be"),
         (["--mode", "audio-text"], 3, "needs column(s) audio"),
-        (["--pairing", "same:nope"], 3, "needs column(s) nope"),
+        (["--pairing", "same:nope"], 2, "--pairing: unknown column nope"),
         (["--pairing", "nearest"], 3, "--pairing nearest needs image_embedding"),
         (["--mode", "embedding"], 3, "needs an embedding column"),
     ],

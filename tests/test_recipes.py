@@ -45,6 +45,13 @@ def test_semdedup_recipe_removes_the_copies(shapes, tmp_path):
     ids = set(read_dataset(tmp_path / "out").column("id").to_pylist())
     assert len(ids) == 32  # 40 rows less the 8 copies, and nothing else
     assert all(f"s{i:03d}.jpg" in ids or f"s{i:03d}_copy.jpg" in ids for i in range(8))
+    # Its embed | dedup pipe runs under pipefail: rerun on the finished output, it exits 0
+    # (the embed stage, whose reader left, included) and writes nothing.
+    manifest = (tmp_path / "out" / "_manifest.json").read_bytes()
+    again = run_recipe("semdedup.sh", shapes / "ds", tmp_path / "out", "--eps", "0.001", **OFFLINE)
+    assert again.returncode == 0, again.stderr.decode()
+    assert "already complete" in again.stderr.decode()
+    assert (tmp_path / "out" / "_manifest.json").read_bytes() == manifest
 
 
 def test_mixgen_recipe_adds_a_quarter_of_mixed_rows(shapes, tmp_path):

@@ -135,8 +135,9 @@ def test_stats_reads_a_stream_on_stdin_and_media_on_request(dataset):
 def test_unknown_column_and_missing_matplotlib_are_one_line_errors(profiled, tmp_path):
     path, _ = profiled
     proc = mmtools("stats", path, "-c", "nope", check=False)
-    assert proc.returncode == 3
-    assert proc.stderr.decode().startswith("mmtools stats: error: stats needs column(s) nope;")
+    assert proc.returncode == 2  # the user named it: a usage error, as for filter --where
+    err = proc.stderr.decode()
+    assert err.startswith("mmtools stats: error: -c/--columns: unknown column nope;")
     fake = tmp_path / "site" / "matplotlib"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise ImportError('not installed')\n")

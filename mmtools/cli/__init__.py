@@ -10,16 +10,24 @@ import typer
 
 from mmtools.errors import EXIT_CODES, DownstreamClosed, MmtoolsError, on_signal
 
-EXIT_PIPE = 141  # 128 + SIGPIPE: the reader downstream closed the pipe (e.g. `| head`)
+# The reader downstream closed the pipe (`| mmtools head`, or a downstream whose output is
+# already complete): not a failure of ours, so a finished pipeline reruns clean under
+# `set -o pipefail`; the pipeline's status is the reader's.
+EXIT_PIPE = DownstreamClosed.exit_code
+
+
+def exit_code_help() -> str:
+    """The exit codes as the table `mmtools --help` ends with (click keeps a \\b block as is)."""
+    return "\b\nExit codes:\n" + "\n".join(f"  {k:>3}  {v}" for k, v in EXIT_CODES.items())
+
 
 app = typer.Typer(
     name="mmtools",
     help="Curate multimodal (image, text, audio) training data with composable steps.\n\n"
     "Example: mmtools ingest photos/ | mmtools head -n 3\n\n"
     "Each command reads a dataset (directory, Parquet file or glob, or an Arrow stream on "
-    "stdin) and writes one (-o DIR, or an Arrow stream on stdout). Exit codes: "
-    + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items())
-    + f"; {EXIT_PIPE} downstream closed the pipe.",
+    "stdin) and writes one (-o DIR, or an Arrow stream on stdout).",
+    epilog=exit_code_help(),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

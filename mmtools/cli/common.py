@@ -7,7 +7,7 @@ import logging
 import sys
 from dataclasses import dataclass
 
-from mmtools.errors import UsageError
+from mmtools.errors import FailSafeError, UsageError, writing
 
 log = logging.getLogger("mmtools")
 
@@ -31,6 +31,8 @@ class Common:
     ray_concurrency: int | None = None
     num_gpus_per_worker: float | None = None
     ledger: bool = True
+    max_reject_rate: float | None = None  # None: only a run that rejects every row trips
+    max_drop_rate: float | None = None  # None: no limit
 
 
 def setup_logging(verbose: bool, quiet: bool) -> None:
@@ -78,9 +80,13 @@ def open_sink(c: Common, argv: list[str], dataset=None):
     )
 
 
-def execute(command: str, source, steps: list, c: Common, dataset=None):
+def execute(command: str, source, steps: list, c: Common, dataset=None, marked=None):
     """Run `steps` from `source` to the output (a dataset directory made by `dataset`, default
-    `DatasetSink`) and print the summary; return it."""
+    `DatasetSink`), print the summary, then hold the run to its fail-safes; return the summary.
+
+    `marked`, where given, says after the run how many rows were marked rather than dropped,
+    by rule (dedup --mark): they count as drops for the warnings and the fail-safe.
+    """
     from mmtools.engines import run
 
     setup_logging(c.verbose, c.quiet)
@@ -91,7 +97,8 @@ def execute(command: str, source, steps: list, c: Common, dataset=None):
     if c.engine == "local" and (given := [k for k, v in ray_only.items() if v is not None]):
         log.warning("%s applies to --engine ray only; ignored", ", ".join(given))
     argv = ["mmtools", *sys.argv[1:]]
-    sink = open_sink(c, argv, dataset)
+    with writing(c.output):
+        sink = open_sink(c, argv, dataset)
     if c.engine == "ray":
         from mmtools.engines.ray.executor import RayExecutor, RayOptions
 
@@ -107,27 +114,104 @@ def execute(command: str, source, steps: list, c: Common, dataset=None):
         executor = LocalExecutor()
     # Batches no larger than a shard, so that shards come out close to --shard-rows.
     batch_size = min(c.batch_size, c.shard_rows)
-    summary, _ = run(
-        command,
-        source,
-        steps,
-        sink,
-        executor=executor,
-        batch_size=batch_size,
-        quiet=c.quiet,
-        argv=argv,
-        ledger=c.ledger,
-    )
-    report(summary, c)
+    with writing(c.output):  # a read-only or vanished output: one line, exit 73
+        summary, _ = run(
+            command,
+            source,
+            steps,
+            sink,
+            executor=executor,
+            batch_size=batch_size,
+            quiet=c.quiet,
+            argv=argv,
+            ledger=c.ledger,
+        )
+    summary.notes.update(getattr(sink, "notes", {}))  # an export's own counts (files)
+    guard = FailSafe(command, summary, c, marked() if marked else None)
+    report(summary, c, {"warnings": guard.warnings} if guard.warnings else None)
+    guard.check()
     return summary
 
 
-def report(summary, c: Common) -> None:
-    """Print the summary: one line, or JSON with --json; nothing with -q."""
+def report(summary, c: Common, extra: dict | None = None) -> None:
+    """Print the summary: one line, or JSON with --json (with `extra` in it); nothing with -q.
+    Warnings (in `extra`) come first, each on its own line, so that the summary stays last."""
+    warnings = (extra or {}).get("warnings", [])
+    if not c.quiet:
+        for w in warnings:
+            print(w, file=sys.stderr)
     if c.json:
-        print(json.dumps(summary.as_dict(), sort_keys=True), file=sys.stderr)
+        print(json.dumps({**summary.as_dict(), **(extra or {})}, sort_keys=True), file=sys.stderr)
     elif not c.quiet:
         print(summary.line(), file=sys.stderr)
+
+
+@dataclass
+class Tally:
+    """Rows a run rejected or dropped: how many, what happened to them, by reason or rule."""
+
+    rows: int
+    what: str
+    why: str
+    option: str
+
+
+class FailSafe:
+    """The checks on a finished run's counts, over the rows this command read as input (rows
+    an upstream command rejected are not its input; a resumed run counts what it read).
+
+    A warning for a run that rejected, or dropped, more than half of them; a `FailSafeError`
+    (exit 7, after the output is committed) for one that rejected every row or more than
+    --max-reject-rate, or dropped more than --max-drop-rate.
+    """
+
+    def __init__(self, command: str, summary, c: Common, marked: dict[str, int] | None = None):
+        self.summary, self.c = summary, c
+        self.rows = 0 if summary.already_complete else summary.rows_in
+        dropped = marked if marked is not None else summary.dropped
+        self.rejects = Tally(
+            summary.rejected, "rejected", _by(summary.reasons), "--max-reject-rate"
+        )
+        verb = "marked as duplicates" if marked is not None else "dropped"
+        self.drops = Tally(sum(dropped.values()), verb, _by(dropped), "--max-drop-rate")
+        self.tripped = self._trip()
+        self.warnings = [
+            f"mmtools {command}: warning: {self.say(t)}"
+            for t in (self.rejects, self.drops)
+            if self.rows and 2 * t.rows > self.rows and t is not self.tripped
+        ]
+
+    def _trip(self) -> Tally | None:
+        if not self.rows:
+            return None
+        limit = self.c.max_reject_rate
+        n = self.rejects.rows
+        if (n >= self.rows) if limit is None else (n > limit * self.rows):
+            return self.rejects
+        limit = self.c.max_drop_rate
+        if limit is not None and self.drops.rows > limit * self.rows:
+            return self.drops
+        return None
+
+    def say(self, t: Tally) -> str:
+        """'21 of 21 input rows (100.0%) were rejected (no_text 21)'."""
+        line = f"{t.rows} of {self.rows} input rows ({t.rows / self.rows:.1%}) were {t.what}"
+        return line + (f" ({t.why})" if t.why else "")
+
+    def check(self) -> None:
+        """Raise FailSafeError (exit 7) when the run tripped a fail-safe."""
+        t = self.tripped
+        if t is None:
+            return
+        where = "" if self.summary.output == "-" else f" to {self.summary.output}"
+        raise FailSafeError(
+            f"{self.say(t)}; the output is committed{where}: check the input and the options, "
+            f"or pass {t.option} 1 to accept such a run"
+        )
+
+
+def _by(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if v)
 
 
 def report_line(text: str, c: Common, as_json: dict | None = None) -> None:

@@ -73,7 +73,8 @@ OPTIONS = O.Bundle(
 )
 
 
-@O.expand(config=OPTIONS, common=O.DATASET)
+# Dropping nearly every row is far more often a bad --eps or model than a real corpus.
+@O.expand(config=OPTIONS, common=O.DATASET.but(max_drop_rate=0.95))
 def dedup(config: DedupConfig, common: Common) -> None:
     """Drop (or mark) duplicate rows: exact, perceptual, near-duplicate caption, semantic.
 
@@ -87,11 +88,18 @@ def dedup(config: DedupConfig, common: Common) -> None:
     group is kept by --keep. Methods run in the order given, each on the rows the previous
     ones kept, as in a pipe. Only keys are held in memory; media are streamed twice.
     Undecodable images (phash) and bad embeddings (semantic) become reject rows.
+    A run that drops (or, with --mark, marks) more than --max-drop-rate of its rows, 0.95
+    by default, exits 7 after committing its output.
     """
     from mmtools.steps.dedup.step import Dedup
 
     step = Dedup(replace(config, methods=tuple(O.split_commas(config.methods))))
-    execute("dedup", open_source(common.inputs), [step], common)
+
+    def marked() -> dict[str, int]:  # with --mark, the rows a plain run would drop
+        return {name: s["duplicates"] for name, s in step.stats.items()}
+
+    source = open_source(common.inputs)
+    execute("dedup", source, [step], common, marked=marked if config.mark else None)
     if step.stats and not common.quiet and not common.json:
         found = ", ".join(
             f"{name} {s['clusters']} ({s['duplicates']} duplicate rows)"

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from mmtools.errors import UsageError
+from mmtools.errors import UsageError, writing
 
 
 def demo(
@@ -39,12 +39,14 @@ def demo(
             "the bundled mmtools-shapes weights are not built; run "
             "python -m mmtools.demo.train (a few minutes on a CPU)"
         )
-    if directory.exists() and any(directory.iterdir()):
+    if directory.is_dir() and any(directory.iterdir()):
         if not overwrite:
             raise UsageError(f"{directory} is not empty; pass --overwrite or another directory")
         shutil.rmtree(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / "demo.log", "wb") as log:
+    with writing(str(directory)):
+        directory.mkdir(parents=True, exist_ok=True)
+        log = open(directory / "demo.log", "wb")  # noqa: SIM115 (closed below)
+    with log:
         cfg = DemoConfig(rows=rows, seed=seed)
         threshold = calibrate_threshold(cfg.mismatch)
         report = run_demo(directory, cfg, threshold, log)

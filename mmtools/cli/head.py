@@ -32,9 +32,9 @@ def head(
     source = open_source(common.inputs)
     wanted = [c.strip() for c in columns.split(",")] if columns else None
     if wanted:
-        from mmtools.columns import require
+        from mmtools.columns import require_named
 
-        require(source.schema, wanted, "head")
+        require_named(source.schema, wanted, "-c/--columns")
     rows = preview_rows(source, n, wanted)
     if json:
         import json as jsonlib

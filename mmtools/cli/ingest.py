@@ -208,6 +208,8 @@ def retry(source, step, common: Common) -> None:
     restrict(source, ids)
     report_line(f"mmtools ingest: retrying {source.total_rows} failed rows", common)
     sink = partial(RetrySink, ids=ids, generation=generation(manifest) + 1)
+    if common.max_reject_rate is None:  # its rows were rejects already: failing again is news,
+        common = replace(common, max_reject_rate=1.0)  # not a disaster (unless asked)
     execute("ingest", source, [step], common, dataset=sink)
 
 

@@ -94,6 +94,28 @@ WaitLock = Annotated[
     bool,
     typer.Option("--wait-lock", help="Wait for another run writing the same output to finish."),
 ]
+MaxRejectRate = Annotated[
+    float | None,
+    typer.Option(
+        "--max-reject-rate",
+        min=0,
+        max=1,
+        help="Exit 7 (after committing the output) when more than this share of the input "
+        "rows is rejected by this command; default: only when every row is (1: never).",
+        show_default=False,
+    ),
+]
+MaxDropRate = Annotated[
+    float | None,
+    typer.Option(
+        "--max-drop-rate",
+        min=0,
+        max=1,
+        help="Exit 7 (after committing the output) when more than this share of the input "
+        "rows is dropped by this command's rules; default: no limit (dedup: 0.95).",
+        show_default=False,
+    ),
+]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed; same seed, same output.")]
 Model = Annotated[
     str,
@@ -232,6 +254,8 @@ DATASET = Bundle(
         "json": Json,
         "wait_lock": WaitLock,
         "ledger": Annotated[bool, typer.Option("--ledger/--no-ledger", help=LEDGER_HELP)],
+        "max_reject_rate": MaxRejectRate,
+        "max_drop_rate": MaxDropRate,
     },
 )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json as jsonlib
+import os
 import sys
 from dataclasses import replace
 from typing import Annotated
@@ -71,7 +72,10 @@ def stats(
     config = replace(config, columns=tuple(O.split_commas(config.columns)) or None)
     report = _profile(common, config, plot)
     if plot:
-        paths = plot_report(report, plot)
+        from mmtools.errors import writing
+
+        with writing(plot):
+            paths = plot_report(report, plot)
         print(f"mmtools stats: wrote {len(paths)} plots to {plot}", file=sys.stderr)
     if json:
         typer.echo(jsonlib.dumps(report, indent=2, sort_keys=True, allow_nan=False, default=str))
@@ -89,6 +93,10 @@ def _profile(common: Common, config: StatsConfig, plot: str | None) -> dict:
         from mmtools.errors import require_module
 
         require_module("matplotlib", "plot")  # fail before the pass, not after it
+        from mmtools.errors import writing
+
+        with writing(plot):
+            os.makedirs(plot, exist_ok=True)
     source = open_source(common.inputs)
     try:
         return profile(source, config, batch_size=common.batch_size)

@@ -9,6 +9,7 @@ DROPPED_DIR = "_dropped"  # the drop ledger: one row per row a step dropped by a
 LOCK_FILE = "_lock"
 CACHE_DIR = "_cache"  # step caches (e.g. rewrite's per-row cache) that outlive a run
 TMP_PREFIX = ".tmp-"
+EXPORT_MANIFEST = "_export.json"  # an export directory's last file (`mmtools export`)
 
 
 def shard_name(index: int) -> str:

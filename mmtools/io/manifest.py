@@ -61,6 +61,20 @@ def versions() -> dict:
     return out
 
 
+def schema_text(schema: pa.Schema) -> str:
+    """A schema as text for a JSON manifest (its Arrow IPC message, base64): types exactly."""
+    import base64
+
+    return base64.b64encode(schema.serialize().to_pybytes()).decode()
+
+
+def schema_from_text(text: str) -> pa.Schema:
+    """The schema `schema_text` wrote."""
+    import base64
+
+    return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(text)))
+
+
 def schema_fields(schema: pa.Schema) -> list[dict]:
     """A readable description of the schema."""
     return [{"name": f.name, "type": str(f.type)} for f in schema]

@@ -196,7 +196,7 @@ def wanted_columns(schema: pa.Schema, columns: tuple[str, ...] | None) -> list[s
     """The columns to read: those asked for, or all but the media bytes."""
     if columns is None:
         return [f.name for f in schema if _kind(f.type) != "media"]
-    C.require(schema, columns, "stats")
+    C.require_named(schema, columns, "-c/--columns")
     return list(dict.fromkeys(columns))
 
 

@@ -240,6 +240,8 @@ class Semantic(BucketGrouped):
 
     def bind(self, schema: pa.Schema) -> list[str]:
         """Check the embedding column; return the columns pass 1 must read."""
+        if self.column != C.IMAGE_EMBEDDING:  # named with --column
+            C.require_named(schema, [self.column], "--column")
         C.require(schema, [self.column], "dedup --method semantic")
         t = schema.field(self.column).type
         if not (pa.types.is_fixed_size_list(t) and pa.types.is_floating(t.value_type)):

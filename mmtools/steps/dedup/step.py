@@ -107,6 +107,8 @@ class Dedup(GlobalStep):
 
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
         """The input schema, plus dup_cluster and is_duplicate with --mark."""
+        if self.keep_column:
+            C.require_named(schema, [self.keep_column], "--keep")
         C.require(schema, self.requires, self.name)
         if self.keep_column and not _orderable(schema.field(self.keep_column).type):
             raise DataContractError(

@@ -20,6 +20,16 @@ import pyarrow as pa
 from mmtools import columns as C
 from mmtools.errors import UsageError
 from mmtools.media import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS
+from mmtools.steps.ingest.metadata import (
+    CAPTION_FIELDS,
+    EXPORT_MANIFEST,
+    INGESTED,
+    conform,
+    export_schema,
+    merged_provenance,
+    restored,
+    sample_columns,
+)
 
 log = logging.getLogger("mmtools")
 
@@ -81,11 +91,11 @@ def build_listing(inputs: list[str], opts: ListingOptions) -> tuple[pa.Table, li
     seen: dict[str, int] = {}  # URL -> times listed so far, for the ids of repeats
     for spec in inputs:
         if os.path.isdir(spec):
-            table, passed = _folder(spec)
+            table, passed = _folder(spec, opts)
             tables.append(table)
             skipped += passed
         elif spec.endswith(".tar"):
-            tables.append(_tar(spec))
+            tables.append(_tar(spec, opts))
         elif os.path.splitext(spec)[1].lower() in LISTING_SUFFIXES:
             tables.append(_listing_file(spec, opts, seen))
         elif os.path.exists(spec):
@@ -98,7 +108,8 @@ def build_listing(inputs: list[str], opts: ListingOptions) -> tuple[pa.Table, li
     if not tables:
         return LISTING_SCHEMA.empty_table(), skipped
     try:  # listings with other extra columns: missing ones are null
-        return pa.concat_tables(tables, promote_options="permissive"), skipped
+        table = pa.concat_tables(tables, promote_options="permissive")
+        return table.replace_schema_metadata(merged_provenance(tables)), skipped
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise UsageError(f"the listings' extra columns do not agree ({e}); --drop-extra") from None
 
@@ -125,10 +136,13 @@ def _rows_to_table(rows: list[tuple]) -> pa.Table:
     )
 
 
-def _folder(root: str) -> tuple[pa.Table, list[str]]:
-    rows, skipped = [], []
+def _folder(root: str, opts: ListingOptions) -> tuple[pa.Table, list[str]]:
+    rows, skipped, metas = [], [], []
+    export = os.path.isfile(os.path.join(root, EXPORT_MANIFEST))
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
+        if export and dirpath == root:  # an export's own bookkeeping is not data
+            dirnames[:] = [d for d in dirnames if not d.startswith("_")]
         names = set(filenames)
         for name in sorted(filenames):
             kind = media_kind(name)
@@ -141,8 +155,14 @@ def _folder(root: str) -> tuple[pa.Table, list[str]]:
             path = os.path.join(dirpath, name)
             stem = os.path.splitext(name)[0]
             sidecar = next((s for s in (stem + ".txt", stem + ".json") if s in names), None)
+            meta = (
+                _json_file(os.path.join(dirpath, stem + ".json"))
+                if stem + ".json" in names
+                else None
+            )
+            metas.append(meta)
             rows.append(
-                (
+                [
                     os.path.relpath(path, root),
                     kind,
                     path,
@@ -150,12 +170,25 @@ def _folder(root: str) -> tuple[pa.Table, list[str]]:
                     os.path.getsize(path),
                     None,
                     os.path.join(dirpath, sidecar) if sidecar else None,
-                )
+                ]
             )
-    return _rows_to_table(rows), skipped
+    return _with_metadata(rows, metas, [None] * len(rows), opts, root), skipped
 
 
-def _tar(path: str) -> pa.Table:
+def _json_file(path: str) -> dict | None:
+    """A sidecar .json's object, or None (a caption file that does not parse is rejected as
+    bad_caption when its caption is read)."""
+    import json
+
+    try:
+        with open(path, "rb") as f:
+            meta = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _tar(path: str, opts: ListingOptions) -> pa.Table:
     import json
 
     groups: dict[str, dict] = {}
@@ -172,18 +205,73 @@ def _tar(path: str) -> pa.Table:
                 g["media"] = (media_kind(base), m.offset_data, m.size)
             elif ext == ".txt":
                 g["caption"] = tf.extractfile(m).read().decode("utf-8", errors="replace")
-            elif ext == ".json" and "caption" not in g:
+            elif ext == ".json":
                 try:
                     meta = json.loads(tf.extractfile(m).read())
-                    g["caption"] = meta.get("caption") if isinstance(meta, dict) else None
                 except ValueError:
-                    pass
-    rows = []
+                    continue
+                g["meta"] = meta if isinstance(meta, dict) else None
+            elif ext.endswith(".npy") and ext.count(".") == 2:  # KEY.COLUMN.npy: a vector
+                g.setdefault("arrays", {})[ext[1:-4]] = _npy(tf.extractfile(m).read())
+    rows, metas, arrays = [], [], []
     for key in sorted(groups):
         g = groups[key]
         kind, offset, size = g.get("media", ("none", None, None))
-        rows.append((f"{stem}/{key}", kind, path, offset, size, g.get("caption"), None))
-    return _rows_to_table(rows)
+        meta = g.get("meta")
+        caption = g.get("caption")
+        if caption is None and meta:
+            caption = next((str(meta[k]) for k in CAPTION_FIELDS if meta.get(k) is not None), None)
+        rows.append([f"{stem}/{key}", kind, path, offset, size, caption, None])
+        metas.append(meta)
+        arrays.append(g.get("arrays"))
+    return _with_metadata(rows, metas, arrays, opts, os.path.dirname(os.path.abspath(path)))
+
+
+def _npy(data: bytes):
+    import io
+
+    import numpy as np
+
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError):
+        return None
+
+
+def _with_metadata(rows, metas, arrays, opts: ListingOptions, directory: str) -> pa.Table:
+    """The listing of a folder's or a tar's samples, with their ids (--id-col, or an export's
+    `id`) and the columns of their metadata kept (unless --drop-extra)."""
+    types = export_schema(directory)
+    id_col = opts.id_col or (C.ID if types is not None else None)
+    if id_col:
+        found = [m.get(id_col) if m else None for m in metas]
+        if opts.id_col and rows and all(v is None for v in found):
+            raise UsageError(
+                f"--id-col {id_col}: no sample's .json under {directory} has it; "
+                "pass the name of a field every sample's .json holds"
+            )
+        missing = sum(v is None for v in found)
+        if missing and opts.id_col:
+            log.warning(
+                "%d samples have no %s in their .json; they keep their own ids", missing, id_col
+            )
+        for row, v in zip(rows, found, strict=True):
+            if v is not None:
+                row[0] = str(v)
+    listing = _rows_to_table([tuple(r) for r in rows])
+    if opts.drop_extra:
+        return listing
+    # An export's copies of what ingest writes itself are written anew, not kept.
+    skip = {
+        *CAPTION_FIELDS,
+        *([id_col] if id_col else []),
+        *(INGESTED if types is not None else ()),
+    }
+    columns = sample_columns(metas, skip) | sample_columns(arrays, skip)
+    names = _output_names(list(columns), directory)
+    for name, out in names.items():
+        listing = listing.append_column(EXTRA + out, conform(name, columns[name], types))
+    return restored(listing, names, types)
 
 
 def _pick(names: list[str], wanted: str | None, candidates: tuple, what: str, path: str) -> str:
@@ -229,7 +317,11 @@ def _listing_file(path: str, opts: ListingOptions, seen: dict[str, int]) -> pa.T
     names = table.column_names
     path_col = _pick(names, opts.path_col, PATH_COLUMNS, "path", path)
     caption_col = _pick(names, opts.caption_col, CAPTION_COLUMNS, "caption", path)
-    id_col = _pick(names, opts.id_col, (), "id", path) if opts.id_col else None
+    types = export_schema(os.path.dirname(os.path.abspath(path)))  # an mmtools export's JSONL
+    if types is not None and not opts.id_col and C.ID in names:
+        id_col = C.ID
+    else:
+        id_col = _pick(names, opts.id_col, (), "id", path) if opts.id_col else None
     base = os.path.dirname(os.path.abspath(path))
     locs = [None if p is None else str(p) for p in table.column(path_col).to_pylist()]
     locs = [
@@ -248,9 +340,13 @@ def _listing_file(path: str, opts: ListingOptions, seen: dict[str, int]) -> pa.T
     if opts.drop_extra:
         return listing
     kept = [c for c in names if c not in (path_col, caption_col, id_col)]
-    for name, out in _output_names(kept, path).items():
-        listing = listing.append_column(EXTRA + out, table.column(name))
-    return listing
+    if types is not None:  # what ingest writes itself is written anew
+        kept = [c for c in kept if c not in INGESTED]
+    names = _output_names(kept, path)
+    for name, out in names.items():
+        column = table.column(name).combine_chunks()
+        listing = listing.append_column(EXTRA + out, conform(name, column, types))
+    return restored(listing, names, types)
 
 
 def _derived_id(location: str | None, row: int, seen: dict[str, int]) -> str:
@@ -264,10 +360,9 @@ def _derived_id(location: str | None, row: int, seen: dict[str, int]) -> str:
 
 
 def _output_names(kept: list[str], path: str) -> dict[str, str]:
-    """Listing column -> output name: its own, or LISTING_PREFIX + it where mmtools already
-    has a column of that name (e.g. width)."""
-    own = C.own_names()
-    out = {n: C.LISTING_PREFIX + n if n in own else n for n in kept}
+    """Listing column -> output name: its own, or LISTING_PREFIX + it where ingest writes a
+    column of that name itself (e.g. width)."""
+    out = {n: C.LISTING_PREFIX + n if n in INGESTED else n for n in kept}
     if len(set(out.values())) < len(out):
         raise UsageError(
             f"{path}: a renamed column would clash ({', '.join(kept)}); rename it or --drop-extra"

@@ -143,6 +143,7 @@ class Ingest(Step):
         self.kinds = kinds
         self.workers = workers
         self._download = config.download()
+        self._restored: dict = {}  # set by output_schema
         self._pool: ThreadPoolExecutor | None = None
 
     def params(self) -> dict:
@@ -170,7 +171,13 @@ class Ingest(Step):
             fields += AUDIO_FIELDS
         fields.append(pa.field(C.TEXT_ENCODING, pa.string()))
         extras = extra_columns(schema)
+        # columns restored from an mmtools export keep the provenance it recorded
+        self._restored = {n: i for n, i in C.column_info(schema).items() if n in extras}
         return pa.schema(fields + [pa.field(n, schema.field(x).type) for n, x in extras.items()])
+
+    def column_info(self) -> dict:
+        """The provenance of the columns restored from an mmtools export (their model)."""
+        return dict(self._restored)
 
     def setup(self) -> None:
         """Start the I/O and decoding threads (Pillow and hashlib release the GIL)."""

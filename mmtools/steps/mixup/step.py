@@ -106,6 +106,8 @@ class Mixup(GlobalStep):
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
         """The input columns, then mixup_parents, mixup_lambda and mixup_mode."""
         C.require(schema, self.requires, self.name)
+        if self.pair_column is not None:  # named in --pairing same:COLUMN / nearest:COLUMN
+            C.require_named(schema, [self.pair_column], "--pairing")
         if self.config.mode == "embedding":
             self.specs = embedding_specs(schema, self.config.columns)
         if self.kind == "nearest" and self.pair_column is None:

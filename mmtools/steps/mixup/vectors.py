@@ -35,6 +35,8 @@ def embedding_specs(schema: pa.Schema, columns: list[str]) -> list[tuple[str, st
                 f"mixup --mode embedding needs an embedding column ({known}) or --columns; "
                 "run mmtools embed first"
             )
+    else:
+        C.require_named(schema, [c for s in columns for c in s.split(":") if c], "--columns")
     specs = []
     for spec in columns:
         a, _, b = spec.partition(":")

@@ -180,6 +180,8 @@ class Rewrite(Step):
 
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
         """Input columns, plus (or replacing) the caption and provenance columns."""
+        if self.config.mode == "fuse" and self.config.description_column != C.TEXT_SYNTHETIC:
+            C.require_named(schema, [self.config.description_column], "--description-column")
         C.require(schema, self.requires, self.name)
         if self.config.mix is not None and C.TEXT_ORIGINAL in schema.names:
             raise UsageError(

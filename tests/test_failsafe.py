@@ -1,0 +1,162 @@
+"""Fail-safes: a run that rejects every row, or rejects or drops more than its limits allow,
+commits its output and exits 7 with one line saying why; over half gets a warning."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import (
+    MMTOOLS,
+    image_bytes,
+    make_image_folder,
+    manifest_summary,
+    mmtools,
+    read_dataset,
+    read_rejects,
+)
+
+from mmtools import columns as C
+from mmtools.errors import EXIT_FAILSAFE
+from mmtools.models import shapes
+
+SHAPES_BUILT = shapes.weights_path().exists()
+
+
+def _copies(root, n: int, distinct: int = 1):
+    """A folder of `n` images, `distinct` different ones, repeated."""
+    root.mkdir()
+    for i in range(n):
+        (root / f"c{i:02d}.jpg").write_bytes(image_bytes(i % distinct))
+        (root / f"c{i:02d}.txt").write_text(f"caption {i}")
+    return root
+
+
+def _last(proc) -> str:
+    return proc.stderr.decode().strip().splitlines()[-1]
+
+
+def test_ingest_rejecting_every_row_commits_and_exits_7(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(5):
+        (bad / f"b{i}.jpg").write_bytes(b"not an image at all")
+    proc = mmtools("ingest", bad, "-o", tmp_path / "out", check=False)
+    assert proc.returncode == EXIT_FAILSAFE
+    assert _last(proc) == (
+        f"mmtools ingest: error: 5 of 5 input rows (100.0%) were rejected (not_image 5); the "
+        f"output is committed to {tmp_path / 'out'}: check the input and the options, or pass "
+        "--max-reject-rate 1 to accept such a run"
+    )
+    assert (tmp_path / "out" / "_manifest.json").exists()
+    assert read_dataset(tmp_path / "out").num_rows == 0
+    assert len(read_rejects(tmp_path / "out")) == 5  # nothing lost
+    # Accepted on purpose: the same run exits 0.
+    ok = mmtools("ingest", bad, "-o", tmp_path / "ok", "--max-reject-rate", "1", "-q")
+    assert ok.returncode == 0 and len(read_rejects(tmp_path / "ok")) == 5
+
+
+@pytest.mark.parametrize(("limit", "code"), [("0.5", 0), ("0.3", EXIT_FAILSAFE)])
+def test_max_reject_rate_is_a_share_of_the_input(tmp_path, limit, code):
+    folder = make_image_folder(tmp_path / "imgs", 6)
+    for i in range(4):
+        (folder / f"broken{i}.jpg").write_bytes(b"")
+    out = tmp_path / "out"
+    proc = mmtools("ingest", folder, "-o", out, "--max-reject-rate", limit, check=False)
+    assert proc.returncode == code
+    assert read_dataset(out).num_rows == 6 and len(read_rejects(out)) == 4
+    if code:
+        assert "4 of 10 input rows (40.0%) were rejected (zero_byte 4)" in _last(proc)
+        assert "--max-reject-rate 1" in _last(proc)
+
+
+def test_dedup_dropping_more_than_95_percent_exits_7_by_default(tmp_path):
+    mmtools("ingest", _copies(tmp_path / "imgs", 30), "-o", tmp_path / "ds", "-q")
+    out = tmp_path / "out"
+    proc = mmtools("dedup", tmp_path / "ds", "-m", "exact", "--exact-key", "image", "-o", out,
+                   check=False)  # fmt: skip
+    assert proc.returncode == EXIT_FAILSAFE
+    assert _last(proc).startswith(
+        "mmtools dedup: error: 29 of 30 input rows (96.7%) were dropped (exact 29)"
+    )
+    assert "--max-drop-rate 1" in _last(proc)
+    assert read_dataset(out).num_rows == 1 and manifest_summary(out)["dropped"] == {"exact": 29}
+    # Rerun: the output is complete, nothing is judged again.
+    again = mmtools("dedup", tmp_path / "ds", "-m", "exact", "--exact-key", "image", "-o", out)
+    assert "already complete" in again.stderr.decode()
+
+
+def test_dedup_at_95_percent_passes_with_a_warning(tmp_path):
+    # 20 rows, one image: 19 dropped = 95%, not more.
+    mmtools("ingest", _copies(tmp_path / "imgs", 20), "-o", tmp_path / "ds", "-q")
+    proc = mmtools("dedup", tmp_path / "ds", "-m", "exact", "--exact-key", "image",
+                   "-o", tmp_path / "out")  # fmt: skip
+    err = proc.stderr.decode().splitlines()
+    assert proc.returncode == 0
+    assert "mmtools dedup: warning: 19 of 20 input rows (95.0%) were dropped (exact 19)" in err
+
+
+def test_dedup_mark_counts_marked_rows(tmp_path):
+    mmtools("ingest", _copies(tmp_path / "imgs", 30), "-o", tmp_path / "ds", "-q")
+    out = tmp_path / "out"
+    proc = mmtools("dedup", tmp_path / "ds", "-m", "exact", "--exact-key", "image", "--mark",
+                   "-o", out, check=False)  # fmt: skip
+    assert proc.returncode == EXIT_FAILSAFE
+    assert "29 of 30 input rows (96.7%) were marked as duplicates (exact 29)" in _last(proc)
+    marked = read_dataset(out).column(C.IS_DUPLICATE).to_pylist()
+    assert len(marked) == 30 and sum(marked) == 29
+
+
+def test_filter_warns_over_half_and_trips_its_limit(tmp_path, dataset):
+    where = "id >= 'sub'"  # the 10 rows of the subfolder kept, 20 of 30 dropped
+    proc = mmtools("filter", dataset, "--where", where, "-o", tmp_path / "a", "--json")
+    lines = proc.stderr.decode().strip().splitlines()
+    warning = "mmtools filter: warning: 20 of 30 input rows (66.7%) were dropped (where 20)"
+    assert proc.returncode == 0 and warning in lines
+    assert json.loads(lines[-1])["warnings"] == [warning]  # the summary stays the last line
+    proc = mmtools("filter", dataset, "--where", where, "-o", tmp_path / "b",
+                   "--max-drop-rate", "0.6", check=False)  # fmt: skip
+    assert proc.returncode == EXIT_FAILSAFE and read_dataset(tmp_path / "b").num_rows == 10
+    quiet = mmtools("filter", dataset, "--where", where, "-o", tmp_path / "c", "-q")
+    assert quiet.stderr == b""
+
+
+def test_in_a_pipe_the_stage_that_rejected_fails_not_its_reader(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(4):
+        (bad / f"b{i}.jpg").write_bytes(b"\x00" * 10)
+    out = tmp_path / "out"
+    script = (
+        f"set -o pipefail; {' '.join(MMTOOLS)} ingest {bad} -q | "
+        f"{' '.join(MMTOOLS)} filter --where 'true' -o {out} -q; "
+        'echo "${PIPESTATUS[*]}" >&2'
+    )
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, timeout=120)
+    lines = proc.stderr.decode().strip().splitlines()
+    assert lines[-1] == "7 0"  # the reader had no rows of its own to judge
+    assert "4 of 4 input rows (100.0%) were rejected" in lines[0]
+    assert read_dataset(out).num_rows == 0 and len(read_rejects(out)) == 4
+
+
+@pytest.mark.skipif(not SHAPES_BUILT, reason="mmtools-shapes weights not built")
+def test_embed_rejecting_every_row_exits_7(tmp_path):
+    # The user's report: rows without captions, all rejected, used to exit 0.
+    n = 6
+    table = pa.table(
+        {
+            C.ID: [f"r{i}" for i in range(n)],
+            C.IMAGE: C.media_array([image_bytes(i) for i in range(n)], [None] * n),
+            C.TEXT: [""] * n,
+        }
+    )
+    pq.write_table(table, tmp_path / "in.parquet")
+    out = tmp_path / "out"
+    proc = mmtools("embed", tmp_path / "in.parquet", "--model", "mmtools-shapes",
+                   "--modalities", "image,text", "-o", out, check=False)  # fmt: skip
+    assert proc.returncode == EXIT_FAILSAFE, proc.stderr
+    assert f"{n} of {n} input rows (100.0%) were rejected (no_text {n})" in _last(proc)
+    assert (out / "_manifest.json").exists() and len(read_rejects(out)) == n
