@@ -41,6 +41,9 @@ COMMANDS = (
     "stats",
     "export",
     "demo",
+    "index",
+    "search",
+    "sheet",
 )
 
 
