@@ -167,6 +167,24 @@ def test_append_equals_a_rebuild_and_another_model_is_refused(tmp_path):
     assert "ViT-B-32 (openai)" in refused.stderr.decode()
 
 
+def test_append_to_a_compressed_index_keeps_every_vector_with_its_id(tmp_path):
+    both = clustered(3000, 32, seed=12)
+    a = write_embeddings(tmp_path / "a", both[:2000], prefix="a")
+    b = write_embeddings(tmp_path / "b", both[2000:], prefix="b")
+    mmtools("index", a, "-o", tmp_path / "idx", "--exact-below", "100", "-q")
+    mmtools("index", b, "-o", tmp_path / "idx", "--append", "-q")
+    reader = IndexReader(str(tmp_path / "idx"))
+    assert reader.kind == "ivf" and reader.rows == 3000
+    ids = reader.ids().column(C.ID).to_pylist()
+    assert ids == [f"a{i:05d}" for i in range(2000)] + [f"b{i:05d}" for i in range(1000)]
+    # Scanning every list, each row's nearest vector is its own: codes and ids line up.
+    _, data = stored(a)
+    _, more = stored(b)
+    vecs = np.concatenate([data, more])
+    sims, labels = reader.search(vecs, 1, nprobe=reader.manifest["plan"]["nlist"])
+    assert (labels[:, 0] == np.arange(3000)).all() and sims.min() > 0.999
+
+
 KILL_AFTER_FIRST_PART = """
 import os, signal, sys
 real = os.replace

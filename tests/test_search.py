@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import encode, mmtools, read_dataset
+from test_index import clustered, write_embeddings
 
 from mmtools import columns as C
 from mmtools.demo import synth
@@ -142,3 +143,14 @@ def test_a_changed_dataset_is_detected(shapes, tmp_path):
     assert proc.returncode == 3 and "is out of date" in proc.stderr.decode()
     table = mmtools("search", tmp_path / "idx", "--id", "s001.png", "-k", "2")
     assert "showing the hits without captions" in table.stderr.decode()
+
+
+def test_a_model_that_cannot_be_had_is_one_line(tmp_path):
+    laion = {"model": "ViT-B-32", "pretrained": "laion2b_s34b_b79k", "library": "open_clip"}
+    ds = write_embeddings(tmp_path / "ds", clustered(50, 512, seed=1), model=laion)
+    mmtools("index", ds, "-o", tmp_path / "idx", "-q")
+    offline = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}  # nothing cached
+    proc = mmtools("search", tmp_path / "idx", "--text", "a dog", check=False, env=offline)
+    assert proc.returncode == 75, proc.stderr.decode()
+    assert proc.stderr.decode().count("\n") == 1
+    assert "cannot load ViT-B-32 weights 'laion2b_s34b_b79k' (no network?)" in proc.stderr.decode()

@@ -62,9 +62,26 @@ Kmeans = Annotated[
 ]
 
 
-@O.expand(
-    common=O.DATASET.only("inputs", "output", "overwrite", "quiet", "verbose", "json", "wait_lock")
-)
+Output = Annotated[
+    str | None,
+    typer.Option(
+        "-o", "--output", metavar="INDEX", help="The index directory.", show_default=False
+    ),
+]
+Inputs = Annotated[
+    list[str] | None,
+    typer.Argument(
+        metavar="INPUT",
+        help="Dataset directories, Parquet files or globs (not a stream: they are read twice).",
+        show_default=False,
+    ),
+]
+OPTIONS = O.DATASET.only(
+    "inputs", "output", "overwrite", "quiet", "verbose", "json", "wait_lock"
+).declare(inputs=Inputs, output=Output)
+
+
+@O.expand(common=OPTIONS)
 def index(
     common: Common,
     column: Column = None,

@@ -66,7 +66,13 @@ Html = Annotated[
 ]
 
 
-@O.expand(common=O.DATASET.only("inputs", "output", "quiet", "verbose"))
+Output = Annotated[
+    str | None,
+    typer.Option("-o", "--output", metavar="PNG", help="The PNG to write.", show_default=False),
+]
+
+
+@O.expand(common=O.DATASET.only("inputs", "output", "quiet", "verbose").declare(output=Output))
 def sheet(
     common: Common,
     n: Rows = None,

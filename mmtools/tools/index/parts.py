@@ -198,17 +198,52 @@ class Parts:
     def merge(self, records: list[dict], manifest: dict | None):
         """One index from the existing one (--append) or an empty one, and every part, in
         order; committed as this run's generation."""
-        if self.state["append"]:
-            index = self.read_index(manifest["files"]["index"])
-        elif self.plan.kind == "ivf":
-            index = self.read_index(X.TRAINED)
+        names = [X.part_file(r["part"]) for r in records]
+        if self.plan.kind == "ivf":
+            base = manifest["files"]["index"] if self.state["append"] else None
+            index = self._merge_lists(base, names)
         else:
-            index = self.faiss.IndexFlatIP(self.plan.dim)
-        for r in records:
-            part = self.read_index(X.part_file(r["part"]))
-            index.merge_from(part, 0)
-            del part
+            index = (
+                self.read_index(manifest["files"]["index"])
+                if self.state["append"]
+                else self.faiss.IndexFlatIP(self.plan.dim)
+            )
+            for name in names:
+                index.merge_from(self.read_index(name), 0)
         self.write_index(index, X.index_file(self.state["generation"]))
+        return index
+
+    def _merge_lists(self, base: str | None, names: list[str]):
+        """The IVF lists of `base` and the parts copied, in that order, into lists allocated
+        once at their final size: growing each list part by part (faiss' merge_from) can
+        leave it holding twice its size, and the index is most of a build's memory."""
+        sources = ([base] if base else []) + names
+        nlist = self.plan.nlist
+        sizes = np.zeros(nlist, dtype=np.int64)
+        for name in sources:  # first pass: the size of every list
+            source = self.read_index(name)  # kept alive while its lists are read
+            lists = self.faiss.extract_index_ivf(source).invlists
+            sizes += [lists.list_size(i) for i in range(nlist)]
+            del lists, source
+        index = self.read_index(X.TRAINED)
+        ivf = self.faiss.extract_index_ivf(index)
+        merged = self.faiss.ArrayInvertedLists(nlist, ivf.code_size)
+        for i in np.flatnonzero(sizes):
+            merged.resize(int(i), int(sizes[i]))
+        filled = np.zeros(nlist, dtype=np.int64)
+        for name in sources:
+            source = self.read_index(name)
+            lists = self.faiss.extract_index_ivf(source).invlists
+            for i in range(nlist):
+                if n := lists.list_size(i):
+                    merged.update_entries(
+                        i, int(filled[i]), n, lists.get_ids(i), lists.get_codes(i)
+                    )
+                    filled[i] += n
+            del lists, source
+        ivf.replace_invlists(merged, True)
+        merged.this.disown()  # the index owns the lists now
+        ivf.ntotal = index.ntotal = int(sizes.sum())
         return index
 
     def calibrate(self, index) -> tuple[int, float]:
