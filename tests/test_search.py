@@ -62,7 +62,7 @@ def test_text_query_uses_the_model_embed_uses(shapes, tmp_path):
     table = mmtools("search", shapes / "idx", "--id", want_ids[0], "-k", "3").stdout.decode()
     head, _, first = table.splitlines()[:3]
     assert head.split() == ["rank", "id", "similarity", "caption", "source"]
-    assert first.split()[:3] == ["1", want_ids[0], "1.0"]
+    assert first.split()[:3] == ["1", want_ids[0], "1.0000"]
 
 
 def test_image_query_finds_the_image_itself(shapes):

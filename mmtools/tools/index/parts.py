@@ -107,7 +107,11 @@ class Parts:
         self.write_index(index, X.TRAINED)
 
     def centroids(self, seed: int) -> tuple[list[dict], dict]:
-        """k-means centres of a sample as the one part of the index; with what k-means did."""
+        """k-means centres of a sample as the one part of the index; with what k-means did
+        (a rerun after a kill past that part keeps it)."""
+        if records := self.records():
+            return records, records[0]["kmeans"]
+        self.remove_orphans([])
         k, x = self.plan.nlist, self.sample(self.plan.train_rows)
         km = self.faiss.Kmeans(self.plan.dim, k, niter=20, seed=seed, spherical=True)
         km.train(x)
@@ -123,9 +127,10 @@ class Parts:
             },
             schema=X.ID_SCHEMA,
         )
-        record = {"part": 0, "rows": self.source.total_rows, "indexed": k, "skipped": {}}
-        self._commit_part(index, ids, {**record, "position": self.source.total_rows})
         info = {"k": k, "sample_rows": len(x), "sizes": sizes.tolist(), "seed": seed}
+        total = self.source.total_rows
+        record = {"part": 0, "rows": total, "indexed": k, "skipped": {}, "position": total}
+        self._commit_part(index, ids, {**record, "kmeans": info})
         return [record], info
 
     # -- adding parts -----------------------------------------------------------------------
