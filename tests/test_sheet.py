@@ -162,7 +162,7 @@ def test_sheet_of_duplicate_groups(scored, tmp_path):
 def test_sheet_of_the_first_rows_reads_what_there_is(scored, tmp_path):
     from PIL import Image
 
-    root, table = scored
+    root, _ = scored
     proc = mmtools("sheet", root / "ds", "-n", "100", "--cols", "10", "-o", tmp_path / "all.png")
     assert f"{N} tiles" in proc.stderr.decode()
     tw, th = tile_size(SheetConfig(cols=10), 1)  # the clip_score under each tile
