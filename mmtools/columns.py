@@ -36,6 +36,8 @@ TEXT_EMBEDDING = "text_embedding"
 AUDIO_EMBEDDING = "audio_embedding"
 CLIP_SCORE = "clip_score"
 AUDIO_TEXT_SCORE = "audio_text_score"
+# A search hit's cosine similarity to the query (`mmtools search -o`).
+SIMILARITY = "similarity"
 
 # Provenance.
 TEXT_ORIGINAL = "text_original"

@@ -146,7 +146,7 @@ def test_options_that_make_no_sense_are_usage_errors(scored, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.decode() == (
         "mmtools filter: error: give at least one rule: --where, "
-        "--top-fraction/--top-k, --preset, or an audio option\n"
+        "--top-fraction/--top-k, --preset, --near, or an audio option\n"
     )
     cases = [
         (dict(top_fraction=0.3), "need --by COLUMN"),

@@ -51,6 +51,9 @@ COMMANDS = (
     "export",
     "explain",
     "demo",
+    "index",
+    "search",
+    "sheet",
 )
 
 

@@ -10,6 +10,7 @@ import typer
 from mmtools.cli import options as O
 from mmtools.cli.common import Common, execute, open_source
 from mmtools.errors import UsageError
+from mmtools.steps.filter.near import NearConfig
 from mmtools.steps.filter.step import FilterConfig
 
 
@@ -82,8 +83,40 @@ OPTIONS = O.Bundle(
 )
 
 
-@O.expand(config=OPTIONS, common=O.DATASET.but(batch_size=8192))
-def filter_rows(config: FilterConfig, common: Common) -> None:
+NEAR = O.Bundle(
+    NearConfig,
+    {
+        "reference": Annotated[
+            str | None,
+            typer.Option(
+                "--near",
+                metavar="REFERENCE",
+                help="Keep rows whose nearest neighbour in REFERENCE (a dataset, or an index "
+                "from mmtools index) has cosine >= --min-sim.",
+                show_default=False,
+            ),
+        ],
+        "min_sim": Annotated[
+            float | None,
+            typer.Option(
+                "--min-sim", help="With --near: the least cosine kept.", show_default=False
+            ),
+        ],
+        "column": Annotated[
+            str | None,
+            typer.Option(
+                "--near-column",
+                help="With --near: the embedding column compared (default: the index's, or "
+                "image_embedding).",
+                show_default=False,
+            ),
+        ],
+    },
+)
+
+
+@O.expand(config=OPTIONS, near=NEAR, common=O.DATASET.but(batch_size=8192))
+def filter_rows(config: FilterConfig, near: NearConfig, common: Common) -> None:
     """Keep the rows that pass every rule; count the rest by the rule that dropped them.
 
     Example: mmtools filter scored/ --where "clip_score >= 0.28 AND width >= 256" -o kept/
@@ -105,15 +138,23 @@ def filter_rows(config: FilterConfig, common: Common) -> None:
     min_side, max_aspect, english, clip_score, min_bytes, duration, silence, loudness).
     --invert writes exactly the rows that would be dropped; the kept ones are then counted
     as dropped by 'inverted'.
+
+    --near REFERENCE --min-sim X keeps the rows whose nearest neighbour in REFERENCE (a
+    dataset, or an index from mmtools index, e.g. k-means centres) has cosine >= X, counted
+    as 'near'; rows without a usable embedding become reject rows.
     """
+    from mmtools.steps.filter.near import near_steps
     from mmtools.steps.filter.step import make_filter
 
     step = make_filter(replace(config, presets=tuple(config.presets or ())))
-    if not step.rules and step.top is None:
+    steps = [step] if step.rules or step.top is not None else []
+    steps += near_steps(near, other_rules=bool(steps))
+    if not steps:
         raise UsageError(
-            "give at least one rule: --where, --top-fraction/--top-k, --preset, or an audio option"
+            "give at least one rule: --where, --top-fraction/--top-k, --preset, --near, or an "
+            "audio option"
         )
-    execute("filter", open_source(common.inputs), [step], common)
+    execute("filter", open_source(common.inputs), steps, common)
 
 
 def register(app: typer.Typer) -> None:

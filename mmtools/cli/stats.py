@@ -54,10 +54,20 @@ def stats(
             show_default=False,
         ),
     ] = None,
+    cut: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--cut",
+            metavar="COLUMN=VALUE",
+            help="Count the rows a threshold keeps (>=) and drops, and draw it on the "
+            "column's plot (repeatable).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Show per-column distributions: counts, nulls, range, mean, quantiles, top values.
 
-    Example: mmtools stats scored/ --plot plots/
+    Example: mmtools stats scored/ --plot plots/ --cut clip_score=0.28
 
     Also measures caption length (words, characters), image aspect ratio and smaller side,
     embedding norms and, for a media column named in --columns, byte sizes; numeric columns
@@ -65,11 +75,13 @@ def stats(
     memory: count, nulls, min, max and mean are exact; quantiles and histograms are exact up
     to --sample-size values per column and come from a uniform sample beyond. The report
     goes to stdout (a table, or JSON with --json); nothing is written unless --plot is given.
+    --cut COLUMN=VALUE counts exactly the rows with COLUMN >= VALUE (kept) and below it
+    (dropped), and draws the cut on that column's histogram.
     """
     from mmtools.tools.stats import plot as plot_report
 
     setup_logging(common.verbose, False)
-    config = replace(config, columns=tuple(O.split_commas(config.columns)) or None)
+    config = replace(config, columns=tuple(O.split_commas(config.columns)) or None, cuts=_cuts(cut))
     report = _profile(common, config, plot)
     if plot:
         from mmtools.errors import writing
@@ -83,6 +95,24 @@ def stats(
         from mmtools.tools.stats import render
 
         typer.echo(render(report))
+
+
+def _cuts(specs: list[str] | None) -> tuple[tuple[str, float], ...]:
+    """--cut clip_score=0.28 -> (("clip_score", 0.28),)."""
+    from mmtools.errors import UsageError
+
+    out = []
+    for spec in specs or []:
+        name, _, value = spec.rpartition("=")
+        try:
+            out.append((name.strip(), float(value)))
+        except ValueError:
+            raise UsageError(
+                f"--cut takes COLUMN=VALUE (e.g. clip_score=0.28), not {spec!r}"
+            ) from None
+        if not name.strip():
+            raise UsageError(f"--cut takes COLUMN=VALUE (e.g. clip_score=0.28), not {spec!r}")
+    return tuple(out)
 
 
 def _profile(common: Common, config: StatsConfig, plot: str | None) -> dict:

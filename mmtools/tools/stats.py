@@ -38,6 +38,7 @@ class StatsConfig:
     top: int = 10
     bins: int = 20
     seed: int = 0
+    cuts: tuple[tuple[str, float], ...] = ()  # (column, threshold): rows kept (>=) and dropped
 
 
 class Numeric:
@@ -200,10 +201,37 @@ def wanted_columns(schema: pa.Schema, columns: tuple[str, ...] | None) -> list[s
     return list(dict.fromkeys(columns))
 
 
+def _cut_columns(schema: pa.Schema, config: StatsConfig) -> tuple[str, ...] | None:
+    """The columns asked for, plus those a --cut is on (a derived measure needs its source)."""
+    if config.columns is None:
+        return None
+    derived = _derived(schema, list(schema.names))
+    extra = [derived[c][0] if c in derived else c for c, _ in config.cuts]
+    return tuple(dict.fromkeys([*config.columns, *extra]))
+
+
+def _count_cut(counts: list[int], values: pa.Array, cut: float) -> None:
+    """Add the set values of one batch to [kept (>= cut), dropped (< cut)]."""
+    x = pc.drop_null(values.cast(pa.float64())).to_numpy(zero_copy_only=False)
+    x = x[~np.isnan(x)]
+    kept = int((x >= cut).sum())
+    counts[0] += kept
+    counts[1] += len(x) - kept
+
+
+def _cut_counters(config: StatsConfig, numeric: dict) -> dict[str, tuple[float, list[int]]]:
+    """name -> (threshold, [kept, dropped]) for each --cut, checked against the measures."""
+    if unknown := [name for name, _ in config.cuts if name not in numeric]:
+        from mmtools.errors import UsageError
+
+        raise UsageError(f"--cut {unknown[0]}: not a numeric column or measure of the input")
+    return {name: (value, [0, 0]) for name, value in config.cuts}
+
+
 def profile(source, config: StatsConfig, batch_size: int = 8192) -> dict:
     """Stream `source` once and return the distributions of its columns."""
     schema = source.schema
-    names = wanted_columns(schema, config.columns)
+    names = wanted_columns(schema, _cut_columns(schema, config))
     kinds = {n: _kind(schema.field(n).type) for n in names}
     derived = _derived(schema, names)
     seeds = iter(range(1 << 30))
@@ -217,6 +245,7 @@ def profile(source, config: StatsConfig, batch_size: int = 8192) -> dict:
         if kinds[n] == "string" and n not in UNIQUE_KEYS
     }
     simple = {n: {"count": 0, "nulls": 0} for n in names if kinds[n] != "numeric"}
+    cuts = _cut_counters(config, numeric)
     rows = 0
     if "media" in kinds.values():
         batch_size = min(batch_size, 256)  # media bytes are large: keep batches small
@@ -231,8 +260,13 @@ def profile(source, config: StatsConfig, batch_size: int = 8192) -> dict:
                 simple[name]["count"] += len(col) - col.null_count
             if name in tops:
                 tops[name].update(col)
+            if name in cuts:
+                _count_cut(cuts[name][1], col, cuts[name][0])
         for name, (column, fn) in derived.items():
-            numeric[name].update(fn(batch, column))
+            values = fn(batch, column)
+            numeric[name].update(values)
+            if name in cuts:
+                _count_cut(cuts[name][1], values, cuts[name][0])
     report: dict = {"rows": rows, "columns": {}, "derived": {}}
     for name in names:
         entry = {"type": _short_type(schema.field(name).type), "kind": kinds[name]}
@@ -247,6 +281,10 @@ def profile(source, config: StatsConfig, batch_size: int = 8192) -> dict:
             "kind": "numeric",
             **numeric[name].report(config.bins),
         }
+    for name, (value, (kept, dropped)) in cuts.items():
+        entry = report["columns"].get(name) or report["derived"][name]
+        share = round(kept / (kept + dropped), 4) if kept + dropped else None
+        entry["cut"] = {"value": value, "kept": kept, "dropped": dropped, "kept_fraction": share}
     return report
 
 
@@ -316,6 +354,10 @@ def render(report: dict, width: int = 40) -> str:
     lines = [f"rows: {report['rows']}", ""]
     lines.append("  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)).rstrip())
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    entries = [*report["columns"].items(), *report["derived"].items()]
+    cuts = [(n, s["cut"]) for n, s in entries if "cut" in s]
+    if cuts:
+        lines += ["", *(cut_line(n, c) for n, c in cuts)]
     for name, s in report["columns"].items():
         if s.get("top") and s["top"][0][1] == 1 and not s["top_error"]:
             lines += ["", f"top {name}: every value occurs once"]
@@ -326,6 +368,20 @@ def render(report: dict, width: int = 40) -> str:
                 text = value if len(value) <= width else value[: width - 1] + "…"
                 lines.append(f"  {n:>8}  {text!r}")
     return "\n".join(lines)
+
+
+def cut_line(name: str, cut: dict) -> str:
+    """What a cut keeps and drops, in words."""
+    share = "" if cut["kept_fraction"] is None else f" ({cut['kept_fraction']:.1%})"
+    return f"cut {name} >= {cut['value']:g}: keeps {cut['kept']}{share}, drops {cut['dropped']}"
+
+
+def _draw_cut(ax, cut: dict) -> None:
+    """The cut as a vertical line over the histogram; the legend says what it keeps."""
+    share = "" if cut["kept_fraction"] is None else f" ({cut['kept_fraction']:.1%})"
+    label = f">= {cut['value']:g} keeps {cut['kept']}{share}, drops {cut['dropped']}"
+    ax.axvline(cut["value"], color="#c82828", linestyle="--", linewidth=1.5, label=label)
+    ax.legend(loc="best", fontsize=8)
 
 
 def plot(report: dict, directory: str) -> list[str]:
@@ -348,6 +404,8 @@ def plot(report: dict, directory: str) -> list[str]:
         ax.stairs(counts, edges, fill=True)
         note = " (from a sample)" if s.get("sampled") else ""
         ax.set_title(f"{name}: {s['count']} values{note}")
+        if "cut" in s:
+            _draw_cut(ax, s["cut"])
         ax.set_xlabel(name)
         ax.set_ylabel("rows")
         fig.tight_layout()
