@@ -63,6 +63,9 @@ def test_flipped_copies_are_found_with_phash_flip_and_not_without(photos, tmp_pa
     dup = {i: k for i, d, k in marks(out) if d}
     # Every mirrored copy, each a duplicate of its own photo; no photo merged into another.
     assert dup == {f"p{p:02d}-flip": f"p{p:02d}-original" for p in range(48)}
+    # How close each is: its mirror's pHash against the photo's, not the ~32 bits unmirrored.
+    value = dict(zip(out[C.ID].to_pylist(), out[C.DUP_VALUE].to_pylist(), strict=True))
+    assert sorted(value[i] for i in dup) == [0.0] * 45 + [2.0] * 3
 
 
 def test_default_radius_catches_edited_copies_at_the_curves_rate_and_merges_no_photos(
@@ -114,3 +117,36 @@ def test_flip_dedup_on_ray_equals_local(photos, tmp_path):
     out = assert_same(tmp_path, manifests)
     assert manifests["ray"]["dropped"] == {"phash": 12}
     assert out[C.ID].to_pylist() == [f"p{p:02d}-original" for p in range(12)]
+
+
+@pytest.mark.parametrize("radius", [0, 4, 10])
+def test_flip_groups_are_the_components_of_any_hash_within_the_radius(radius):
+    """Against brute force: rows link when any of their four hash pairs is within the radius."""
+    from mmtools.steps.dedup.groups import components
+    from mmtools.steps.dedup.phash import ERROR, KEY, MIRROR, PHash, popcount
+
+    rng = np.random.default_rng(radius)
+    n = 300
+    h = rng.integers(0, 2**63, n, dtype=np.uint64) | (rng.integers(0, 2, n, dtype=np.uint64) << 63)
+    m = rng.integers(0, 2**63, n, dtype=np.uint64)
+    near = rng.choice(n, 60, replace=False)
+    flips = rng.integers(0, 2, (60, 64)).astype(bool) & (rng.random((60, 64)) < radius / 64)
+    noise = np.packbits(flips, axis=1).view(">u8").ravel().astype(np.uint64)
+    h[near[30:]] = m[near[:30]] ^ noise[:30]  # a mirrored copy of another row
+    h[near[:30][::3]] = h[near[:30][1::3]]  # equal hashes
+    m[5] = h[5]  # an image symmetric under the mirror
+    pairs = [(a, b) for a in range(n) for b in range(a + 1, n)]
+    i, j = np.array(pairs).T
+    hashes = np.stack([h, m])
+    d = np.min([popcount(hashes[x][i] ^ hashes[y][j]) for x in (0, 1) for y in (0, 1)], axis=0)
+    want = components(n, i[d <= radius], j[d <= radius])
+    method = PHash(radius, flip=True)
+    keys = {KEY: pa.array(h), MIRROR: pa.array(m), ERROR: pa.array([None] * n, pa.string())}
+    method.scan(pa.RecordBatch.from_pydict(keys), 0)
+    got = method.labels(np.arange(n))
+    size = np.bincount(want)[want]
+    assert ((got >= 0) == (size > 1)).all()
+    linked = np.flatnonzero(size > 1)
+    for a in linked:  # the same partition
+        assert set(np.flatnonzero(got == got[a])) == set(np.flatnonzero(want == want[a]))
+    assert len(linked) >= 30
