@@ -44,6 +44,14 @@ OPTIONS = O.Bundle(
         "max_distance": Annotated[
             int, typer.Option(help="phash: Hamming radius in bits (of 64).", min=0, max=32)
         ],
+        "phash_flip": Annotated[
+            bool,
+            typer.Option(
+                "--phash-flip",
+                help="phash: also hash each image mirrored left to right, so flipped "
+                "copies are duplicates (twice the hashing).",
+            ),
+        ],
         "threshold": Annotated[
             float, typer.Option(help="minhash: Jaccard similarity of word shingles.")
         ],
@@ -81,8 +89,9 @@ def dedup(config: DedupConfig, common: Common) -> None:
     Example: mmtools dedup ds/ -m exact -m phash --keep highest:clip_score -o deduped/
 
     exact: equal sha256 of the media bytes and/or equal normalised caption. phash: 64-bit
-    perceptual hashes (imagehash) at most --max-distance bits apart. minhash: captions whose
-    word-shingle Jaccard similarity is at least --threshold (MinHash LSH, then checked).
+    perceptual hashes (imagehash) at most --max-distance bits apart (--phash-flip: mirrored
+    copies too). minhash: captions whose word-shingle Jaccard similarity is at least
+    --threshold (MinHash LSH, then checked).
     semantic: SemDeDup, i.e. k-means on the embeddings, then rows in one cluster with cosine
     similarity above 1 - eps. Duplicates link rows into groups (transitively); one row per
     group is kept by --keep. Methods run in the order given, each on the rows the previous

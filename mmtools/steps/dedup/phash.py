@@ -11,7 +11,7 @@ from mmtools.media import DEFAULT_MAX_PIXELS, MediaError, cells, decode_image, r
 from mmtools.step import POSITION
 from mmtools.steps.dedup.groups import (
     BucketGrouped,
-    edge_labels,
+    components,
     equal_key_pairs,
     mix64,
     same_key_edges,
@@ -20,6 +20,7 @@ from mmtools.steps.dedup.groups import (
 
 BITS = 64
 KEY, ERROR = "_key_phash", "_key_phash_error"
+MIRROR = "_key_phash_mirror"  # the pHash of the image mirrored left to right (--phash-flip)
 _SEP = "\x1f"  # between reason and detail in ERROR
 
 
@@ -28,6 +29,22 @@ def image_phash(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
     imagehash = require_module("imagehash", "dedup")
     bits = imagehash.phash(decode_image(data, max_pixels)).hash.ravel()
     return int.from_bytes(np.packbits(bits).tobytes(), "big")
+
+
+def _as_int(bits: np.ndarray) -> int:
+    return int.from_bytes(np.packbits(bits.ravel()).tobytes(), "big")
+
+
+def image_phashes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """The pHash of the decoded image and of its mirror image (flipped left to right)."""
+    imagehash = require_module("imagehash", "dedup")
+    from PIL import ImageOps
+
+    image = decode_image(data, max_pixels)
+    return (
+        _as_int(imagehash.phash(image).hash),
+        _as_int(imagehash.phash(ImageOps.mirror(image)).hash),
+    )
 
 
 def popcount(v: np.ndarray) -> np.ndarray:
@@ -83,17 +100,26 @@ def chunk_edges(h: np.ndarray, value: np.ndarray, pos: np.ndarray, max_distance:
 
 
 class PHash(BucketGrouped):
-    """Images whose pHashes differ in at most `max_distance` bits are duplicates."""
+    """Images whose pHashes differ in at most `max_distance` bits are duplicates.
+
+    With `flip`, each image also has the pHash of its mirror image, and both are indexed as
+    entries of their row: two rows are duplicates when any hash of one is within the radius
+    of any hash of the other (so an image and its left-right flip match). A canonical
+    min(hash, mirror) would not do: two images one bit apart may pick different sides.
+    """
 
     name = "phash"
-    bucket_columns = (KEY,)
-    bucket_inputs = (KEY, ERROR)
 
-    def __init__(self, max_distance: int, max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(self, max_distance: int, max_pixels: int = DEFAULT_MAX_PIXELS, flip: bool = False):
         self.max_distance = max_distance
         self.max_pixels = max_pixels
+        self.flip = flip
+        self.hash_columns = (KEY, MIRROR) if flip else (KEY,)
+        self.bucket_columns = self.hash_columns
+        self.bucket_inputs = (*self.hash_columns, ERROR)
         self.failures: dict[int, tuple[str, str]] = {}
         self._hashes: list[np.ndarray] = []
+        self._mirrors: list[np.ndarray] = []
 
     def bind(self, schema: pa.Schema) -> list[str]:
         """Check the image column; return the columns pass 1 must read."""
@@ -110,13 +136,20 @@ class PHash(BucketGrouped):
         """The pHash of each image, and why an image could not be hashed (else null)."""
         images = cells(batch.column(C.IMAGE))
         out = np.zeros(len(images), dtype=np.uint64)
+        mirror = np.zeros(len(images), dtype=np.uint64)
         errors: list[str | None] = [None] * len(images)
         for i, value in enumerate(images):
             try:
-                out[i] = image_phash(read(value, "image"), self.max_pixels)
+                if self.flip:
+                    out[i], mirror[i] = image_phashes(read(value, "image"), self.max_pixels)
+                else:
+                    out[i] = image_phash(read(value, "image"), self.max_pixels)
             except MediaError as e:
                 errors[i] = f"{e.reason}{_SEP}{e.detail}"
-        return {KEY: pa.array(out, pa.uint64()), ERROR: pa.array(errors, pa.string())}
+        found = {KEY: pa.array(out, pa.uint64()), ERROR: pa.array(errors, pa.string())}
+        if self.flip:
+            found[MIRROR] = pa.array(mirror, pa.uint64())
+        return found
 
     def scan(self, keys: pa.RecordBatch, offset: int) -> None:
         """Keep the hashes; images that could not be hashed become failures."""
@@ -126,17 +159,25 @@ class PHash(BucketGrouped):
             self.failures[offset + int(i)] = (reason, detail)
         if KEY in keys.schema.names:  # absent when a groupby on buckets groups them
             self._hashes.append(keys.column(KEY).to_numpy(zero_copy_only=False))
+            if self.flip:
+                self._mirrors.append(keys.column(MIRROR).to_numpy(zero_copy_only=False))
 
     def fanout(self) -> int:
         """Each hash once per chunk."""
         return len(chunk_masks(self.max_distance))
 
     def bucket_rows(self, keys: pa.Table, buckets: int) -> pa.Table:
-        """Each hashed row once per chunk (the pigeonhole of `near_pairs`), as (chunk, chunk
-        value, position, hash), bucketed by chunk and value."""
+        """Each hash of a row once per chunk (the pigeonhole of `near_pairs`), as (chunk,
+        chunk value, position, hash), bucketed by chunk and value."""
         ok = keys[ERROR].is_null().to_numpy(zero_copy_only=False)
-        h = keys[KEY].to_numpy(zero_copy_only=False)[ok].astype(np.uint64)
         pos = keys[POSITION].to_numpy(zero_copy_only=False)[ok]
+        h = np.concatenate(
+            [
+                keys[c].to_numpy(zero_copy_only=False)[ok].astype(np.uint64)
+                for c in self.hash_columns
+            ]
+        )
+        pos = np.tile(pos, len(self.hash_columns))
         parts = []
         for c, (shift, mask) in enumerate(chunk_masks(self.max_distance)):
             value = (h >> np.uint64(shift)) & np.uint64(mask)
@@ -156,39 +197,51 @@ class PHash(BucketGrouped):
             found.append(chunk_edges(h[at], value[at], pos[at], self.max_distance))
         i = np.concatenate([f[0] for f in found]) if found else np.empty(0, np.int64)
         j = np.concatenate([f[1] for f in found]) if found else np.empty(0, np.int64)
-        return i, j
+        other = i != j  # a row's own hash and mirror meeting link nothing
+        return i[other], j[other]
 
     def labels(self, active: np.ndarray) -> np.ndarray:
         """Group label per active row: components of the within-radius graph."""
         if (preset := self.preset(active)) is not None:
             return preset
         self._hashes = [np.concatenate(self._hashes)] if self._hashes else []
-        hashes = self._hashes[0][active] if self._hashes else np.empty(0, np.uint64)
+        self._mirrors = [np.concatenate(self._mirrors)] if self._mirrors else []
+        n = len(active)
+        entries = [h[0][active] for h in (self._hashes, self._mirrors) if h]
+        hashes = np.concatenate(entries) if entries else np.empty(0, np.uint64)
         uniq, inverse = np.unique(hashes, return_inverse=True)
-        # Equal hashes share a label through `inverse`; the index only sees distinct ones.
+        inverse = inverse.ravel()
+        # Equal hashes meet in one node of the index; a row's hash and mirror are linked.
         i, j = near_pairs(uniq, self.max_distance)
-        per_hash = edge_labels(len(uniq), [(i, j)])
-        count = np.bincount(inverse, minlength=len(uniq))
-        per_hash = np.where(
-            (per_hash < 0) & (count > 1), len(uniq) + np.arange(len(uniq)), per_hash
-        )
-        return per_hash[inverse]
+        if len(entries) == 2:
+            i, j = np.r_[i, inverse[:n]], np.r_[j, inverse[n:]]
+        labels = components(len(uniq), i, j)[inverse[:n]]
+        alone = np.bincount(labels, minlength=len(uniq))[labels] == 1 if n else labels < 0
+        return np.where(alone, -1, labels)
 
     def values(self, dropped: np.ndarray, kept: np.ndarray) -> np.ndarray:
-        """The Hamming distance (bits) between each dropped row's pHash and its kept row's."""
+        """The Hamming distance (bits) between each dropped row's pHash and its kept row's
+        (with `flip`: the least over their hashes and mirrors)."""
         if self._hashes:
-            a, b = self._hashes[0][dropped], self._hashes[0][kept]
-        elif (found := self.member_keys(KEY, dropped)) is not None:
-            a = found.to_numpy(zero_copy_only=False)
-            b = self.member_keys(KEY, kept).to_numpy(zero_copy_only=False)
+            found = [h[0] for h in (self._hashes, self._mirrors) if h]
+            a, b = [f[dropped] for f in found], [f[kept] for f in found]
+        elif self.member_keys(KEY, dropped) is not None:
+            a, b = [
+                [self.member_keys(c, at).to_numpy(zero_copy_only=False) for c in self.hash_columns]
+                for at in (dropped, kept)
+            ]
         else:
             return np.full(len(dropped), np.nan)
-        return popcount(a.astype(np.uint64) ^ b.astype(np.uint64)).astype(np.float64)
+        near = np.full(len(dropped), BITS, np.int64)
+        for x in a:
+            for y in b:
+                near = np.minimum(near, popcount(x.astype(np.uint64) ^ y.astype(np.uint64)))
+        return near.astype(np.float64)
 
     def member_columns(self) -> tuple[str, ...]:
         """The hashes, when distances are wanted."""
-        return (KEY,) if self.values_wanted else ()
+        return self.hash_columns if self.values_wanted else ()
 
     def release(self) -> None:
         """Drop the hashes."""
-        self._hashes, self._groups, self._members = [], None, None
+        self._hashes, self._mirrors, self._groups, self._members = [], [], None, None

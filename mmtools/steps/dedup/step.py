@@ -39,7 +39,8 @@ class DedupConfig:
     keep: str = "first"
     mark: bool = False
     exact_key: str = "auto"
-    max_distance: int = 6
+    max_distance: int = 10
+    phash_flip: bool = False
     threshold: float = 0.6
     num_perm: int = 128
     shingle: int = 2
@@ -77,7 +78,7 @@ def _method(name: str, c: DedupConfig) -> DedupMethod:
     if name == "exact":
         return exact.Exact(c.exact_key)
     if name == "phash":
-        return phash.PHash(c.max_distance)
+        return phash.PHash(c.max_distance, flip=c.phash_flip)
     if name == "minhash":
         return minhash.MinHashText(c.threshold, c.num_perm, c.shingle, c.seed)
     return semantic.Semantic(c.column, c.eps, c.clusters, c.seed)
