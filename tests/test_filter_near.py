@@ -14,6 +14,7 @@ from test_index import clustered, stored, write_embeddings
 from test_recipes_filter import run_recipe
 
 from mmtools import columns as C
+from mmtools.io.dataset import read_dropped
 from mmtools.io.index import IndexReader
 
 
@@ -62,6 +63,12 @@ def test_near_a_dataset_equals_brute_force(pool_and_reference, tmp_path):
     assert kept == [i for i, b in zip(ids, best, strict=True) if b >= x]
     summary = manifest_summary(tmp_path / "kept")
     assert summary["dropped"] == {"near": int((best < x).sum())}
+    # The drop ledger names each dropped row with its cosine to the nearest reference row.
+    ledger = read_dropped(str(tmp_path / "kept"))
+    far = {i: b for i, b in zip(ids, best, strict=True) if b < x}
+    assert ledger.column("id").to_pylist() == list(far)
+    assert set(ledger.column("rule").to_pylist()) == {"near"}
+    np.testing.assert_allclose(ledger.column("value").to_numpy(), list(far.values()), atol=1e-5)
     assert reject_reasons(tmp_path / "kept") == {
         "p00010": "bad_embedding",
         "p00011": "no_embedding",

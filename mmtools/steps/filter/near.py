@@ -154,10 +154,12 @@ class NearFilter(Step):
             rejects = rejects_at(self.name, batch, sorted(why), why)
         if not self.config.invert:
             dropped = {RULE: int(far.sum())} if far.any() else {}
-            return Result(batch.filter(pa.array(near)), rejects, dropped)
+            drops = self.drop_rows(batch, far, RULE, value=sims)
+            return Result(batch.filter(pa.array(near)), rejects, dropped, drops=drops)
         dropped = {"inverted": int(near.sum())} if near.any() else {}
         notes = {INVERTED_NOTE + RULE: int(far.sum())}
-        return Result(batch.filter(pa.array(far)), rejects, dropped, notes=notes)
+        drops = self.drop_rows(batch, near, "inverted", value=sims)
+        return Result(batch.filter(pa.array(far)), rejects, dropped, notes=notes, drops=drops)
 
 
 def _key(info: dict) -> tuple:
