@@ -258,12 +258,15 @@ class ExportSink:
             self.store.unlink(name)
 
     def _new_unit(self) -> dict:
-        return {"rows": 0, "bytes": 0, "files": 0, "without_media": {}, "rejects": []}
+        return {"rows": 0, "bytes": 0, "files": 0, "without_media": {}, "rejects": [], "drops": []}
 
     # -- writing ----------------------------------------------------------------------------
 
-    def write(self, batch, rejects, dropped, consumed: Position, generated: int = 0) -> None:
-        """Write the samples of one input batch; commit the shard when it is full."""
+    def write(
+        self, batch, rejects, dropped, consumed: Position, generated: int = 0, drops=()
+    ) -> None:
+        """Write the samples of one input batch; commit the shard when it is full. Reject and
+        ledger rows (from a pipe) are kept beside the shards, as a dataset keeps them."""
         unit = self._unit
         if batch is not None and batch.num_rows:
             if self._shard is None:
@@ -273,6 +276,7 @@ class ExportSink:
             unit["rows"] += batch.num_rows
             unit["bytes"] += batch.nbytes
         unit["rejects"] += [r for r in rejects if r is not None and r.num_rows]
+        unit["drops"] += [d for d in drops if d is not None and d.num_rows]
         self.position = consumed
         if unit["rows"] >= self.shard_rows or unit["bytes"] >= self.shard_bytes:
             self._commit()
@@ -323,12 +327,21 @@ class ExportSink:
         with uninterrupted():  # SIGTERM/SIGINT wait for the shard's record
             self._commit_unit()
 
+    def _side_file(self, folder: str, index: int, name: str, table: pa.Table) -> None:
+        """Write `table` as `name` (reject or ledger rows) under a temporary name, then commit."""
+        import pyarrow.parquet as pq
+
+        self.store.makedirs(folder)
+        tmp = f"{folder}/{L.TMP_PREFIX}{index:05d}"
+        pq.write_table(table, self.store.path(tmp))
+        self.store.commit(tmp, name)
+
     def _commit_unit(self) -> None:
         unit, index = self._unit, len(self.records)
         start = Position(**self.records[-1]["position"]) if self.records else Position()
         if self.position == start and not unit["rows"]:
             return
-        shard = rejects = None
+        shard = rejects = ledger = None
         if self._shard is not None:
             self._shard.close()
             self._shard.sync()
@@ -338,14 +351,12 @@ class ExportSink:
                 unit["files"] += 1
             self._shard = None
         if unit["rejects"]:
-            import pyarrow.parquet as pq
-
             rejects = L.rejects_name(index)
-            self.store.makedirs(L.REJECTS_DIR)
-            tmp = f"{L.REJECTS_DIR}/{L.TMP_PREFIX}{index:05d}"
             table = pa.Table.from_batches([C.upgrade_rejects(r) for r in unit["rejects"]])
-            pq.write_table(table, self.store.path(tmp))
-            self.store.commit(tmp, rejects)
+            self._side_file(L.REJECTS_DIR, index, rejects, table)
+        if unit["drops"]:
+            ledger = L.dropped_name(index)
+            self._side_file(L.DROPPED_DIR, index, ledger, pa.Table.from_batches(unit["drops"]))
         record = {
             "shard": shard,
             "rows": unit["rows"],
@@ -353,10 +364,9 @@ class ExportSink:
             "without_media": unit["without_media"],
             "rejects": rejects,
             "rejected": sum(r.num_rows for r in unit["rejects"]),
-            "position": {
-                "rows": self.position.rows,
-                "upstream_rejects": self.position.upstream_rejects,
-            },
+            "ledger": ledger,
+            "ledger_rows": sum(d.num_rows for d in unit["drops"]),
+            "position": self.position.as_dict(),
         }
         self.store.makedirs(L.PROGRESS_DIR)
         self.store.write_json(f"{L.PROGRESS_DIR}/{index:05d}.json", record)
@@ -401,6 +411,10 @@ class ExportSink:
             "rejects": {
                 "rows": sum(r["rejected"] for r in self.records),
                 "shards": [r["rejects"] for r in self.records if r["rejects"]],
+            },
+            "ledger": {
+                "rows": sum(r.get("ledger_rows", 0) for r in self.records),
+                "shards": [r["ledger"] for r in self.records if r.get("ledger")],
             },
             "position": self.records[-1]["position"] if self.records else vars(Position()),
             "summary": summary,
