@@ -230,6 +230,8 @@ class DatasetSink:
                 self.schema,
                 filesystem=self.store.filesystem(),
                 write_batch_size=write_batch_rows(self._pending_bytes / max(rows, 1)),
+                use_dictionary=dictionary_columns(self.schema),
+                write_statistics=dictionary_columns(self.schema),
             )
         self._writer.write_table(pa.Table.from_batches(self._pending, self.schema))
         self._pending, self._pending_bytes = [], 0
@@ -320,7 +322,7 @@ class DatasetSink:
         """A dataset with no rows still gets one (empty) shard: it carries the schema."""
         name = L.shard_name(len(self.records))
         tmp = L.TMP_PREFIX + name
-        self._write_table(self.schema.empty_table(), tmp)
+        self._write_table(pa.Table.from_batches([], self.schema), tmp)
         self.store.commit(tmp, name)
         self.records.append(
             {
@@ -359,6 +361,24 @@ def write_batch_rows(row_bytes: float) -> int:
     (plain and compressed) while it is encoded; rows of about PAGE_BYTES at a time keep that
     to a few pages, and write faster."""
     return int(max(1, min(1024, PAGE_BYTES // max(row_bytes, 1))))
+
+
+def dictionary_columns(schema: pa.Schema) -> bool | list[str]:
+    """The columns written with a dictionary and min/max statistics: not embeddings (lists
+    of floats) nor media bytes. Their values rarely repeat, yet the writer hashes every one
+    of them first (a float16 embedding, with at most 65,536 distinct values, even stays
+    dictionary-encoded), and no reader prunes by their minimum element: without both a
+    512-d float16 column writes about 6x and reads about 5x faster. Compression stays: on
+    such a column it saves little (0.5%) but costs little (3% of the write)."""
+    plain = [f.name for f in schema if _no_dictionary(f.type)]
+    return [n for n in schema.names if n not in plain] if plain else True
+
+
+def _no_dictionary(t: pa.DataType) -> bool:
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        return True
+    lists = pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+    return lists and pa.types.is_floating(t.value_type)
 
 
 def read_rejects(path: str) -> pa.Table | None:

@@ -7,7 +7,8 @@ and a 512-d float16 image_embedding (about 1 KiB a row), in Parquet shards of 50
 
 1. `mmtools filter DIR --where "clip_score >= 0.28 AND width >= 256" -o OUT` against a
    plain pyarrow scan + filter + write (iter_batches, RecordBatch.filter, ParquetWriter) and
-   polars (scan_parquet().filter().sink_parquet()) of the same data, in the same run.
+   polars (scan_parquet().filter().sink_parquet()) of the same data, in the same run, as
+   ratios; target: mmtools at most 1.0x polars' wall time (exit 1 when missed).
 2. `mmtools filter DIR --top-fraction 0.3 --by clip_score` (two passes): time, and peak RSS
    on half the data and on all of it, next to the --where run's peak RSS and the bytes of the
    key and id columns: the growth follows the key column, not the embeddings.
@@ -27,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from timing import timed_cpu
+from timing import Targets, timed_cpu
 
 WHERE = "clip_score >= 0.28 AND width >= 256"
 BLOCK = 65_536
@@ -117,8 +118,9 @@ def startup(tmp: Path) -> tuple[float, float]:
     return t, cpu
 
 
-def bench_where(data: Path, tmp: Path, rows: int, repeat: int) -> int:
-    """Time the three scans; return the peak RSS (MiB) of the mmtools run."""
+def bench_where(data: Path, tmp: Path, rows: int, repeat: int, targets: Targets) -> int:
+    """Time the three scans; check mmtools against polars; return the peak RSS (MiB) of the
+    mmtools run."""
     best = {"arrow": (float("inf"),) * 2, "polars": (float("inf"),) * 2}
     best["ours"] = best["arrow"]
     for _ in range(repeat):  # interleaved, so load from elsewhere hits all three alike
@@ -142,6 +144,7 @@ def bench_where(data: Path, tmp: Path, rows: int, repeat: int) -> int:
         f"  ratio mmtools / pyarrow: {t / ta:.2f}x wall, {cpu / ca:.2f}x CPU; "
         f"mmtools / polars: {t / tp:.2f}x wall, {cpu / cp:.2f}x CPU (1.0 = as fast)"
     )
+    targets.at_most("mmtools filter --where / polars, wall", t / tp, 1.0, "x")
     t0, cpu0 = startup(tmp)
     print(
         f"  without the fixed cost of starting mmtools ({t0:.1f} s, CPU {cpu0:.1f} s): "
@@ -183,8 +186,10 @@ def main() -> None:
         t, _ = timed_cpu(make_data, tmp / "data", rows, min(500_000, -(-rows // 4)))
         size = sum(f.stat().st_size for f in (tmp / "data").iterdir())
         print(f"data: {rows:,} rows, {size / 2**30:.2f} GiB in Parquet ({t:.0f} s to make)")
-        rss_where = bench_where(tmp / "data", tmp, rows, args.repeat)
+        targets = Targets()
+        rss_where = bench_where(tmp / "data", tmp, rows, args.repeat, targets)
         bench_top(tmp / "data", tmp, rss_where)
+    raise SystemExit(targets.exit_code())
 
 
 if __name__ == "__main__":

@@ -227,7 +227,8 @@ def sql_columns(expression: str, schema: pa.Schema) -> list[str]:
     if unknown := [n for n in names if n not in schema.names]:
         raise UsageError(f"{where}: unknown column {', '.join(unknown)}; {available}") from None
     try:
-        frame = pl.from_arrow(schema.empty_table().select(names))
+        # An empty table from its batches: Schema.empty_table() imports pandas.
+        frame = pl.from_arrow(pa.Table.from_batches([], schema).select(names))
         dtype = frame.select(expr).dtypes[0] if names else pl.select(expr).dtypes[0]
     except pl.exceptions.PolarsError as e:
         raise UsageError(f"{where}: {str(e).splitlines()[0]}; {available}") from None
