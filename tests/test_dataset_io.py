@@ -8,11 +8,13 @@ import signal
 import subprocess
 import time
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import MMTOOLS, make_image_folder, mmtools, read_dataset, wait_for
 
+from mmtools import columns as C
 from mmtools.errors import EXIT_DATA, EXIT_DRIFT, EXIT_LOCKED, DataContractError
 
 
@@ -211,3 +213,20 @@ def test_wide_rows_reach_the_parquet_encoder_a_page_at_a_time():
     assert write_batch_rows(90_000) == 11
     assert write_batch_rows(5_000_000) == 1
     assert write_batch_rows(100) == 1024 and write_batch_rows(0) == 1024
+
+
+def test_a_local_parquet_file_streams_in_whole_batches_whatever_its_row_groups(tmp_path):
+    """The fast local reader hands out chunks of its own sizes; a Source's batches are still
+    `batch_size` rows (the last shorter), from any resume point, with every value intact."""
+    from mmtools.io.source import Source
+
+    n = 2345
+    emb = pa.FixedSizeListArray.from_arrays(
+        pa.array(np.arange(n * 4, dtype=np.float16)), type=C.embedding_type(4, "float16")
+    )
+    table = pa.table({"id": [f"r{i:05d}" for i in range(n)], C.IMAGE_EMBEDDING: emb})
+    pq.write_table(table, tmp_path / "t.parquet", row_group_size=700)
+    for skip, sizes in ((0, [500] * 4 + [345]), (3, [500] * 4 + [342]), (1999, [346])):
+        got = list(Source([str(tmp_path / "t.parquet")]).batches(batch_size=500, skip_rows=skip))
+        assert [b.num_rows for b in got] == sizes
+        assert pa.Table.from_batches(got, schema=table.schema).equals(table.slice(skip))

@@ -270,13 +270,15 @@ def test_rerun_after_backend_died_pays_only_for_rows_left(tmp_path, dataset, ech
         "--shard-rows",
         100,
     ]
-    with LLMServer(drop_after=12) as server:
-        proc = rewrite(server, dataset, *args, check=False)
+    with LLMServer(drop_after=12) as dying:
+        proc = rewrite(dying, dataset, *args, check=False)
     assert proc.returncode == 75, proc.stderr.decode()
     assert not (out / "_manifest.json").exists()
+    # Requests already in flight when the 12th answer went out may be answered too.
+    assert 12 <= dying.answered <= 12 + 4
     with LLMServer() as server:
         rewrite(server, dataset, *args)
-        assert server.requests == 30 - 12
+        assert server.requests == 30 - dying.answered  # every answer paid for was kept
     t = read_dataset(out)
     assert t.num_rows == 30
     assert all(

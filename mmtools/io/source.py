@@ -275,10 +275,20 @@ def _read_local(path: str, columns, batch_size: int, skip: int) -> Iterator[pa.R
         if not all(_plain(f.type) for f in schema):
             return
         frame = pl.scan_parquet(path).select(schema.names).slice(skip)
+        # polars hands out chunks of its own sizes; batches keep pyarrow's: `batch_size`
+        # rows each, the last one shorter.
+        pending: list[pa.Table] = []
+        held = 0
         for chunk in frame.collect_batches(chunk_size=batch_size):
-            for batch in chunk.to_arrow().cast(schema).to_batches(batch_size):
-                if batch.num_rows:
-                    yield batch
+            pending.append(chunk.to_arrow().cast(schema))
+            held += pending[-1].num_rows
+            if held >= batch_size:
+                table = pa.concat_tables(pending).combine_chunks()
+                whole = held - held % batch_size
+                yield from table.slice(0, whole).to_batches(batch_size)
+                pending, held = [table.slice(whole)], held - whole
+        if held:
+            yield from pa.concat_tables(pending).combine_chunks().to_batches(batch_size)
     except (pl.exceptions.PolarsError, pa.ArrowException, OSError):
         return
 

@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import timing
 from timing import Targets, timed_cpu
 
 WHERE = "clip_score >= 0.28 AND width >= 256"
@@ -80,27 +78,8 @@ def plain_polars(src: Path, out: Path) -> None:
 
 
 def run_mmtools(*args) -> tuple[float, float, int]:
-    """Run mmtools; return (seconds, CPU seconds, peak RSS in MiB) of that process alone."""
-    # VmHWM of the child's own address space: getrusage would report the parent's peak,
-    # which Linux carries into a child across fork and exec.
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mmtools", *map(str, args), "-q"], stdout=subprocess.DEVNULL
-    )
-    peak, done = 0, 0
-    while not done:
-        done, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        try:
-            with open(f"/proc/{proc.pid}/status") as f:
-                hwm = next(line for line in f if line.startswith("VmHWM:"))
-            peak = max(peak, int(hwm.split()[1]) // 1024)
-        except (OSError, StopIteration):
-            pass
-        time.sleep(0.02)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise SystemExit(f"mmtools {' '.join(map(str, args))} failed ({proc.returncode})")
-    return time.perf_counter() - t0, usage.ru_utime + usage.ru_stime, peak
+    """Run mmtools quietly: (seconds, CPU seconds, peak RSS in MiB) of that process alone."""
+    return timing.run_mmtools(*args, "-q")
 
 
 def rows_of(path: Path) -> int:

@@ -12,16 +12,13 @@ is at most 250 MiB for each: a streaming copy (`filter --where true`), `filter -
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import timing
 from bench_dedup import jpegs
 from timing import Targets
 
@@ -70,24 +67,8 @@ def make_data(root: Path, rows: int) -> None:
 
 def peak_rss(*args) -> tuple[float, int]:
     """Run mmtools; return (seconds, peak RSS in MiB) of that process alone."""
-    # VmHWM of the child's own address space: getrusage would report the parent's peak.
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mmtools", *map(str, args)], stdout=subprocess.DEVNULL
-    )
-    peak, done = 0, 0
-    while not done:
-        done, status, _ = os.wait4(proc.pid, os.WNOHANG)
-        try:
-            with open(f"/proc/{proc.pid}/status") as f:
-                hwm = next(line for line in f if line.startswith("VmHWM:"))
-            peak = max(peak, int(hwm.split()[1]) // 1024)
-        except (OSError, StopIteration):
-            pass
-        time.sleep(0.01)
-    if os.waitstatus_to_exitcode(status):
-        raise SystemExit(f"mmtools {' '.join(map(str, args))} failed")
-    return time.perf_counter() - t0, peak
+    seconds, _, peak = timing.run_mmtools(*args)
+    return seconds, peak
 
 
 def main() -> None:

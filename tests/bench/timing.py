@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 
 
@@ -17,6 +20,30 @@ def timed_cpu(fn, *args) -> tuple[float, float]:
     t0, c0 = time.perf_counter(), time.process_time()
     fn(*args)
     return time.perf_counter() - t0, time.process_time() - c0
+
+
+def run_mmtools(*args) -> tuple[float, float, int]:
+    """Run mmtools; return (seconds, CPU seconds, peak RSS in MiB) of that process alone."""
+    # VmHWM of the child's own address space: getrusage would report the parent's peak,
+    # which Linux carries into a child across fork and exec.
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mmtools", *map(str, args)], stdout=subprocess.DEVNULL
+    )
+    peak, done = 0, 0
+    while not done:
+        done, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        try:
+            with open(f"/proc/{proc.pid}/status") as f:
+                hwm = next(line for line in f if line.startswith("VmHWM:"))
+            peak = max(peak, int(hwm.split()[1]) // 1024)
+        except (OSError, StopIteration):
+            pass
+        time.sleep(0.01)
+    code = os.waitstatus_to_exitcode(status)
+    if code:
+        raise SystemExit(f"mmtools {' '.join(map(str, args))} failed ({code})")
+    return time.perf_counter() - t0, usage.ru_utime + usage.ru_stime, peak
 
 
 class Targets:
