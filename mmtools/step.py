@@ -250,6 +250,16 @@ class Step:
     def close(self) -> None:
         """Release resources."""
 
+    def begin(self, output: str, run: str) -> None:
+        """Before the output opens, in the driving process: a step that keeps state beside
+        the output (dedup's `--index`) opens and repairs it. `output` is the output's path
+        ("-" for a stream) and `run` the digest of the run's fingerprint."""
+
+    def end(self, committed: bool) -> None:
+        """After the output's manifest is in place (`committed`), or after a failed run: a
+        step with state beside the output makes its part final, or leaves it for the next
+        run to repair, and lets go of it."""
+
     def drop_rows(
         self, batch: pa.RecordBatch, where, rule: str, value=None, kept_id=None
     ) -> pa.RecordBatch | None:

@@ -43,6 +43,7 @@ COMMANDS = (
     "train_head",
     "filter",
     "dedup",
+    "dedup_index",
     "rewrite",
     "mixup",
     "info",

@@ -77,6 +77,16 @@ OPTIONS = O.Bundle(
             ),
         ],
         "seed": O.Seed,
+        "index": Annotated[
+            str | None,
+            typer.Option(
+                metavar="DIR",
+                help="Also drop rows matching any row kept by earlier runs with this index, "
+                "and add this run's kept rows to it once the output commits (made on first "
+                "use; a run with other methods or settings exits 6; one run at a time).",
+                show_default=False,
+            ),
+        ],
     },
 )
 
@@ -97,12 +107,15 @@ def dedup(config: DedupConfig, common: Common) -> None:
     group is kept by --keep. Methods run in the order given, each on the rows the previous
     ones kept, as in a pipe. Only keys are held in memory; media are streamed twice.
     Undecodable images (phash) and bad embeddings (semantic) become reject rows.
+    --index DIR dedups against every earlier run that used DIR (nightly batches): see
+    `mmtools info DIR`.
     A run that drops (or, with --mark, marks) more than --max-drop-rate of its rows, 0.95
     by default, exits 7 after committing its output.
     """
     from mmtools.steps.dedup.step import Dedup
 
-    step = Dedup(replace(config, methods=tuple(O.split_commas(config.methods))))
+    methods = tuple(O.split_commas(config.methods))
+    step = Dedup(replace(config, methods=methods, index_wait=common.wait_lock))
 
     def marked() -> dict[str, int]:  # with --mark, the rows a plain run would drop
         return {name: s["duplicates"] for name, s in step.stats.items()}
@@ -111,7 +124,9 @@ def dedup(config: DedupConfig, common: Common) -> None:
     execute("dedup", source, [step], common, marked=marked if config.mark else None)
     if step.stats and not common.quiet and not common.json:
         found = ", ".join(
-            f"{name} {s['clusters']} ({s['duplicates']} duplicate rows)"
+            f"{name} {s['clusters']} ({s['duplicates']} duplicate rows"
+            + (f", {s['of_earlier_runs']} of earlier runs" if "of_earlier_runs" in s else "")
+            + ")"
             for name, s in step.stats.items()
         )
         typer.echo(f"mmtools dedup: clusters: {found}", err=True)

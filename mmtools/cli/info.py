@@ -16,7 +16,7 @@ def info(
     common: Common,
     json: Annotated[bool, typer.Option("--json", help="Print the description as JSON.")] = False,
 ) -> None:
-    """Describe a dataset: schema, rows, shards, size, rejects and lineage.
+    """Describe a dataset: schema, rows, shards, size, rejects and lineage (or a dedup index).
 
     Example: mmtools info ds/
 
@@ -27,6 +27,15 @@ def info(
     from mmtools.tools.info import describe
 
     setup_logging(common.verbose, False)
+    if common.inputs and len(common.inputs) == 1:
+        from mmtools.steps.dedup.index import describe as describe_index
+        from mmtools.steps.dedup.index import is_index
+
+        if is_index(common.inputs[0]):
+            from mmtools.cli.dedup_index import show
+
+            show(describe_index(common.inputs[0]), json)
+            return
     source = open_source(common.inputs)
     desc = describe(source, common.inputs or ["-"])
     if json:

@@ -13,6 +13,7 @@ this package through the Ray options.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -125,6 +126,7 @@ def run(
     """Run `steps` over `source` into `sink` with `executor` (default: in this process);
     return the summary and the manifest. With `ledger`, every dropped row gets a ledger row
     (`_dropped/`, or down the pipe), and those from an upstream run are forwarded."""
+    from mmtools.io.manifest import fingerprint_digest
     from mmtools.step import GlobalStep
 
     if executor is None:
@@ -136,36 +138,56 @@ def run(
     for step in steps:
         step.ledger = ledger
     schema, info = output_schema(source.schema, steps)
-    incoming: list[pa.RecordBatch] = []
-    source.on_rejects = incoming.append
-    drops: list[pa.RecordBatch] = []
-    source.on_drops = drops.append if ledger else (lambda rows: None)
-    start = sink.open(schema, fingerprint(command, steps, source), source.locate)
-    if sink.complete:
-        summary.already_complete = True
-        return summary, sink.close(summary.as_dict(), [], info)
-    summary.resumed_from = start.rows
+    fp = fingerprint(command, steps, source)
+    with begun(steps, sink.path, fingerprint_digest(fp)):
+        incoming: list[pa.RecordBatch] = []
+        source.on_rejects = incoming.append
+        drops: list[pa.RecordBatch] = []
+        source.on_drops = drops.append if ledger else (lambda rows: None)
+        start = sink.open(schema, fp, source.locate)
+        if sink.complete:
+            summary.already_complete = True
+            return summary, sink.close(summary.as_dict(), [], info)
+        summary.resumed_from = start.rows
+        try:
+            executor.setup(steps)
+            if steps and isinstance(steps[0], GlobalStep):
+                first_pass(executor, source, steps[0], batch_size)
+                steps[0].seek(start.rows)  # where a resumed run's pass 2 starts
+            results = executor.results(source, steps, start.rows, batch_size)
+            writer = Writer(sink, schema, start, (incoming, drops), summary, ledger)
+            writer.write_all(results, source, steps, quiet)
+            if steps and all(s.counts_successes for s in steps) and summary.rows_in:
+                summary.success_rate = round(summary.rows_out / summary.rows_in, 4)
+        except BaseException as e:
+            sink.abort()
+            raise_for_storage(e, sink)
+            raise
+        finally:
+            executor.close(steps)
+            source.close()
+        summary.seconds = time.monotonic() - t0
+        lineage = [*source.upstream, {"argv": argv or [], **summary.as_dict()}]
+        lineage[-1] |= trail(source, steps, schema)
+        return summary, commit(sink, summary, lineage, info)
+
+
+@contextlib.contextmanager
+def begun(steps: list[Step], output: str, run: str) -> Iterator[None]:
+    """Each step's `begin` before the run and its `end` after: committed when the run
+    returned, not when it raised."""
+    opened: list[Step] = []
     try:
-        executor.setup(steps)
-        if steps and isinstance(steps[0], GlobalStep):
-            first_pass(executor, source, steps[0], batch_size)
-            steps[0].seek(start.rows)  # where a resumed run's pass 2 starts
-        results = executor.results(source, steps, start.rows, batch_size)
-        writer = Writer(sink, schema, start, (incoming, drops), summary, ledger)
-        writer.write_all(results, source, steps, quiet)
-        if steps and all(s.counts_successes for s in steps) and summary.rows_in:
-            summary.success_rate = round(summary.rows_out / summary.rows_in, 4)
-    except BaseException as e:
-        sink.abort()
-        raise_for_storage(e, sink)
+        for step in steps:
+            step.begin(output, run)
+            opened.append(step)
+        yield
+    except BaseException:
+        for step in opened:
+            step.end(False)
         raise
-    finally:
-        executor.close(steps)
-        source.close()
-    summary.seconds = time.monotonic() - t0
-    lineage = [*source.upstream, {"argv": argv or [], **summary.as_dict()}]
-    lineage[-1] |= trail(source, steps, schema)
-    return summary, commit(sink, summary, lineage, info)
+    for step in opened:
+        step.end(True)
 
 
 def trail(source: Source, steps: list[Step], schema: pa.Schema) -> dict:

@@ -50,6 +50,14 @@ def write_json_atomic(path: str, obj: dict) -> None:
     fsync_path(os.path.dirname(path) or ".")
 
 
+def fingerprint_digest(fingerprint: dict) -> str:
+    """A run's fingerprint (as `_run.json` and the manifest hold it) as a short hash."""
+    import hashlib
+
+    text = json.dumps(fingerprint, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
 def versions() -> dict:
     """Versions of the software that made the data (torch only if it was loaded)."""
     from mmtools import __version__

@@ -8,11 +8,17 @@ Each duplicate is tied to the row kept in its place by the method that found it,
 close the two are (`DedupMethod.values`: pHash bits apart, caption Jaccard similarity,
 embedding cosine similarity; none for exact keys): in its ledger row when dropped, in the
 dup_method, dup_kept_id and dup_value columns with --mark.
+
+With an index (`--index DIR`, `index.py`), the key rows of every row kept by earlier runs
+join pass 1 after the input's, ranked before all of them whatever the keep rule: a row that
+matches one is a duplicate of it, and such rows are never output. The keys of the rows this
+run keeps are staged in the index before the output commits and made part of it after.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +27,7 @@ import pyarrow.compute as pc
 
 from mmtools import columns as C
 from mmtools.errors import DataContractError, UsageError
-from mmtools.step import GlobalStep, Result, concat_rows, rejects_at
+from mmtools.step import BUCKET, POSITION, GlobalStep, Result, concat_rows, rejects_at
 from mmtools.steps.dedup.groups import cluster_ids, keep_best, parse_keep, priority
 from mmtools.steps.dedup.method import DedupMethod
 
@@ -48,6 +54,8 @@ class DedupConfig:
     clusters: int | None = None
     column: str = C.IMAGE_EMBEDDING
     seed: int = 0
+    index: str | None = None
+    index_wait: bool = False  # wait for another run holding the index (--wait-lock)
 
     def check(self) -> None:
         """Raise a usage error for an impossible option value."""
@@ -88,6 +96,7 @@ class Dedup(GlobalStep):
     """Find duplicate groups, keep one row of each by the keep rule, drop or mark the rest."""
 
     name = "dedup"
+    transient = ("_seen",)
 
     def __init__(self, config: DedupConfig):
         super().__init__(config)
@@ -101,10 +110,15 @@ class Dedup(GlobalStep):
         self._values: list = []
         self._n = 0
         self._pos: int | None = None
+        self._seen = None  # the open index (--index), in the driving process
+        self._key_rows: list[pa.RecordBatch] = []  # pass-1 keys, staged for the index
+        self._seen_ids = pa.array([], pa.large_string())
 
     def params(self) -> dict:
         """The options, JSON-ready, for the resume fingerprint."""
-        return {**super().params(), "methods": list(self.config.methods)}
+        out = {**super().params(), "methods": list(self.config.methods)}
+        out.pop("index_wait")
+        return out
 
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
         """The input schema, plus dup_cluster and is_duplicate with --mark."""
@@ -122,6 +136,7 @@ class Dedup(GlobalStep):
         for method in self.methods:
             needed += method.bind(schema)
             method.values_wanted = self._tied
+        self.settings = self._index_settings(schema)
         self.scan_columns = tuple(dict.fromkeys(needed))
         if not self.config.mark:
             return schema
@@ -142,6 +157,82 @@ class Dedup(GlobalStep):
         info = {"step": self.name, **self.params()}
         return dict.fromkeys(MARKS, info)
 
+    # -- the index (--index) -----------------------------------------------------------------
+
+    def _index_settings(self, schema: pa.Schema) -> dict:
+        """What every key in an index must have been made with: an index built otherwise
+        is refused (exit 6)."""
+        c = self.config
+        out: dict = {"methods": list(c.methods)}
+        for m in self.methods:
+            if m.name == "exact":
+                out["exact"] = {"fields": list(m.fields)}
+            elif m.name == "phash":
+                out["phash"] = {"max_distance": c.max_distance, "flip": c.phash_flip}
+            elif m.name == "minhash":
+                keys = ("threshold", "num_perm", "shingle", "seed")
+                out["minhash"] = {k: getattr(c, k) for k in keys}
+            else:
+                made = C.column_info(schema).get(c.column, {})
+                out["semantic"] = {
+                    "column": c.column,
+                    "eps": c.eps,
+                    "dim": schema.field(c.column).type.list_size,
+                    "model": made.get("model"),
+                }
+        return out
+
+    def begin(self, output: str, run: str) -> None:
+        """Open the index (lock, check its settings, repair a killed run's generation)."""
+        if not self.config.index:
+            return
+        from mmtools.io.fs import is_remote
+        from mmtools.steps.dedup.index import SeenIndex
+
+        local = output != "-" and not is_remote(output)
+        self._output = os.path.abspath(output) if local else output
+        self._run = run
+        self._seen = SeenIndex(self.config.index, self.config.index_wait).open(self.settings)
+
+    def end(self, committed: bool) -> None:
+        """After the output committed, add this run's kept keys to the index; let it go."""
+        if self._seen is None:
+            return
+        try:
+            if committed:
+                self._seen.promote()
+        finally:
+            self._seen.close()
+            self._seen = None
+
+    def _scan_index(self) -> int:
+        """Scan the index's key rows after the input's; return how many there are."""
+        table = self._seen.load(skip_output=self._output)
+        if table is None:
+            return 0
+        names = self._key_rows[0].schema.names if self._key_rows else []
+        if missing := [k for k in names if k != self.keep_column and k not in table.column_names]:
+            raise DataContractError(f"--index {self.config.index} has no key column {missing[0]}")
+        self._seen_ids = table.column(C.ID).cast(pa.large_string()).combine_chunks()
+        offset = self._n
+        for batch in table.to_batches(max_chunksize=65536):
+            for method in self.methods:
+                method.scan(batch, offset)
+            offset += batch.num_rows
+        return table.num_rows
+
+    def _stage(self) -> None:
+        """Stage the keys of the rows this run keeps, before its output commits."""
+        kept = pa.array(self._state[: self._n] == ALIVE)
+        if self._key_rows:
+            rows = pa.Table.from_batches(self._key_rows).filter(kept)
+        else:
+            rows = pa.table({C.ID: pa.array([], pa.string())})
+        if self.keep_column and self.keep_column != C.ID:
+            rows = rows.drop_columns([self.keep_column])
+        self._key_rows = []
+        self._seen.stage(rows, self._output, self._run)
+
     # -- pass 1 ----------------------------------------------------------------------------
 
     def keys(self, batch: pa.RecordBatch) -> pa.RecordBatch:
@@ -154,6 +245,9 @@ class Dedup(GlobalStep):
     def scan(self, batch: pa.RecordBatch) -> None:
         """Remember the ids, the keep-rule values and each method's keys of `batch`."""
         self._ids.append(batch.column(C.ID).cast(pa.large_string()))
+        if self._seen is not None:  # the keys alone, without an engine's own columns
+            engine = [n for n in (POSITION, BUCKET) if n in batch.schema.names]
+            self._key_rows.append(batch.drop_columns(engine) if engine else batch)
         if self.keep_column:
             self._values.append(batch.column(self.keep_column))
         for method in self.methods:
@@ -163,15 +257,18 @@ class Dedup(GlobalStep):
     def finish_scan(self) -> None:
         """Run each method on the rows still kept, apply the keep rule, number the clusters."""
         n = self._n
+        seen = self._scan_index() if self._seen is not None else 0
         self._ids = pa.chunked_array(self._ids, pa.large_string()).combine_chunks()
         values = pa.chunked_array(self._values, self._keep_type) if self.keep_column else None
         prio = priority(pa.chunked_array([self._ids]), values, self.keep_mode)
+        prio = np.r_[prio, np.arange(seen, dtype=np.int64) - seen]  # earlier runs' rows win
         self._values = []
-        self._state = np.full(n, ALIVE, dtype=np.int8)
+        total = n + seen
+        self._state = np.full(total, ALIVE, dtype=np.int8)
         self._rejects: dict[int, tuple[str, str]] = {}
         # Per row: the row kept instead of a duplicate (-1: none) and how close it is.
-        self._kept = np.full(n if self._tied else 0, -1, dtype=np.int64)
-        self._value = np.full(n if self._tied else 0, np.nan)
+        self._kept = np.full(total if self._tied else 0, -1, dtype=np.int64)
+        self._value = np.full(total if self._tied else 0, np.nan)
         members, keepers = [], []
         for k, method in enumerate(self.methods):
             for pos, why in method.failures.items():
@@ -187,23 +284,30 @@ class Dedup(GlobalStep):
             self._state[active[grouping.drop]] = k
             members.append(active[grouping.members])
             keepers.append(active[grouping.keepers])
+            ours = grouping.drop & (active < n)  # the index's own rows are never output
             self.stats[method.name] = {
                 "clusters": grouping.groups,
-                "duplicates": int(grouping.drop.sum()),
+                "duplicates": int(ours.sum()),
             }
+            if seen:
+                earlier = int((ours & (active[np.maximum(grouping.keeper, 0)] >= n)).sum())
+                self.stats[method.name]["of_earlier_runs"] = earlier
             log.info(
                 "dedup %s: %d clusters, %d duplicate rows",
                 method.name,
                 grouping.groups,
-                int(grouping.drop.sum()),
+                int(ours.sum()),
             )
         if self.config.mark:
-            self._cluster = cluster_ids(n, np.concatenate(members), np.concatenate(keepers))
+            self._cluster = cluster_ids(total, np.concatenate(members), np.concatenate(keepers))
+        if self._seen is not None:
+            self._stage()
 
-    def bucketed(self) -> DedupMethod:
+    def bucketed(self) -> DedupMethod | None:
         """The first method, whose groups a groupby on buckets may find (its keys never in one
-        place); the ids, keep-rule values and the other methods' keys are scanned in order."""
-        return self.methods[0]
+        place); the ids, keep-rule values and the other methods' keys are scanned in order.
+        None with an index: its keys are on the driver, so the keys come there too."""
+        return None if self.config.index else self.methods[0]
 
     # -- pass 2 ----------------------------------------------------------------------------
 
@@ -242,7 +346,9 @@ class Dedup(GlobalStep):
         """The ids of the rows kept instead of rows [start, start + rows) (null where none)
         and how close each is to it."""
         kept = self._kept[start : start + rows]
-        ids = self._ids.take(pa.array(kept, pa.int64(), mask=kept < 0)).cast(pa.string())
+        every = pa.chunked_array([self._ids, self._seen_ids], pa.large_string())
+        ids = every.take(pa.array(kept, pa.int64(), mask=kept < 0)).combine_chunks()
+        ids = ids.cast(pa.string())
         return ids, self._value[start : start + rows]
 
     def _marked(self, out: pa.RecordBatch, state: np.ndarray, start: int, keep: np.ndarray):

@@ -1,0 +1,256 @@
+"""The persistent dedup index (`dedup --index DIR`): the keys of every row kept so far.
+
+A directory of generations, one per run that fed it, each a Parquet file of key rows (the
+row's id and its `Dedup.keys`: content hash, pHashes, normalised caption, embedding), and
+`_index.json` listing them with the methods and parameters every key was made with.
+
+Commit protocol, tied to the output a run writes:
+
+1. under the lock (`.lock`; a second run exits 5, or waits with --wait-lock), a run stages
+   the keys of the rows it keeps as `pending-N.parquet` and `_pending.json` (naming the
+   output and the run's fingerprint) *before* its output commits;
+2. after the output's manifest is in place, the pending file is renamed `gen-N.parquet`,
+   `_index.json` is rewritten listing it, and `_pending.json` is removed;
+3. whoever opens the index next repairs a kill in between: a pending generation whose output
+   committed (its manifest carries the same fingerprint) is promoted, any other is dropped
+   (its output never committed, so its rows are not anywhere yet).
+
+A generation records its output; a later run writing the same output (a rerun with
+--overwrite) replaces it instead of matching against its own rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mmtools.errors import DriftError, UsageError
+from mmtools.io.fs import is_remote, store
+from mmtools.io.layout import MANIFEST
+from mmtools.io.lock import DirLock
+from mmtools.io.manifest import fingerprint_digest, fsync_path, read_json, write_json_atomic
+
+FORMAT = "mmtools-dedup-index"
+INDEX_FILE, PENDING_FILE, LOCK_NAME = "_index.json", "_pending.json", ".lock"
+log = logging.getLogger("mmtools")
+
+
+def _gen_name(gen: int) -> str:
+    return f"gen-{gen:06d}.parquet"
+
+
+def _pending_name(gen: int) -> str:
+    return f"pending-{gen:06d}.parquet"
+
+
+def is_index(path: str) -> bool:
+    """Whether `path` is a dedup index directory."""
+    found = read_json(os.path.join(path, INDEX_FILE)) if not is_remote(path) else None
+    return bool(found and found.get("format") == FORMAT)
+
+
+class SeenIndex:
+    """One open dedup index: locked from `open` to `close`."""
+
+    def __init__(self, path: str, wait: bool = False):
+        if is_remote(path):
+            raise UsageError(f"--index must be a local directory, not {path}")
+        self.path = path
+        self.lock = DirLock(os.path.join(path, LOCK_NAME), wait=wait)
+        self.manifest: dict = {}
+
+    # -- opening ---------------------------------------------------------------------------
+
+    def open(self, params: dict | None) -> SeenIndex:
+        """Lock, check that the index was made with `params` (None: any), repair a kill."""
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise UsageError(f"--index {self.path} is a file, not a directory")
+        if os.path.isdir(self.path) and os.listdir(self.path) and not self._ours():
+            raise UsageError(
+                f"--index {self.path} holds other files and no {INDEX_FILE}; "
+                "give a new or empty directory"
+            )
+        os.makedirs(self.path, exist_ok=True)
+        self.lock.acquire()
+        try:
+            self.manifest = read_json(self._at(INDEX_FILE)) or {}
+            if params is not None and self.manifest.get("params") not in (None, params):
+                raise DriftError(
+                    f"--index {self.path} was built with other dedup settings "
+                    f"({_first_difference(self.manifest['params'], params)}); "
+                    "use another directory or the settings it was built with"
+                )
+            self.repair()
+        except BaseException:
+            self.close()
+            raise
+        if params is not None:
+            self.manifest.setdefault("params", params)
+        return self
+
+    def _ours(self) -> bool:
+        mine = (INDEX_FILE, PENDING_FILE, LOCK_NAME, "pending-", "gen-", ".tmp-")
+        return all(name.startswith(mine) for name in os.listdir(self.path))
+
+    def repair(self) -> None:
+        """Finish or drop a generation a killed run left pending."""
+        pending = read_json(self._at(PENDING_FILE))
+        if pending is None:
+            self._remove_strays()
+            return
+        listed = {g["gen"] for g in self.generations}
+        if pending["gen"] in listed:
+            log.info("dedup index: generation %d was already listed", pending["gen"])
+        elif _committed(pending.get("output"), pending["fingerprint"]):
+            log.warning(
+                "dedup index: adding the keys of %s, whose run was stopped after its output "
+                "committed",
+                pending["output"],
+            )
+            self._promote(pending)
+        else:
+            log.warning(
+                "dedup index: dropping keys staged by a run whose output never committed (%s)",
+                pending.get("output") or "a stream",
+            )
+        self._unlink(PENDING_FILE)
+        self._remove_strays()
+
+    def _remove_strays(self) -> None:
+        listed = {_gen_name(g["gen"]) for g in self.generations}
+        for name in os.listdir(self.path):
+            stray = name.startswith(("pending-", ".tmp-")) or (
+                name.startswith("gen-") and name not in listed
+            )
+            if stray:
+                self._unlink(name)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    @property
+    def generations(self) -> list[dict]:
+        """The committed generations, oldest first."""
+        return self.manifest.get("generations", [])
+
+    @property
+    def rows(self) -> int:
+        """Key rows in the committed generations."""
+        return sum(g["rows"] for g in self.generations)
+
+    def load(self, skip_output: str | None = None) -> pa.Table | None:
+        """The key rows of every generation except those that fed `skip_output`."""
+        tables = [
+            pq.read_table(self._at(_gen_name(g["gen"])))
+            for g in self.generations
+            if skip_output is None or g.get("output") != skip_output
+        ]
+        tables = [t for t in tables if t.num_rows]
+        if not tables:
+            return None
+        return pa.concat_tables(tables, promote_options="default")
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def stage(self, keys: pa.Table, output: str | None, fingerprint: str) -> None:
+        """Write the key rows of a run's kept rows as a pending generation (before the run's
+        output commits)."""
+        gen = max([g["gen"] for g in self.generations] + [0]) + 1
+        tmp, final = self._at(".tmp-" + _pending_name(gen)), self._at(_pending_name(gen))
+        pq.write_table(keys, tmp, compression="zstd")
+        fsync_path(tmp)
+        os.replace(tmp, final)
+        fsync_path(self.path)
+        record = {
+            "gen": gen,
+            "rows": keys.num_rows,
+            "output": output,
+            "fingerprint": fingerprint,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        write_json_atomic(self._at(PENDING_FILE), record)
+        self.staged = record
+
+    def promote(self) -> None:
+        """After the run's output committed: make the staged generation part of the index."""
+        record = getattr(self, "staged", None)
+        if record is None:
+            return
+        self._promote(record)
+        self._unlink(PENDING_FILE)
+        self.staged = None
+
+    def _promote(self, record: dict) -> None:
+        gen, output = record["gen"], record.get("output")
+        if not os.path.exists(self._at(_gen_name(gen))):
+            os.replace(self._at(_pending_name(gen)), self._at(_gen_name(gen)))
+            fsync_path(self.path)
+        replaced = [g for g in self.generations if output and g.get("output") == output]
+        entry = {k: record[k] for k in ("gen", "rows", "output", "fingerprint", "created")}
+        entry["bytes"] = os.path.getsize(self._at(_gen_name(gen)))
+        self.manifest = {
+            **self.manifest,
+            "format": FORMAT,
+            "version": 1,
+            "generations": [g for g in self.generations if g not in replaced] + [entry],
+        }
+        self.manifest["rows"] = self.rows
+        write_json_atomic(self._at(INDEX_FILE), self.manifest)
+        for g in replaced:  # a rerun into the same output took their place
+            self._unlink(_gen_name(g["gen"]))
+
+    def keep_only(self, outputs: list[str]) -> None:
+        """Drop the generations that fed any other output (after a rebuild)."""
+        gone = [g for g in self.generations if g.get("output") not in outputs]
+        if not gone:
+            return
+        self.manifest["generations"] = [g for g in self.generations if g not in gone]
+        self.manifest["rows"] = self.rows
+        write_json_atomic(self._at(INDEX_FILE), self.manifest)
+        for g in gone:
+            self._unlink(_gen_name(g["gen"]))
+
+    def close(self) -> None:
+        """Release the lock (a staged generation stays pending for the next opener)."""
+        self.lock.release()
+
+    def _at(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def _unlink(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._at(name))
+
+
+def _committed(output: str | None, fingerprint: str) -> bool:
+    """Whether `output` holds a committed dataset made by the run with `fingerprint`."""
+    if not output or output == "-":
+        return False
+    manifest = store(output).read_json(MANIFEST)
+    return bool(manifest) and fingerprint_digest(manifest.get("fingerprint", {})) == fingerprint
+
+
+def _first_difference(old: dict, new: dict) -> str:
+    for key in ["methods", *sorted(set(old) | set(new))]:
+        if old.get(key) != new.get(key):
+            return f"{key}: {old.get(key)!r} then, {new.get(key)!r} now"
+    return "they differ"
+
+
+def describe(path: str) -> dict:
+    """What `mmtools info` prints for an index: rows, methods, settings, size, the runs."""
+    manifest = read_json(os.path.join(path, INDEX_FILE)) or {}
+    gens = manifest.get("generations", [])
+    return {
+        "index": path,
+        "rows": sum(g["rows"] for g in gens),
+        "methods": (manifest.get("params") or {}).get("methods", []),
+        "params": manifest.get("params"),
+        "bytes": sum(g.get("bytes", 0) for g in gens),
+        "runs": gens,
+        "pending": read_json(os.path.join(path, PENDING_FILE)),
+    }

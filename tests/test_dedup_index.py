@@ -1,0 +1,286 @@
+"""`dedup --index DIR`: dedup each new batch against every row kept by earlier runs.
+
+The reference is one dedup run over all batches at once: run batch by batch against a
+growing index, the union of the kept rows must be the same rows (identical for exact and
+pHash keys on real photographs; >= 99% agreement for MinHash and semantic keys, whose
+groups are found by LSH bands and k-means clusters fitted to the rows each run sees).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import MMTOOLS, mmtools, read_dataset
+
+from mmtools import columns as C
+from mmtools import engines
+from mmtools.errors import EXIT_DRIFT, EXIT_LOCKED
+from mmtools.io.dataset import DatasetSink, read_dropped
+from mmtools.io.source import Source
+from mmtools.steps.dedup.index import SeenIndex
+from mmtools.steps.dedup.step import Dedup, DedupConfig
+
+sys.path.insert(0, str(Path(__file__).parent / "bench"))
+import bench_phash_curve as curve
+
+BATCHES = 10
+
+
+def index_ids(idx: Path) -> list[str]:
+    """The ids of every key row the index's manifest lists, in generation order."""
+    manifest = json.loads((idx / "_index.json").read_text())
+    return [
+        i
+        for g in manifest["generations"]
+        for i in pq.read_table(idx / f"gen-{g['gen']:06d}.parquet")[C.ID].to_pylist()
+    ]
+
+
+def batch_files(tmp: Path, table: pa.Table, batch: np.ndarray) -> list[Path]:
+    """`table`'s rows split into BATCHES Parquet files by `batch` (row order kept)."""
+    files = []
+    for b in range(BATCHES):
+        files.append(tmp / f"batch{b}.parquet")
+        pq.write_table(table.filter(pa.array(batch == b)), files[-1], row_group_size=16)
+    return files
+
+
+def dedup(files: list[Path], out: Path, config: DedupConfig) -> tuple[pa.Table, Dedup]:
+    step = Dedup(config)
+    engines.run("dedup", Source([str(f) for f in files]), [step], DatasetSink(str(out)), quiet=True)
+    return read_dataset(out), step
+
+
+def one_run_and_batches(tmp: Path, files: list[Path], config: DedupConfig):
+    """Kept ids of one run over all files, and of a run per file against one index."""
+    once, _ = dedup(files, tmp / "once", config)
+    kept, earlier = [], 0
+    for b, f in enumerate(files):
+        config_b = DedupConfig(**{**config.__dict__, "index": str(tmp / "idx")})
+        out, step = dedup([f], tmp / f"day{b}", config_b)
+        kept += out[C.ID].to_pylist()
+        earlier += sum(s.get("of_earlier_runs", 0) for s in step.stats.values())
+    return once[C.ID].to_pylist(), kept, earlier
+
+
+@pytest.fixture(scope="module")
+def photos():
+    """48 photo tiles, and resized and cropped (re-encoded) copies of them, plus
+    byte-for-byte copies; spread over the batches at random (copies before originals too)."""
+    blobs, photo, edit = curve.corpus()
+    edits = {"original", "resize50", "resize150", "crop2_centre"}
+    at = [k for k, e in enumerate(edit) if e in edits]
+    at += [k for k, e in enumerate(edit) if e == "original"][::3]  # exact copies
+    ids = [f"r{n:03d}-p{photo[k]:02d}-{edit[k]}" for n, k in enumerate(at)]
+    table = pa.table({C.ID: ids, C.IMAGE: C.media_array([blobs[k] for k in at], [None] * len(at))})
+    return table, np.random.default_rng(5).integers(0, BATCHES, len(at))
+
+
+def test_ten_batches_against_an_index_keep_what_one_run_keeps_exact_and_phash(photos, tmp_path):
+    table, batch = photos
+    files = batch_files(tmp_path, table, batch)
+    config = DedupConfig(methods=("exact", "phash"))
+    once, kept, earlier = one_run_and_batches(tmp_path, files, config)
+    assert kept == sorted(kept, key=once.index) and sorted(kept) == sorted(once)
+    assert len(once) == 48  # one row per photo: every copy found, no two photos merged
+    # Most copies sit in a later batch than a row of their photo: the index found them.
+    firsts = {}
+    for b, i in zip(batch, table[C.ID].to_pylist(), strict=True):
+        firsts.setdefault(i.split("-")[1], []).append(b)
+    later = sum(len(bs) - bs.count(min(bs)) for bs in firsts.values())
+    # (less the few byte copies that exact dedup ties to a row of their own batch first)
+    assert later > 100 and later - 3 <= earlier <= later
+    assert index_ids(tmp_path / "idx") == kept  # each kept row's keys once, in run order
+
+
+def captions_and_embeddings(n_base: int = 150, copies: int = 2, dim: int = 64):
+    """Distinct captions (12 random words) and embeddings, and copies of each with the last
+    word replaced and the embedding nudged (cosine ~0.995 to the original, ~0.99 to each
+    other). Copies that met only through their original (each a different word changed) would
+    be grouped by one run and not by runs that see them on different days: that chain is the
+    one way batch runs and one run can differ."""
+    rng = np.random.default_rng(11)
+    vocab = [f"w{k}" for k in range(3000)]
+    base_text = [list(rng.choice(vocab, 12)) for _ in range(n_base)]
+    base_x = rng.standard_normal((n_base, dim))
+    texts, xs, ids = [], [], []
+    for b in range(n_base):
+        for c in range(copies + 1):
+            words = list(base_text[b])
+            if c:
+                words[-1] = str(rng.choice(vocab))  # copies stay within reach of each other
+            texts.append(" ".join(words))
+            xs.append(base_x[b] + (0.1 * rng.standard_normal(dim) if c else 0))
+            ids.append(f"b{b:03d}-c{c}")
+    order = rng.permutation(len(ids))
+    x = np.asarray(xs, np.float32)[order]
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel(), pa.float32()), dim)
+    table = pa.table(
+        {C.ID: [ids[k] for k in order], C.TEXT: [texts[k] for k in order], C.IMAGE_EMBEDDING: emb}
+    )
+    return table, rng.integers(0, BATCHES, len(ids))
+
+
+@pytest.mark.parametrize("method", ["minhash", "semantic"])
+def test_ten_batches_against_an_index_agree_with_one_run_minhash_and_semantic(method, tmp_path):
+    """Differences can come only from where a group's edges fall: one run groups all rows
+    with LSH/k-means over all of them, a batch run over its rows and the index's. With
+    one copy family per caption and well-separated embeddings, none is expected; the bound
+    allows 1% of the rows."""
+    table, batch = captions_and_embeddings()
+    files = batch_files(tmp_path, table, batch)
+    once, kept, earlier = one_run_and_batches(tmp_path, files, DedupConfig(methods=(method,)))
+    assert len(set(once) ^ set(kept)) <= 0.01 * table.num_rows
+    assert len(once) == 150 and len(kept) == len(set(kept))
+    assert earlier > 200  # most copies arrive after their family's first row
+
+
+def test_marked_duplicates_name_the_row_an_earlier_run_kept(tmp_path):
+    pq.write_table(
+        pa.table({C.ID: ["a", "b"], C.TEXT: ["a red circle", "a blue star"]}),
+        tmp_path / "1.parquet",
+    )
+    pq.write_table(
+        pa.table({C.ID: ["c", "d", "e"], C.TEXT: ["A red circle!", "new", "new"]}),
+        tmp_path / "2.parquet",
+    )
+    idx = str(tmp_path / "idx")
+    dedup([tmp_path / "1.parquet"], tmp_path / "o1", DedupConfig(index=idx))
+    out, step = dedup([tmp_path / "2.parquet"], tmp_path / "o2", DedupConfig(index=idx, mark=True))
+    assert list(
+        zip(
+            out[C.ID].to_pylist(),
+            out[C.IS_DUPLICATE].to_pylist(),
+            out[C.DUP_KEPT_ID].to_pylist(),
+            strict=True,
+        )
+    ) == [("c", True, "a"), ("d", False, None), ("e", True, "d")]
+    assert step.stats["exact"] == {"clusters": 2, "duplicates": 2, "of_earlier_runs": 1}
+    assert index_ids(tmp_path / "idx") == ["a", "b", "d"]  # marked rows are not kept rows
+    # The same rows again into another output: all three are now rows seen before (d and e
+    # by the marking run), and the ledger ties each to the row kept then.
+    dedup([tmp_path / "2.parquet"], tmp_path / "o3", DedupConfig(index=idx))
+    ledger = read_dropped(str(tmp_path / "o3"))
+    assert ledger.select([C.ID, "kept_id"]).to_pylist() == [
+        {C.ID: "c", "kept_id": "a"},
+        {C.ID: "d", "kept_id": "d"},
+        {C.ID: "e", "kept_id": "d"},
+    ]
+    assert read_dataset(tmp_path / "o3").num_rows == 0
+
+
+def test_a_rerun_into_the_same_output_replaces_its_generation(tmp_path):
+    pq.write_table(pa.table({C.ID: ["a", "b"], C.TEXT: ["x y", "z"]}), tmp_path / "1.parquet")
+    idx, out = tmp_path / "idx", tmp_path / "o"
+    for _ in range(2):
+        mmtools("dedup", tmp_path / "1.parquet", "--index", idx, "-o", out, "--overwrite")
+        assert read_dataset(out)[C.ID].to_pylist() == ["a", "b"]  # not its own duplicates
+        assert index_ids(idx) == ["a", "b"]
+    manifest = json.loads((idx / "_index.json").read_text())
+    assert [g["gen"] for g in manifest["generations"]] == [2]
+    assert sorted(p.name for p in idx.iterdir()) == ["_index.json", "gen-000002.parquet"]
+
+
+def test_other_settings_exit_6_and_a_held_index_exits_5_or_waits(tmp_path):
+    pq.write_table(pa.table({C.ID: ["a"], C.TEXT: ["x"]}), tmp_path / "1.parquet")
+    pq.write_table(pa.table({C.ID: ["a2", "b"], C.TEXT: ["x", "y"]}), tmp_path / "2.parquet")
+    idx = tmp_path / "idx"
+    mmtools("dedup", tmp_path / "1.parquet", "--index", idx, "-o", tmp_path / "o1")
+    other = mmtools(
+        "dedup",
+        tmp_path / "1.parquet",
+        "--index",
+        idx,
+        "-m",
+        "minhash",
+        "-o",
+        tmp_path / "o2",
+        check=False,
+    )
+    assert other.returncode == EXIT_DRIFT
+    assert other.stderr.decode().strip().splitlines()[-1] == (
+        f"mmtools dedup: error: --index {idx} was built with other dedup settings (methods: "
+        "['exact'] then, ['minhash'] now); use another directory or the settings it was built "
+        "with"
+    )
+    held = SeenIndex(str(idx)).open(None)
+    try:
+        busy = mmtools(
+            "dedup", tmp_path / "1.parquet", "--index", idx, "-o", tmp_path / "o3", check=False
+        )
+        assert busy.returncode == EXIT_LOCKED and "being written by another" in busy.stderr.decode()
+        assert not (tmp_path / "o3" / "_manifest.json").exists()
+        waiting = subprocess.Popen(
+            [
+                *MMTOOLS,
+                "dedup",
+                str(tmp_path / "2.parquet"),
+                "--index",
+                str(idx),
+                "-o",
+                str(tmp_path / "o4"),
+                "--wait-lock",
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(3)
+        assert waiting.poll() is None  # still waiting for the index
+    finally:
+        held.close()
+    assert waiting.wait(timeout=60) == 0, waiting.stderr.read()
+    assert read_dataset(tmp_path / "o4")[C.ID].to_pylist() == ["b"]  # "x" was seen by o1's run
+
+
+def test_info_and_rebuild_from_the_datasets_that_fed_it(tmp_path):
+    pq.write_table(pa.table({C.ID: ["a", "b"], C.TEXT: ["x", "y"]}), tmp_path / "1.parquet")
+    pq.write_table(pa.table({C.ID: ["c", "d"], C.TEXT: ["y", "w"]}), tmp_path / "2.parquet")
+    idx = tmp_path / "idx"
+    for day in (1, 2):
+        mmtools("dedup", tmp_path / f"{day}.parquet", "--index", idx, "-o", tmp_path / f"o{day}")
+    info = json.loads(mmtools("info", idx, "--json").stdout)
+    assert (info["rows"], info["methods"], len(info["runs"])) == (3, ["exact"], 2)
+    assert [r["output"] for r in info["runs"]] == [str(tmp_path / "o1"), str(tmp_path / "o2")]
+    text = mmtools("dedup-index", idx).stdout.decode()
+    assert "rows:     3" in text and "exact: fields=['text']" in text
+    for gen in idx.glob("gen-*.parquet"):
+        gen.unlink()  # a lost generation: rebuild from the datasets
+    mmtools(
+        "dedup-index", idx, "--rebuild-from", tmp_path / "o1", "--rebuild-from", tmp_path / "o2"
+    )
+    assert sorted(index_ids(idx)) == ["a", "b", "d"]
+    pq.write_table(pa.table({C.ID: ["e", "f"], C.TEXT: ["w", "v"]}), tmp_path / "3.parquet")
+    mmtools("dedup", tmp_path / "3.parquet", "--index", idx, "-o", tmp_path / "o3")
+    assert read_dataset(tmp_path / "o3")[C.ID].to_pylist() == ["f"]
+    not_index = mmtools("dedup-index", tmp_path / "o1", check=False)
+    assert not_index.returncode == 2 and "is not a dedup index" in not_index.stderr.decode()
+
+
+def test_index_dedup_on_ray_equals_local(tmp_path):
+    pytest.importorskip("ray")
+    from test_ray import assert_same, run_both
+
+    table, batch = captions_and_embeddings(n_base=40)
+    files = batch_files(tmp_path, table, batch % 2)[:2]
+    idx = tmp_path / "idx"
+    dedup([files[0]], tmp_path / "day0", DedupConfig(methods=("minhash",), index=str(idx)))
+    shutil.copytree(idx, tmp_path / "idx-day0")
+
+    def steps(_source):
+        shutil.rmtree(idx)
+        shutil.copytree(tmp_path / "idx-day0", idx)  # each engine meets the same index
+        return [Dedup(DedupConfig(methods=("minhash",), index=str(idx)))]
+
+    manifests = run_both(tmp_path, "dedup", steps, lambda: Source([str(files[1])]))
+    out = assert_same(tmp_path, manifests)
+    assert manifests["ray"]["dropped"]["minhash"] > out.num_rows  # most met day 0's rows
+    assert index_ids(idx)[-out.num_rows :] == out[C.ID].to_pylist()
