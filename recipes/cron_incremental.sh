@@ -2,7 +2,10 @@
 # A cron-ready incremental job: curate only the input shards that arrived since the last run.
 #
 # Each new WebDataset tar (or folder) in INBOX becomes one curated dataset under
-# OUTPUT/curated/<name>: ingest | embed | score | filter. mmtools' own resume makes a killed
+# OUTPUT/curated/<name>: ingest | embed | score | filter | dedup. The dedup runs against
+# OUTPUT/seen, a dedup index of every row kept by earlier runs, so an image that arrived last
+# week and again today is kept once; each run adds its kept rows' keys to it after its output
+# commits (`mmtools info OUTPUT/seen` shows what it holds). mmtools' own resume makes a killed
 # run pick up where it stopped, and its output lock (exit 5) plus the flock below make sure two
 # cron runs never overlap. One log line per run goes to OUTPUT/cron.log, naming each shard that
 # failed with the pipeline's exit code (pipefail: the last stage that failed). A shard whose
@@ -14,7 +17,8 @@
 #
 # Usage: recipes/cron_incremental.sh INBOX OUTPUT
 # Environment: MODEL, PRETRAINED (default ViT-B-32 / laion2b_s34b_b79k), WHERE (default
-#   "clip_score >= 0.28", LAION's threshold for ViT-B/32), MMTOOLS (default: mmtools)
+#   "clip_score >= 0.28", LAION's threshold for ViT-B/32), DEDUP (default "-m exact -m phash":
+#   the dedup methods; the index keeps the ones it was made with), MMTOOLS (default: mmtools)
 set -euo pipefail
 
 if [ $# -ne 2 ]; then
@@ -26,6 +30,7 @@ MMTOOLS=${MMTOOLS:-mmtools}
 MODEL=${MODEL-ViT-B-32}
 PRETRAINED=${PRETRAINED-laion2b_s34b_b79k}
 WHERE=${WHERE:-clip_score >= 0.28}
+DEDUP=${DEDUP:--m exact -m phash}
 mkdir -p "$output/curated"
 exec 9>"$output/.cron.lock"
 if ! flock -n 9; then
@@ -42,7 +47,9 @@ for shard in "$inbox"/*; do
     $MMTOOLS ingest "$shard" -q \
         | $MMTOOLS embed --model "$MODEL" ${PRETRAINED:+--pretrained "$PRETRAINED"} -q \
         | $MMTOOLS score -q \
-        | $MMTOOLS filter --where "$WHERE" -o "$target" -q || code=$?
+        | $MMTOOLS filter --where "$WHERE" -q \
+        | $MMTOOLS dedup $DEDUP --index "$output/seen" --max-drop-rate 1 -o "$target" -q \
+        || code=$?
     if [ "$code" -eq 0 ]; then
         done=$((done + 1))
     else

@@ -284,3 +284,26 @@ def test_index_dedup_on_ray_equals_local(tmp_path):
     out = assert_same(tmp_path, manifests)
     assert manifests["ray"]["dropped"]["minhash"] > out.num_rows  # most met day 0's rows
     assert index_ids(idx)[-out.num_rows :] == out[C.ID].to_pylist()
+
+
+@pytest.mark.parametrize("radius", [0, 3, 4, 10, 15])
+def test_index_pairs_are_exactly_the_hashes_within_the_radius(radius):
+    """A run's pHashes against an index's: every pair within the radius (planted at exactly
+    the radius and one past), none beyond, as brute force finds them."""
+    from mmtools.steps.dedup.phash import cross_pairs, popcount
+
+    rng = np.random.default_rng(radius)
+    old = rng.integers(0, 2**64, 4000, dtype=np.uint64)
+    new = old[:400].copy()
+    for k in range(400):  # flip exactly radius + (k % 3) - 1 bits: one under, at, one past
+        bits = rng.choice(64, max(0, radius + k % 3 - 1), replace=False)
+        for b in bits:
+            new[k] ^= np.uint64(1) << np.uint64(int(b))
+    i, j = cross_pairs(new, old, radius)
+    brute_i, brute_j = np.nonzero(
+        popcount((new[:, None] ^ old[None, :]).ravel()).reshape(len(new), len(old)) <= radius
+    )
+    found, brute = zip(i.tolist(), j.tolist(), strict=True), zip(brute_i, brute_j, strict=True)
+    assert sorted(found) == sorted((int(a), int(b)) for a, b in brute)
+    at_radius = [k for k in range(400) if (k % 3 == 1 and radius > 0) or k % 3 == 0]
+    assert {(k, k) for k in at_radius} <= set(zip(i.tolist(), j.tolist(), strict=True))

@@ -82,9 +82,11 @@ def test_alt_synthetic_recipe_offline(shapes, tmp_path):
     assert all(r["text_synthetic"] for r in rows)
 
 
-def _tar(path, start: int, n: int) -> None:
+def _tar(path, start: int, n: int, again: int = 0) -> None:
+    """n generated samples keyed from `start`, then `again` of the first shard's (seed 0)."""
+    samples = list(synth.generate(n, seed=start)) + list(synth.generate(again, seed=0))
     with tarfile.open(path, "w") as tar:
-        for i, s in enumerate(synth.generate(n, seed=start)):
+        for i, s in enumerate(samples):
             buf = io.BytesIO()
             s.image.save(buf, "JPEG")
             for ext, data in (("jpg", buf.getvalue()), ("txt", s.caption.encode())):
@@ -98,13 +100,19 @@ def test_cron_recipe_curates_only_new_shards(tmp_path):
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     inbox.mkdir()
     _tar(inbox / "00000.tar", 0, 12)
-    env = {**OFFLINE, "WHERE": "clip_score > -1"}
+    env = {**OFFLINE, "WHERE": "clip_score > -1", "DEDUP": "-m exact"}
     assert run_recipe("cron_incremental.sh", inbox, out, **env).returncode == 0
-    _tar(inbox / "00001.tar", 100, 10)
+    _tar(inbox / "00001.tar", 100, 10, again=4)  # 4 images that came with the first shard
     first = (out / "curated" / "00000" / "_manifest.json").read_bytes()
     assert run_recipe("cron_incremental.sh", inbox, out, **env).returncode == 0
     assert (out / "curated" / "00000" / "_manifest.json").read_bytes() == first
-    assert json.loads((out / "curated" / "00001" / "_manifest.json").read_text())["rows"] == 10
+    second = json.loads((out / "curated" / "00001" / "_manifest.json").read_text())
+    assert (second["rows"], second["summary"]["dropped"]) == (10, {"exact": 4})
+    assert read_dataset(out / "curated" / "00001")["id"].to_pylist() == [
+        f"00001/{k:09d}" for k in range(100, 110)
+    ]
+    seen = json.loads(mmtools("info", out / "seen", "--json").stdout)
+    assert seen["rows"] == 22 and [r["rows"] for r in seen["runs"]] == [12, 10]
     log = (out / "cron.log").read_text().splitlines()
     assert len(log) == 2 and "curated 1 new shard(s), 0 failed" in log[1]
 

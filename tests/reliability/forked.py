@@ -38,11 +38,21 @@ POINTS = {
 }
 
 
+# The points of a dedup index's commit (`dedup --index`), after the output's own.
+INDEX_POINTS = {
+    "index-staged": ("replace", "after", lambda s, d: d.endswith("/_pending.json")),
+    "index-gen-renamed": ("replace", "after", lambda s, d: "/gen-" in d),
+    "index-manifest-tmp": ("replace", "before", lambda s, d: d.endswith("/_index.json")),
+    "index-manifest": ("replace", "after", lambda s, d: d.endswith("/_index.json")),
+    "index-pending-removed": ("unlink", "after", lambda s, d: s.endswith("/_pending.json")),
+}
+
+
 def _install_kill_point(point: str, nth: int) -> None:
     """Make this process SIGKILL itself at the `nth` passage through `point`."""
     import shutil
 
-    func, when, match = POINTS[point]
+    func, when, match = {**POINTS, **INDEX_POINTS}[point]
     module = shutil if func == "rmtree" else os
     real = getattr(module, func)
     seen = [0]

@@ -121,6 +121,11 @@ class BucketGrouped:
         """Rows `bucket_rows` makes per key row (hash chunks, LSH bands)."""
         return 1
 
+    def index_columns(self, keys: pa.Table) -> dict[str, pa.Array]:
+        """Extra columns a dedup index keeps beside the key rows `keys` of the kept rows, so
+        that later runs need not recompute them (MinHash's LSH band codes); none by default."""
+        return {}
+
     def sample_rate(self) -> float | None:
         """No model to fit before bucketing."""
         return None

@@ -12,6 +12,7 @@ from mmtools.step import POSITION
 from mmtools.steps.dedup.exact import check_text, normalize_text
 from mmtools.steps.dedup.groups import (
     BucketGrouped,
+    components,
     edge_labels,
     equal_key_pairs,
     mix64,
@@ -71,9 +72,23 @@ def candidate_pairs(sig: np.ndarray, threshold: float) -> tuple[np.ndarray, np.n
     return pairs // len(sig), pairs % len(sig)
 
 
-def similar_pairs(sets: list[set[str]], threshold: float, num_perm: int, seed: int):
-    """Pairs (i < j) of `sets` with Jaccard >= threshold, found through MinHash LSH."""
-    sig = signatures(sets, num_perm, seed)
+def band_codes(sig: np.ndarray, threshold: float) -> np.ndarray:
+    """The LSH band codes of each signature, (len(sig), bands) uint64: the band and its rows'
+    values hashed together. Two rows share a code where `candidate_pairs` pairs them."""
+    b, r = bands(threshold, sig.shape[1])
+    out = np.empty((len(sig), b), np.uint64)
+    for band in range(b):
+        code = mix64(np.full(len(sig), band, np.uint64))
+        for col in range(band * r, (band + 1) * r):
+            code = mix64(code ^ sig[:, col].astype(np.uint64))
+        out[:, band] = code
+    return out
+
+
+def similar_pairs(sets: list[set[str]], threshold: float, num_perm: int, seed: int, sig=None):
+    """Pairs (i < j) of `sets` with Jaccard >= threshold, found through MinHash LSH (from
+    their signatures `sig` when given)."""
+    sig = signatures(sets, num_perm, seed) if sig is None else sig
     i, j = candidate_pairs(sig, threshold)
     keep_i, keep_j = [], []
     for s in range(0, len(i), _SLAB):
@@ -91,6 +106,28 @@ def similar_pairs(sets: list[set[str]], threshold: float, num_perm: int, seed: i
 
 
 KEY = "_key_minhash"
+BANDS = "_key_minhash_bands"  # in a dedup index: the LSH band codes of each kept caption
+
+
+def matches(fresh: np.ndarray, stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (stored row, fresh row) sharing a band code, each once: (n, b) and (m, b) codes;
+    the work grows with m log n, the stored rows are never sorted."""
+    found = []
+    for band in range(fresh.shape[1]):
+        order = np.argsort(fresh[:, band], kind="stable")
+        codes = fresh[order, band]
+        lo = np.searchsorted(codes, stored[:, band], "left")
+        hi = np.searchsorted(codes, stored[:, band], "right")
+        count = hi - lo
+        if not count.any():
+            continue
+        s = np.repeat(np.arange(len(stored)), count)
+        within = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
+        found.append(s * len(fresh) + order[np.repeat(lo, count) + within])
+    if not found:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    pairs = np.unique(np.concatenate(found))
+    return pairs // len(fresh), pairs % len(fresh)
 
 
 class MinHashText(BucketGrouped):
@@ -98,11 +135,15 @@ class MinHashText(BucketGrouped):
 
     name = "minhash"
     bucket_columns = bucket_inputs = (KEY,)
+    for_index = False  # set by `Dedup` with an index: keep the signatures for `index_columns`
 
     def __init__(self, threshold: float, num_perm: int, shingle: int, seed: int):
         self.threshold, self.num_perm, self.shingle, self.seed = threshold, num_perm, shingle, seed
         self.failures: dict[int, tuple[str, str]] = {}
         self._texts: list[pa.Array] = []
+        self._stored: list[np.ndarray] = []  # band codes of a dedup index's rows, scanned last
+        self._stored_from: int | None = None  # the position of the first of them
+        self._signed: tuple[pa.Array, np.ndarray] | None = None  # captions and their codes
 
     def bind(self, schema: pa.Schema) -> list[str]:
         """Check the text column; return the columns pass 1 must read."""
@@ -116,9 +157,15 @@ class MinHashText(BucketGrouped):
         return {KEY: normalize_text(batch.column(C.TEXT))}
 
     def scan(self, keys: pa.RecordBatch, offset: int) -> None:
-        """Keep the normalised captions (absent when a groupby on buckets groups them)."""
+        """Keep the normalised captions (absent when a groupby on buckets groups them), and
+        the band codes that a dedup index's rows come with."""
         if KEY in keys.schema.names:
             self._texts.append(keys.column(KEY))
+        if BANDS in keys.schema.names:
+            if self._stored_from is None:
+                self._stored_from = offset
+            codes = keys.column(BANDS)
+            self._stored.append(codes.flatten().to_numpy().reshape(len(codes), -1))
 
     def fanout(self) -> int:
         """Each caption once per LSH band."""
@@ -131,16 +178,13 @@ class MinHashText(BucketGrouped):
         ok = texts.indices.is_valid().to_numpy(zero_copy_only=False)
         tid = texts.indices.to_numpy(zero_copy_only=False)[ok].astype(np.int64)
         sets = [shingles(t, self.shingle) for t in texts.dictionary.to_pylist()]
-        sig = signatures(sets, self.num_perm, self.seed)[tid]  # each distinct caption once
+        sig = signatures(sets, self.num_perm, self.seed)  # each distinct caption once
+        codes = band_codes(sig, self.threshold)[tid]
         pos, text = keys[POSITION].to_numpy(zero_copy_only=False)[ok], keys[KEY].filter(ok)
-        b, r = bands(self.threshold, self.num_perm)
         parts = []
-        for band in range(b):
-            code = mix64(np.full(len(pos), band, np.uint64))  # the band and its values, hashed
-            for col in range(band * r, (band + 1) * r):
-                code = mix64(code ^ sig[:, col].astype(np.uint64))
-            rows = pa.table({"code": code, POSITION: pos, "text": text})
-            parts.append(with_bucket(rows, code, buckets))
+        for band in range(codes.shape[1]):
+            rows = pa.table({"code": codes[:, band], POSITION: pos, "text": text})
+            parts.append(with_bucket(rows, codes[:, band], buckets))
         return pa.concat_tables(parts)
 
     def bucket_edges(self, bucket: pa.Table) -> tuple[np.ndarray, np.ndarray]:
@@ -180,18 +224,77 @@ class MinHashText(BucketGrouped):
         if (preset := self.preset(active)) is not None:
             return preset
         texts = pa.chunked_array(self._texts, pa.string()).cast(pa.large_string())
+        if self._stored:
+            return self._labels_with_index(texts, active)
         encoded = texts.take(active).combine_chunks().dictionary_encode()
         codes = pc.fill_null(encoded.indices, -1).to_numpy().astype(np.int64)
         sets = [shingles(t, self.shingle) for t in encoded.dictionary.to_pylist()]
         if not sets:
             return codes
-        i, j = similar_pairs(sets, self.threshold, self.num_perm, self.seed)
+        sig = signatures(sets, self.num_perm, self.seed)
+        if self.for_index:
+            self._signed = (encoded.dictionary, sig)
+        i, j = similar_pairs(sets, self.threshold, self.num_perm, self.seed, sig)
         per_text = edge_labels(len(sets), [(i, j)])
         count = np.bincount(codes[codes >= 0], minlength=len(sets))
         per_text = np.where(
             (per_text < 0) & (count > 1), len(sets) + np.arange(len(sets)), per_text
         )
         return np.where(codes >= 0, per_text[np.maximum(codes, 0)], -1)
+
+    def _labels_with_index(self, texts: pa.ChunkedArray, active: np.ndarray) -> np.ndarray:
+        """Labels when a dedup index's rows (from `_stored_from` on) come with band codes:
+        this run's captions are signed and paired as without an index; each of them is then
+        paired with the index rows sharing a band code, checked by Jaccard. Index rows are
+        not paired with each other (an earlier run kept them apart)."""
+        stored = np.concatenate(self._stored)
+        new, old = active[active < self._stored_from], active[active >= self._stored_from]
+        encoded = texts.take(new).combine_chunks().dictionary_encode()
+        tcode = pc.fill_null(encoded.indices, -1).to_numpy().astype(np.int64)
+        words = encoded.dictionary.to_pylist()
+        sets = [shingles(t, self.shingle) for t in words]
+        sig = signatures(sets, self.num_perm, self.seed)
+        self._signed = (encoded.dictionary, sig)
+        i, j = similar_pairs(sets, self.threshold, self.num_perm, self.seed, sig)
+        s, t = matches(band_codes(sig, self.threshold), stored[old - self._stored_from])
+        old_text = texts.take(old[s]).to_pylist() if len(s) else []
+        near = np.array(
+            [
+                jaccard(shingles(a, self.shingle), sets[b]) >= self.threshold
+                for a, b in zip(old_text, t, strict=True)
+            ],
+            bool,
+        )
+        # Nodes: this run's rows, its distinct captions, then the index rows.
+        rows, n_text = len(new), len(sets)
+        has = np.flatnonzero(tcode >= 0)
+        ei = [has, rows + i, rows + n_text + s[near] if len(s) else s]
+        ej = [rows + tcode[has], rows + j, rows + t[near] if len(s) else t]
+        total = rows + n_text + len(old)
+        comp = components(total, np.concatenate(ei), np.concatenate(ej))
+        is_row = np.ones(total, bool)
+        is_row[rows : rows + n_text] = False
+        size = np.bincount(comp[is_row], minlength=total)
+        label = np.where(size[comp] > 1, comp, -1)
+        out = np.empty(len(active), np.int64)
+        out[active < self._stored_from] = label[:rows]
+        out[active >= self._stored_from] = label[rows + n_text :]
+        return out
+
+    def index_columns(self, keys: pa.Table) -> dict[str, pa.Array]:
+        """The band codes of the kept rows' captions (zeros where a row has none)."""
+        captions = keys.column(KEY).combine_chunks().cast(pa.large_string())
+        b = bands(self.threshold, self.num_perm)[0]
+        codes = np.zeros((len(captions), b), np.uint64)
+        if self._signed is not None and len(captions):
+            dictionary, sig = self._signed
+            at = pc.index_in(captions, value_set=dictionary.cast(pa.large_string()))
+            ok = at.is_valid().to_numpy(zero_copy_only=False)
+            idx = at.to_numpy(zero_copy_only=False)[ok].astype(np.int64)
+            codes[ok] = band_codes(sig[idx], self.threshold)
+        self._signed = None
+        flat = pa.array(codes.ravel(), pa.uint64())
+        return {BANDS: pa.FixedSizeListArray.from_arrays(flat, b)}
 
     def values(self, dropped: np.ndarray, kept: np.ndarray) -> np.ndarray:
         """The Jaccard similarity of each dropped row's caption shingles to its kept row's."""
@@ -218,5 +321,6 @@ class MinHashText(BucketGrouped):
         return (KEY,) if self.values_wanted else ()
 
     def release(self) -> None:
-        """Drop the captions."""
+        """Drop the captions (not the signatures a dedup index still wants: `index_columns`)."""
         self._texts, self._groups, self._members = [], None, None
+        self._stored, self._stored_from = [], None

@@ -12,6 +12,7 @@ from mmtools.step import POSITION
 from mmtools.steps.dedup.groups import (
     BucketGrouped,
     components,
+    edge_labels,
     equal_key_pairs,
     mix64,
     same_key_edges,
@@ -86,6 +87,54 @@ def near_pairs(hashes: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.nd
     return pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64)
 
 
+CROSS_PARTS = 4  # chunks of 16 bits for pairs between a run's hashes and an index's
+_SLAB = 2048  # a run's hashes probed at a time
+
+
+def _masks(width: int, radius: int) -> np.ndarray:
+    """Every `width`-bit value with at most `radius` bits set."""
+    from itertools import combinations
+
+    out = [0]
+    for k in range(1, radius + 1):
+        out += [sum(1 << b for b in bits) for bits in combinations(range(width), k)]
+    return np.array(out, np.int64)
+
+
+def cross_pairs(new: np.ndarray, old: np.ndarray, max_distance: int):
+    """All pairs (i into `new`, j into `old`) of hashes within `max_distance` bits, without
+    pairing `old` with itself: split in 4 chunks, two hashes that close are within
+    max_distance // 4 bits on one chunk (pigeonhole), so each new chunk value probes the
+    sorted old values of that chunk at every pattern of that many bits. The work grows with
+    len(new) * len(old) / 2**16, the old hashes are sorted once per chunk."""
+    width = BITS // CROSS_PARTS
+    masks = _masks(width, max_distance // CROSS_PARTS)
+    low = np.uint64((1 << width) - 1)
+    found = []
+    for c in range(CROSS_PARTS):
+        shift = np.uint64(c * width)
+        oc = ((old >> shift) & low).astype(np.int64)
+        order = np.argsort(oc, kind="stable")
+        soc = oc[order]
+        nc = ((new >> shift) & low).astype(np.int64)
+        for start in range(0, len(new), _SLAB):
+            part = nc[start : start + _SLAB]
+            probes = (part[:, None] ^ masks[None, :]).ravel()
+            lo = np.searchsorted(soc, probes, "left")
+            count = np.searchsorted(soc, probes, "right") - lo
+            if not count.any():
+                continue
+            who = np.repeat(np.arange(start, start + len(part)).repeat(len(masks)), count)
+            within = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
+            j = order[np.repeat(lo, count) + within]
+            close = popcount(new[who] ^ old[j]) <= max_distance
+            found.append(who[close] * len(old) + j[close])
+    if not found:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    pairs = np.unique(np.concatenate(found))
+    return pairs // len(old), pairs % len(old)
+
+
 def chunk_edges(h: np.ndarray, value: np.ndarray, pos: np.ndarray, max_distance: int):
     """Edges (pos, pos) among rows hashed `h` whose chunk of one index is `value`: equal
     hashes to their first row, distinct hashes sharing a chunk value within the radius."""
@@ -120,6 +169,7 @@ class PHash(BucketGrouped):
         self.failures: dict[int, tuple[str, str]] = {}
         self._hashes: list[np.ndarray] = []
         self._mirrors: list[np.ndarray] = []
+        self.index_from: int | None = None  # where a dedup index's rows start (`Dedup`)
 
     def bind(self, schema: pa.Schema) -> list[str]:
         """Check the image column; return the columns pass 1 must read."""
@@ -206,6 +256,11 @@ class PHash(BucketGrouped):
             return preset
         self._hashes = [np.concatenate(self._hashes)] if self._hashes else []
         self._mirrors = [np.concatenate(self._mirrors)] if self._mirrors else []
+        if self.index_from is not None and self.max_distance < 4 * CROSS_PARTS:
+            return self._labels_with_index(active)
+        return self._components(active)
+
+    def _components(self, active: np.ndarray) -> np.ndarray:
         n = len(active)
         entries = [h[0][active] for h in (self._hashes, self._mirrors) if h]
         hashes = np.concatenate(entries) if entries else np.empty(0, np.uint64)
@@ -218,6 +273,28 @@ class PHash(BucketGrouped):
         labels = components(len(uniq), i, j)[inverse[:n]]
         alone = np.bincount(labels, minlength=len(uniq))[labels] == 1 if n else labels < 0
         return np.where(alone, -1, labels)
+
+    def _labels_with_index(self, active: np.ndarray) -> np.ndarray:
+        """Labels when the rows from `index_from` on are a dedup index's: this run's rows are
+        grouped as without one, then linked to the index rows within the radius (`cross_pairs`);
+        index rows are not paired with each other (an earlier run kept them apart)."""
+        new, old = active[active < self.index_from], active[active >= self.index_from]
+        own = self._components(new)
+        grouped = np.flatnonzero(own >= 0)
+        i, j = same_key_edges(own[grouped], grouped)
+        found = [h[0] for h in (self._hashes, self._mirrors) if h]
+        a, b = [], []
+        for x in found:  # any hash of a new row against any hash of an index row
+            for y in found:
+                p, q = cross_pairs(x[new], y[old], self.max_distance)
+                a.append(p)
+                b.append(len(new) + q)
+        edges = [(i, j), (np.concatenate(a), np.concatenate(b))]
+        labels = edge_labels(len(new) + len(old), edges)
+        out = np.empty(len(active), np.int64)
+        out[active < self.index_from] = labels[: len(new)]
+        out[active >= self.index_from] = labels[len(new) :]
+        return out
 
     def values(self, dropped: np.ndarray, kept: np.ndarray) -> np.ndarray:
         """The Hamming distance (bits) between each dropped row's pHash and its kept row's

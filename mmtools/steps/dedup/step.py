@@ -103,6 +103,8 @@ class Dedup(GlobalStep):
         config.check()
         self.keep_mode, self.keep_column = parse_keep(config.keep)
         self.methods = [_method(m, config) for m in config.methods]
+        for method in self.methods:
+            method.for_index = bool(config.index)
         self.requires = (C.ID,) + ((self.keep_column,) if self.keep_column else ())
         self.scan_columns = self.requires
         self.stats: dict[str, dict[str, int]] = {}
@@ -215,6 +217,8 @@ class Dedup(GlobalStep):
             raise DataContractError(f"--index {self.config.index} has no key column {missing[0]}")
         self._seen_ids = table.column(C.ID).cast(pa.large_string()).combine_chunks()
         offset = self._n
+        for method in self.methods:
+            method.index_from = offset
         for batch in table.to_batches(max_chunksize=65536):
             for method in self.methods:
                 method.scan(batch, offset)
@@ -230,6 +234,9 @@ class Dedup(GlobalStep):
             rows = pa.table({C.ID: pa.array([], pa.string())})
         if self.keep_column and self.keep_column != C.ID:
             rows = rows.drop_columns([self.keep_column])
+        for method in self.methods:
+            for name, column in method.index_columns(rows).items():
+                rows = rows.append_column(name, column)
         self._key_rows = []
         self._seen.stage(rows, self._output, self._run)
 

@@ -1,0 +1,85 @@
+"""`dedup --index`: a run killed at any point of its output's and its index's commit loses
+no key and adds none twice once rerun; the next day's run still sees every earlier row."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from forked import INDEX_POINTS, run_to_end
+
+from mmtools import columns as C
+from mmtools import engines
+from mmtools.io.dataset import DatasetSink
+from mmtools.io.source import Source
+from mmtools.steps.dedup.step import Dedup, DedupConfig
+
+# (where, what the kill leaves): staged keys before the output commits; the output
+# committed but nothing added; the generation renamed but unlisted; listed but still
+# pending; and the pending record removed (all done but the process end).
+POINTS = ["index-staged", "manifest", *[p for p in INDEX_POINTS if p != "index-staged"]]
+
+
+def days(tmp: Path) -> list[Path]:
+    """Three days of captions: each repeats some of the days before and itself."""
+    texts = [
+        [f"scene {k}" for k in range(12)] + ["scene 3", "scene 5"],
+        [f"scene {k}" for k in range(6, 18)] + ["scene 17"],
+        [f"scene {k}" for k in range(0, 24, 2)],
+    ]
+    files = []
+    for d, t in enumerate(texts):
+        files.append(tmp / f"day{d}.parquet")
+        pq.write_table(pa.table({C.ID: [f"d{d}-{k}" for k in range(len(t))], C.TEXT: t}), files[-1])
+    return files
+
+
+def index_ids(idx: Path) -> list[str]:
+    manifest = json.loads((idx / "_index.json").read_text())
+    return [
+        i
+        for g in manifest["generations"]
+        for i in pq.read_table(idx / f"gen-{g['gen']:06d}.parquet")[C.ID].to_pylist()
+    ]
+
+
+def kept(out: Path) -> list[str]:
+    return pq.read_table(out, columns=[C.ID])[C.ID].to_pylist() if out.exists() else []
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_a_kill_in_the_index_commit_is_repaired_by_the_rerun(point, tmp_path):
+    files, idx = days(tmp_path), tmp_path / "idx"
+    step = Dedup(DedupConfig())
+    engines.run(
+        "dedup",
+        Source([str(f) for f in files]),
+        [step],
+        DatasetSink(str(tmp_path / "once")),
+        quiet=True,
+    )
+    expected = kept(tmp_path / "once")
+
+    def argv(d: int) -> list[str]:
+        out = str(tmp_path / f"out{d}")
+        return ["dedup", str(files[d]), "--index", str(idx), "-o", out, "--max-drop-rate", "1"]
+
+    assert run_to_end(argv(0), tmp_path / "0.log") == 0
+    log = tmp_path / "killed.log"
+    assert run_to_end(argv(1), log, kill_at=(point, 1)) == -9, log.read_text()
+    output_committed = (tmp_path / "out1" / "_manifest.json").exists()
+    assert output_committed == (point != "index-staged")
+    assert run_to_end(argv(1), tmp_path / "1.log") == 0, (tmp_path / "1.log").read_text()
+    assert run_to_end(argv(2), tmp_path / "2.log") == 0, (tmp_path / "2.log").read_text()
+    runs = [kept(tmp_path / f"out{d}") for d in range(3)]
+    assert [i for r in runs for i in r] == expected
+    assert index_ids(idx) == expected  # every kept row's keys, each once
+    assert sorted(p.name for p in idx.iterdir()) == [
+        "_index.json",
+        "gen-000001.parquet",
+        "gen-000002.parquet",
+        "gen-000003.parquet",
+    ]
