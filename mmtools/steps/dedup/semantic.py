@@ -211,16 +211,31 @@ def _block_index(node: np.ndarray, r0: int, r1: int, c0: int) -> np.ndarray:
     return np.where(node < r1 - r0, node + r0, node - (r1 - r0) + c0)
 
 
-def duplicate_labels(x: np.ndarray, clusters: np.ndarray, eps: float) -> np.ndarray:
-    """Component label per row of the graph `cos > 1 - eps` within each cluster; -1 if none."""
+def duplicate_labels(
+    x: np.ndarray, clusters: np.ndarray, eps: float, fresh: np.ndarray | None = None
+) -> np.ndarray:
+    """Component label per row of the graph `cos > 1 - eps` within each cluster; -1 if none.
+    With `fresh` (a mask), only pairs with a fresh row on one side are looked for: the other
+    rows are a dedup index's, kept apart by an earlier run."""
     order = np.argsort(clusters, kind="stable")
     bounds = np.r_[0, np.cumsum(np.bincount(clusters))] if len(clusters) else np.zeros(1, int)
     edges = []
     for c in range(len(bounds) - 1):
         idx = order[bounds[c] : bounds[c + 1]]
-        if len(idx) > 1:
+        if len(idx) < 2:
+            continue
+        if fresh is None:
             i, j = close_pairs(np.ascontiguousarray(x[idx]), 1.0 - eps)
             edges.append((idx[i], idx[j]))
+            continue
+        new = idx[fresh[idx]]
+        for r0 in range(0, len(new), BLOCK):
+            rows = new[r0 : r0 + BLOCK]
+            for c0 in range(0, len(idx), 4 * BLOCK):
+                cols = idx[c0 : c0 + 4 * BLOCK]
+                i, j = np.nonzero(x[rows] @ x[cols].T > 1.0 - eps)
+                other = rows[i] != cols[j]
+                edges.append((rows[i][other], cols[j][other]))
     return edge_labels(len(x), edges)
 
 
@@ -233,6 +248,7 @@ class Semantic(BucketGrouped):
         self.column, self.eps, self.clusters, self.seed = column, eps, clusters, seed
         self.bucket_columns, self.bucket_inputs = (column,), (column, ERROR)
         self.model: KMeans | None = None
+        self.index_from: int | None = None  # where a dedup index's rows start (`Dedup`)
         self._x: np.ndarray | None = None
         self.failures: dict[int, tuple[str, str]] = {}
         self._rows: list[tuple[np.ndarray, np.ndarray | None]] = []
@@ -288,7 +304,8 @@ class Semantic(BucketGrouped):
         if len(active) < len(x):
             x = np.ascontiguousarray(x[active])
         k = self.clusters or default_clusters(len(x))
-        return duplicate_labels(x, cluster(x, k, self.seed, active), self.eps)
+        fresh = None if self.index_from is None else active < self.index_from
+        return duplicate_labels(x, cluster(x, k, self.seed, active), self.eps, fresh)
 
     def _k(self, n: int) -> int:
         return max(1, min(self.clusters or default_clusters(n), n))
