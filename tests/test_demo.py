@@ -24,10 +24,16 @@ def test_each_stage_removes_what_was_planted_and_little_else(report):
     """Per stage, precision and recall of that stage's own removals on unseen data."""
     _, rep = report
     bad, mis, dup = rep["corrupt"], rep["mismatched"], rep["duplicates"]
+    blur = rep["blurred"]
     assert bad["planted"] == 6 and bad["removed"] == 6
     assert bad["precision"] == bad["recall"] == 1.0
     assert sum(rep["rejects"].values()) == 6
-    assert mis["planted"] == 90 and mis["reached"] == 90  # no corrupt file carries a caption
+    # 20% of 600 blurred; a stratified tenth labelled (12 blurred, 48 sharp); the head is
+    # measured on the other 600 rows only.
+    assert (blur["planted"], blur["labelled"], blur["reached"]) == (120, 60, 108)
+    assert blur["recall"] >= 0.95 and blur["precision"] >= 0.8, blur  # README says why 0.8
+    assert mis["planted"] == 90  # the head drops a few of them before the filter sees them
+    assert 85 <= mis["reached"] <= 90
     assert mis["precision"] >= 0.95 and mis["recall"] >= 0.95, mis
     assert dup["precision"] >= 0.95 and dup["recall"] >= 0.95, dup
     assert dup["exact"]["found"] == dup["exact"]["reached"]

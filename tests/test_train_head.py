@@ -62,7 +62,7 @@ def test_trained_head_finds_blurred_images_it_never_saw(labelled):
     line = proc.stderr.decode().strip().splitlines()[-1]
     assert line.startswith(
         "mmtools train-head: 80 positive (50.0%), 80 negative, 80 unlabelled ignored; "
-        "logistic on image_embedding (mmtools-shapes): 5-fold AUC 0."
+        "logistic on image_embedding (mmtools-shapes), l2 1: 5-fold AUC 0."
     ), line
     spec = json.loads((root / "blurry.json").read_text())
     assert (spec["model"], spec["pretrained"], spec["input"], spec["output"]) == (
@@ -137,3 +137,18 @@ def test_auc_counts_ties_as_half_and_its_interval_brackets_it():
     assert auc(scores, labels) == pytest.approx(want, abs=1e-12)
     low, high = hanley_mcneil(0.9, 50, 50)
     assert low < 0.9 < high and high - low == pytest.approx(0.12592, abs=1e-4)  # SE 0.03212
+
+
+def test_the_default_penalty_is_chosen_by_out_of_fold_loss():
+    """Few labels in many dimensions get a strong penalty, many labels in few a weak one."""
+    from mmtools.tools.train_head import L2_GRID, TrainConfig, choose_l2
+
+    rng = np.random.default_rng(0)
+    config = TrainConfig(label="y")
+    few = rng.standard_normal((60, 256))
+    y_few = (few[:, 0] + rng.standard_normal(60) > 0).astype(float)
+    many = rng.standard_normal((4000, 4))
+    y_many = (many[:, 0] + 0.1 * rng.standard_normal(4000) > 0).astype(float)
+    assert choose_l2(few, y_few, "logistic", "classification", config) >= 100.0
+    assert choose_l2(many, y_many, "logistic", "classification", config) <= 1.0
+    assert choose_l2(many, many[:, 0], "linear", "regression", config) == L2_GRID[0]

@@ -36,7 +36,16 @@ OPTIONS = O.Bundle(
         ],
         "folds": Annotated[int, typer.Option("--folds", min=2, help="Cross-validation folds.")],
         "seed": O.Seed,
-        "l2": Annotated[float, typer.Option("--l2", min=0.0, help="L2 penalty.")],
+        "l2": Annotated[
+            float | None,
+            typer.Option(
+                "--l2",
+                min=0.0,
+                help="L2 penalty on standardised embeddings (sklearn's 1/C). Default: the "
+                "one of 0.1, 1, 10, 100, 1000 with the least out-of-fold loss (MLP: 1).",
+                show_default=False,
+            ),
+        ],
         "hidden": Annotated[int, typer.Option("--hidden", min=1, help="MLP hidden units.")],
         "min_per_class": Annotated[
             int, typer.Option("--min-per-class", min=1, help="Fewest labelled rows per class.")

@@ -2,7 +2,9 @@
 
 The sample is made with `mmtools.demo.synth` and carries known noise: captions moved to the wrong
 images, exact copies, near-duplicates (the same scene shifted a little, re-encoded, with a
-slightly edited caption) and corrupt files. The truth is written beside the data, so the
+slightly edited caption), blurred images and corrupt files. A tenth of the sample is labelled
+blurry or sharp (a `blurry` field in its `.json`), as a curator labels a sample: a head
+trained on those labels filters the rest. The truth is written beside the data, so the
 report can give, per stage, the precision and recall of that stage's own removals.
 
 The sample is drawn from a generator seed the bundled model never saw (`sample_seed`), with
@@ -38,6 +40,8 @@ class DemoConfig:
     mismatch: float = 0.15
     exact_dups: float = 0.05
     near_dups: float = 0.05
+    blurred: float = 0.2
+    labelled: float = 0.1
     corrupt: int = 6
 
 
@@ -64,6 +68,8 @@ class Truth:
     exact_pairs: list[list[str]] = field(default_factory=list)
     near_pairs: list[list[str]] = field(default_factory=list)
     corrupt: list[str] = field(default_factory=list)
+    blurred: list[str] = field(default_factory=list)
+    labelled: list[str] = field(default_factory=list)
 
 
 def _jpeg(image, quality: int) -> bytes:
@@ -87,6 +93,8 @@ def _edit(caption: str) -> str:
 
 def make_sample(root: Path, cfg: DemoConfig) -> Truth:
     """Write captioned images with planted noise under `root`; return the truth."""
+    from PIL import ImageFilter
+
     from mmtools.demo import synth
 
     root.mkdir(parents=True, exist_ok=True)
@@ -99,14 +107,26 @@ def make_sample(root: Path, cfg: DemoConfig) -> Truth:
     mis = order[:n_mis]
     exact = order[n_mis : n_mis + n_exact]
     near = order[n_mis + n_exact : n_mis + n_exact + n_near]
+    rest = order[n_mis + n_exact + n_near :]
+    blurred = set(rest[: int(cfg.blurred * cfg.rows)])
+    # The labelled tenth is drawn from the blurred rows and the others alike (stratified),
+    # so that a small sample still holds enough of each class to train on.
+    labelled = rng.sample(sorted(blurred), round(cfg.labelled * len(blurred)))
+    others = [i for i in range(cfg.rows) if i not in blurred]
+    labelled += rng.sample(others, round(cfg.labelled * len(others)))
     captions = [s.caption for s in samples]
     # Mismatches: rotate captions among the chosen rows so each gets another scene's caption.
     for a, b in zip(mis, mis[1:] + mis[:1], strict=True):
         captions[a] = samples[b].caption
     truth = Truth(mismatched=[ids[i] for i in mis])
+    truth.blurred = [ids[i] for i in sorted(blurred)]
+    truth.labelled = [ids[i] for i in sorted(labelled)]
     for i, s in enumerate(samples):
-        (root / ids[i]).write_bytes(_jpeg(s.image, 90))
+        image = s.image.filter(ImageFilter.GaussianBlur(cfg.size / 8)) if i in blurred else s.image
+        (root / ids[i]).write_bytes(_jpeg(image, 90))
         (root / ids[i]).with_suffix(".txt").write_text(captions[i])
+    for i in labelled:
+        (root / ids[i]).with_suffix(".json").write_text(json.dumps({"blurry": i in blurred}))
     for i in exact:
         copy = f"copy_{ids[i]}"
         shutil.copyfile(root / ids[i], root / copy)
@@ -218,7 +238,8 @@ def run_demo(out: Path, cfg: DemoConfig, threshold: float, log) -> dict:
 def stages(out: Path, images: Path, cfg: DemoConfig, threshold: float) -> list:
     """The demo chain: (stage name, the piped commands of the stage) in order."""
     q = shlex.quote
-    scored, filtered, deduped, final = (q(str(out / n)) for n in STAGE_DIRS)
+    scored, sharp, filtered, deduped, final = (q(str(out / n)) for n in STAGE_DIRS)
+    head = q(str(out / "blurry.safetensors"))
     where = q(f"clip_score >= {threshold}")
     seed = cfg.seed
     spec = [
@@ -231,8 +252,19 @@ def stages(out: Path, images: Path, cfg: DemoConfig, threshold: float) -> list:
             ],
         ),
         (
+            "train-head --label blurry",
+            [f"train-head {scored} --label blurry --seed {seed} -o {head}"],
+        ),
+        (
+            f"score --head | filter {BLURRY} < 0.5",
+            [
+                f"score {scored} --head {BLURRY}={head} -q",
+                f"filter --where {q(f'{BLURRY} < 0.5')} -o {sharp} --json",
+            ],
+        ),
+        (
             f"filter clip_score >= {threshold}",
-            [f"filter {scored} --where {where} -o {filtered} --json"],
+            [f"filter {sharp} --where {where} -o {filtered} --json"],
         ),
         (
             "dedup exact + phash",
@@ -256,14 +288,16 @@ def stages(out: Path, images: Path, cfg: DemoConfig, threshold: float) -> list:
     return [(name, [shlex.split(c) for c in commands]) for name, commands in spec]
 
 
-STAGE_DIRS = ("scored", "filtered", "deduped", "final")
+STAGE_DIRS = ("scored", "sharp", "filtered", "deduped", "final")
+BLURRY = "blurry_score"
 
 
 def _report(out: Path, truth: Truth, timings, threshold: float) -> dict:
     """Rows per stage, and per stage the precision and recall of its own removals against
     what was planted among the rows that reached it."""
-    scored, filtered = _ids(out / "scored"), _ids(out / "filtered")
+    scored, sharp, filtered = _ids(out / "scored"), _ids(out / "sharp"), _ids(out / "filtered")
     deduped, final = _ids(out / "deduped"), _ids(out / "final")
+    unlabelled = scored - set(truth.labelled)
     rejects = _rejects(out / "scored")
     reasons: dict[str, int] = {}
     rejected: set[str] = set()
@@ -277,15 +311,22 @@ def _report(out: Path, truth: Truth, timings, threshold: float) -> dict:
         "rows": {
             "sample": len(scored) + len(rejected),
             "scored": len(scored),
+            "sharp": len(sharp),
             "filtered": len(filtered),
             "deduped": len(deduped),
             "final": len(final),
         },
         "threshold": threshold,
         "corrupt": {"planted": len(truth.corrupt), **_stage(rejected, set(truth.corrupt))},
+        # The head's removals among the rows nobody labelled (a labelled row is no test).
+        "blurred": {
+            "planted": len(truth.blurred),
+            "labelled": len(truth.labelled),
+            **_stage((scored - sharp) & unlabelled, set(truth.blurred) & unlabelled),
+        },
         "mismatched": {
             "planted": len(truth.mismatched),
-            **_stage(scored - filtered, set(truth.mismatched) & scored),
+            **_stage(sharp - filtered, set(truth.mismatched) & sharp),
         },
         "duplicates": _dedup_stage(filtered, deduped, truth),
         "rejects": reasons,
@@ -335,6 +376,7 @@ def _dedup_stage(before: set[str], after: set[str], truth: Truth) -> dict:
 def format_report(rep: dict) -> str:
     """The report as a few readable lines."""
     rows, mis, bad, dup = rep["rows"], rep["mismatched"], rep["corrupt"], rep["duplicates"]
+    blur = rep["blurred"]
 
     def pr(stage: dict) -> str:
         return f"precision {stage['precision']:.2f}, recall {stage['recall']:.2f}"
@@ -343,6 +385,8 @@ def format_report(rep: dict) -> str:
         "rows: " + " -> ".join(f"{k} {v}" for k, v in rows.items()),
         f"ingest/embed rejected {bad['removed']} rows, {bad['planted']} corrupt files planted: "
         f"{pr(bad)} (" + ", ".join(f"{k} {v}" for k, v in sorted(rep["rejects"].items())) + ")",
+        f"a head trained on {blur['labelled']} labelled rows dropped {blur['removed']} of the "
+        f"unlabelled rows, which held {blur['reached']} blurred images: {pr(blur)}",
         f"filter clip_score >= {rep['threshold']} dropped {mis['removed']} rows, "
         f"{mis['reached']} mismatched captions reached it: {pr(mis)}",
         f"dedup removed {dup['removed']} rows: {pr(dup)}; exact pairs found "

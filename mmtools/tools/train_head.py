@@ -17,7 +17,7 @@ CPU, seeded), so the same input and seed give the same head.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +29,7 @@ from mmtools.models import heads as H
 
 KINDS = ("logistic", "linear", "mlp")
 BOOTSTRAP = 1000
+L2_GRID = (0.1, 1.0, 10.0, 100.0, 1000.0)
 NEWTON_STEPS = 50
 MLP_STEPS = 400
 MLP_BATCH = 512
@@ -44,7 +45,9 @@ class TrainConfig:
     kind: str | None = None  # None: logistic for 0/1 labels, linear for other numbers
     folds: int = 5
     seed: int = 0
-    l2: float = 1.0  # penalty on the summed loss (sklearn's 1/C); standardised inputs
+    # Penalty on the summed loss (sklearn's 1/C) on standardised inputs; None: the value of
+    # L2_GRID with the least out-of-fold loss (logistic, linear), 1.0 for the MLP.
+    l2: float | None = None
     hidden: int = 256
     min_per_class: int = 10
 
@@ -68,6 +71,7 @@ class TrainReport:
     folds: int
     model: str | None = None
     fold_values: list[float] = field(default_factory=list)
+    l2: float | None = None
 
     def line(self) -> str:
         """One line for people: balance, then the cross-validated quality."""
@@ -83,6 +87,7 @@ class TrainReport:
         return (
             f"{balance}{skipped}; {self.kind} on {self.embedding}"
             + (f" ({self.model})" if self.model else "")
+            + (f", l2 {self.l2:g}" if self.l2 is not None and self.kind != "mlp" else "")
             + f": {self.folds}-fold {name} {self.value:.3f} "
             f"(95% CI {self.low:.3f}-{self.high:.3f})"
         )
@@ -276,6 +281,29 @@ def cross_validate(
     return value, low, high, per_fold
 
 
+def choose_l2(x, y, kind: str, task: str, config: TrainConfig) -> float:
+    """The penalty of L2_GRID whose out-of-fold predictions have the least loss (log loss
+    for classification, squared error for regression); 1.0 for the MLP. Few labels in many
+    dimensions want a strong penalty, many labels a weak one."""
+    if kind == "mlp":
+        return 1.0
+    fold = folds_of(y, config.folds, config.seed + 1, task == "classification")
+    losses = []
+    for l2 in L2_GRID:
+        pred = np.empty(len(y))
+        for k in range(config.folds):
+            test = fold == k
+            pred[test] = predict(
+                train(x[~test], y[~test], kind, task, replace(config, l2=l2)), x[test]
+            )
+        if kind == "logistic":
+            p = np.clip(_sigmoid(pred), 1e-12, 1 - 1e-12)
+            losses.append(float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean()))
+        else:
+            losses.append(float(((pred - y) ** 2).mean()))
+    return L2_GRID[int(np.argmin(losses))]
+
+
 def _metric(pred: np.ndarray, y: np.ndarray, task: str) -> float:
     if task == "classification":
         return auc(pred, y) if 0 < y.sum() < len(y) else float("nan")
@@ -324,6 +352,8 @@ def fit(source, config: TrainConfig, progress=None) -> tuple[H.Head, TrainReport
         raise UsageError("--folds must be at least 2")
     x, y, counts = read_labelled(source, config, progress)
     task, kind = choose(y, config)
+    if config.l2 is None:
+        config = replace(config, l2=choose_l2(x, y, kind, task, config))
     value, low, high, per_fold = cross_validate(x, y, kind, task, config)
     info = C.column_info(source.schema).get(config.embedding) or {}
     report = TrainReport(
@@ -342,6 +372,7 @@ def fit(source, config: TrainConfig, progress=None) -> tuple[H.Head, TrainReport
         config.folds,
         info.get("model"),
         per_fold,
+        config.l2,
     )
     layers = [
         H.Layer(w.astype(np.float32), b.astype(np.float32), act)
