@@ -150,6 +150,7 @@ def _folder(root: str, opts: ListingOptions) -> tuple[pa.Table, list[str]]:
         if export and dirpath == root:  # an export's own bookkeeping is not data
             dirnames[:] = [d for d in dirnames if not d.startswith("_")]
         names = set(filenames)
+        under = os.path.relpath(dirpath, root)  # once a folder: relpath costs a file's read
         for name in sorted(filenames):
             kind = media_kind(name)
             if kind is None:
@@ -169,7 +170,7 @@ def _folder(root: str, opts: ListingOptions) -> tuple[pa.Table, list[str]]:
             metas.append(meta)
             rows.append(
                 [
-                    os.path.relpath(path, root),
+                    name if under == os.curdir else os.path.join(under, name),
                     kind,
                     path,
                     None,
