@@ -197,7 +197,9 @@ class Ingest(Step):
         finishes (no reader idles at a batch's slow tail); progress as files are done."""
         window: deque = deque()
         for batch in batches:
-            tasks = [self._pool.submit(self._many, rows) for rows in _tasks(_listed(batch))]
+            rows = _listed(batch)
+            per_task = max(1, min(LOCAL_TASK_ROWS, len(rows) // self.workers))
+            tasks = [self._pool.submit(self._many, run) for run in _tasks(rows, per_task)]
             window.append((batch, tasks))
             if len(window) > 1:
                 yield self._finish(*window.popleft())
@@ -298,13 +300,13 @@ class Ingest(Step):
         }, data
 
 
-LOCAL_TASK_ROWS = 8  # local files per thread task: a task per small file costs as much as
-# reading it, in hand-offs between threads
+LOCAL_TASK_ROWS = 8  # local files per thread task at most: a task per small file costs as
+# much as reading it, in hand-offs between threads
 
 
-def _tasks(rows: list[dict]) -> list[list[dict]]:
+def _tasks(rows: list[dict], per_task: int) -> list[list[dict]]:
     """The rows in thread tasks: a URL or object-store key alone (each waits on the network
-    by itself), runs of local files together."""
+    by itself), runs of up to `per_task` local files together."""
     tasks: list[list[dict]] = []
     run: list[dict] = []
     for row in rows:
@@ -313,7 +315,7 @@ def _tasks(rows: list[dict]) -> list[list[dict]]:
             tasks.append([row])
             continue
         run.append(row)
-        if len(run) == LOCAL_TASK_ROWS:
+        if len(run) == per_task:
             tasks.append(run)
             run = []
     if run:
