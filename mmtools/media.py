@@ -165,7 +165,7 @@ def _open_image(data: bytes, max_pixels: int, quick: bool = False):
     Image.MAX_IMAGE_PIXELS = None  # we apply our own limit below, before decoding
     img = _open_as_sniffed(data) if quick else None
     try:
-        img = img or Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data)) if img is None else img
     except UnidentifiedImageError:
         if sniff_format(data) in IMAGE_FORMATS:
             raise MediaError("corrupt", f"damaged {sniff_format(data)} data") from None
@@ -186,9 +186,9 @@ def _open_image(data: bytes, max_pixels: int, quick: bool = False):
 def _open_as_sniffed(data: bytes):
     """The image opened by the one Pillow plugin its signature names (JPEG, PNG), or None.
 
-    Pillow alone tries its plugins in turn, the three before JPEG that have no signature
-    check each parsing the header; none of those can take data that starts with the JPEG or
-    PNG signature, so the plugin is the one Pillow would reach. Data it refuses gets None,
+    Pillow alone tries its plugins in turn (for a JPEG, three without a signature check parse
+    the header first); none of those can take data that starts with the JPEG or PNG
+    signature, so the plugin is the one Pillow would reach. Data it refuses gets None,
     and the caller's Pillow-wide open gives the reason, as for any image.
     """
     from PIL import Image
@@ -318,10 +318,10 @@ PIXEL_BUDGET = _PixelBudget(_budget_pixels())
 def probe_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, verify: bool = True):
     """Check an image decodes; return its size and format.
 
-    Verification decodes all of the image's data. A JPEG decodes at 1/8 scale (and a colour
-    one as greyscale): libjpeg still reads every scan's entropy-coded data, so a truncated or
-    damaged file fails as it does at full size, but the inverse DCT, upsampling and colour
-    conversion are skipped. A small JPEG or PNG decodes in this thread (see QUICK_PIXELS).
+    Verification decodes all of the image's data. A JPEG decodes at 1/8 scale: libjpeg still
+    reads every scan's entropy-coded data, so a truncated or damaged file fails as it does at
+    full size, but most of the inverse DCT, upsampling and colour conversion is skipped. A
+    small JPEG or PNG decodes in this thread (see QUICK_PIXELS).
     `MMTOOLS_VERIFY=full` decodes every image at full size in a time-limited helper instead.
     """
     quick = os.environ.get(ENV_VERIFY, "").lower() != "full"
