@@ -23,6 +23,14 @@ MAX_JPEG_SCANS = 100  # progressive JPEGs have ~10; thousands take minutes to de
 ENV_DECODE_TIMEOUT = "MMTOOLS_DECODE_TIMEOUT"  # seconds one image may take to decode
 DEFAULT_DECODE_TIMEOUT = 60.0
 ENV_DECODE_PIXELS = "MMTOOLS_DECODE_PIXELS"  # pixels all decoding threads may hold at once
+ENV_VERIFY = "MMTOOLS_VERIFY"  # "full": verify every image by a full-size decode in a helper
+# An image this small (and in one of _QUICK_FORMATS) decodes in milliseconds: verifying it in
+# the calling thread skips the hand-off to a time-limited helper, which costs as much as the
+# decode itself. Under a decode time limit below QUICK_MIN_LIMIT every image takes the helper.
+QUICK_PIXELS = 1 << 20
+QUICK_BYTES = 4 << 20
+QUICK_MIN_LIMIT = 1.0
+_QUICK_FORMATS = {"jpeg": "JPEG", "png": "PNG"}
 ENV_FETCH_TIMEOUT = "MMTOOLS_FETCH_TIMEOUT"  # seconds a URL may take, retries included
 DEFAULT_FETCH_TIMEOUT = 30.0
 
@@ -149,14 +157,15 @@ class AudioInfo:
     format: str
 
 
-def _open_image(data: bytes, max_pixels: int):
+def _open_image(data: bytes, max_pixels: int, quick: bool = False):
     from PIL import Image, UnidentifiedImageError
 
     if not data:
         raise MediaError("zero_byte", "empty file")
     Image.MAX_IMAGE_PIXELS = None  # we apply our own limit below, before decoding
+    img = _open_as_sniffed(data) if quick else None
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data)) if img is None else img
     except UnidentifiedImageError:
         if sniff_format(data) in IMAGE_FORMATS:
             raise MediaError("corrupt", f"damaged {sniff_format(data)} data") from None
@@ -174,10 +183,29 @@ def _open_image(data: bytes, max_pixels: int):
     return img
 
 
-def _load(img) -> None:
-    """Decode the pixels, within the decode time limit."""
+def _open_as_sniffed(data: bytes):
+    """The image opened by the one Pillow plugin its signature names (JPEG, PNG), or None.
+
+    Pillow alone tries its plugins in turn (for a JPEG, three without a signature check parse
+    the header first); none of those can take data that starts with the JPEG or PNG
+    signature, so the plugin is the one Pillow would reach. Data it refuses gets None,
+    and the caller's Pillow-wide open gives the reason, as for any image.
+    """
+    from PIL import Image
+
+    plugin = _QUICK_FORMATS.get(sniff_format(data))
+    if plugin is None:
+        return None
     try:
-        within_time_limit(img.load)
+        return Image.open(io.BytesIO(data), formats=[plugin])
+    except Exception:
+        return None
+
+
+def _load(img, inline: bool = False) -> None:
+    """Decode the pixels, within the decode time limit (`inline`: in this thread)."""
+    try:
+        img.load() if inline else within_time_limit(img.load)
     except MediaError:
         raise
     except OSError as e:
@@ -288,17 +316,41 @@ PIXEL_BUDGET = _PixelBudget(_budget_pixels())
 
 
 def probe_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, verify: bool = True):
-    """Check an image fully decodes; return its size and format."""
-    img = _open_image(data, max_pixels)
+    """Check an image decodes; return its size and format.
+
+    Verification decodes all of the image's data. A JPEG decodes at 1/8 scale: libjpeg still
+    reads every scan's entropy-coded data, so a truncated or damaged file fails as it does at
+    full size, but most of the inverse DCT, upsampling and colour conversion is skipped. A
+    small JPEG or PNG decodes in this thread (see QUICK_PIXELS).
+    `MMTOOLS_VERIFY=full` decodes every image at full size in a time-limited helper instead.
+    """
+    quick = os.environ.get(ENV_VERIFY, "").lower() != "full"
+    img = _open_image(data, max_pixels, quick)
     fmt = (img.format or "unknown").lower()
+    full_size, reduced = img.size, False
     if verify:
+        inline = quick and _decodes_quickly(img, len(data))
+        if quick and img.format == "JPEG":
+            reduced = img.draft(img.mode, (1, 1)) is not None
         with PIXEL_BUDGET.hold(img.width * img.height):
-            _load(img)
-    width, height = img.size
+            _load(img, inline)
+    width, height = full_size if reduced else img.size
     orientation = _orientation(img)
     if orientation in (5, 6, 7, 8):  # EXIF-rotated by 90°: report the displayed size
         width, height = height, width
     return ImageInfo(width, height, fmt, orientation)
+
+
+def _decodes_quickly(img, nbytes: int) -> bool:
+    """Whether an opened image is a JPEG or PNG small enough to decode in milliseconds, and
+    the decode time limit (when one is set) is far above that."""
+    limit = _seconds(ENV_DECODE_TIMEOUT, DEFAULT_DECODE_TIMEOUT)
+    return (
+        img.format in _QUICK_FORMATS.values()
+        and img.width * img.height <= QUICK_PIXELS
+        and nbytes <= QUICK_BYTES
+        and (limit <= 0 or limit >= QUICK_MIN_LIMIT)
+    )
 
 
 def _orientation(img) -> int:

@@ -194,19 +194,25 @@ class Ingest(Step):
 
     def run(self, batches) -> Iterator[Result]:
         """Like `process` per batch, with the next batch's files already reading while one
-        finishes (no reader idles at a batch's slow tail); progress as each file is done."""
+        finishes (no reader idles at a batch's slow tail); progress as files are done."""
         window: deque = deque()
         for batch in batches:
-            window.append((batch, [self._pool.submit(self._one, r) for r in _listed(batch)]))
+            rows = _listed(batch)
+            per_task = max(1, min(LOCAL_TASK_ROWS, len(rows) // self.workers))
+            tasks = [self._pool.submit(self._many, run) for run in _tasks(rows, per_task)]
+            window.append((batch, tasks))
             if len(window) > 1:
                 yield self._finish(*window.popleft())
         while window:
             yield self._finish(*window.popleft())
 
-    def _finish(self, batch: pa.RecordBatch, futures: list) -> Result:
-        for _ in as_completed(futures):
-            self.advance(1)
-        return self._result(batch, [f.result() for f in futures])
+    def _finish(self, batch: pa.RecordBatch, tasks: list) -> Result:
+        for task in as_completed(tasks):
+            self.advance(len(task.result()))
+        return self._result(batch, [r for task in tasks for r in task.result()])
+
+    def _many(self, rows: list[dict]) -> list:
+        return [self._one(row) for row in rows]
 
     def _result(self, batch: pa.RecordBatch, results: list) -> Result:
         """The batch's rows and reject rows from what `_one` made of each listed file."""
@@ -292,6 +298,29 @@ class Ingest(Step):
             C.IMAGE_SHA256: hashlib.sha256(data).hexdigest(),
             **out,
         }, data
+
+
+LOCAL_TASK_ROWS = 8  # local files per thread task at most: a task per small file costs as
+# much as reading it, in hand-offs between threads
+
+
+def _tasks(rows: list[dict], per_task: int) -> list[list[dict]]:
+    """The rows in thread tasks: a URL or object-store key alone (each waits on the network
+    by itself), runs of up to `per_task` local files together."""
+    tasks: list[list[dict]] = []
+    run: list[dict] = []
+    for row in rows:
+        location = row["location"] or ""
+        if "://" in location and not location.startswith("file://"):
+            tasks.append([row])
+            continue
+        run.append(row)
+        if len(run) == per_task:
+            tasks.append(run)
+            run = []
+    if run:
+        tasks.append(run)
+    return tasks
 
 
 def _listed(batch: pa.RecordBatch) -> list[dict]:
