@@ -170,6 +170,9 @@ def _open_image(data: bytes, max_pixels: int, quick: bool = False):
         if sniff_format(data) in IMAGE_FORMATS:
             raise MediaError("corrupt", f"damaged {sniff_format(data)} data") from None
         raise MediaError("not_image", "not a recognised image format") from None
+    except OSError as e:  # the header ends early: Pillow says "Truncated File Read"
+        reason = "truncated" if "truncated" in str(e).lower() else "corrupt"
+        raise MediaError(reason, f"{type(e).__name__}: {e}") from None
     except Exception as e:
         raise MediaError("corrupt", f"{type(e).__name__}: {e}") from None
     if img.width * img.height > max_pixels:
@@ -209,7 +212,7 @@ def _load(img, inline: bool = False) -> None:
     except MediaError:
         raise
     except OSError as e:
-        reason = "truncated" if "truncated" in str(e) else "corrupt"
+        reason = "truncated" if "truncated" in str(e).lower() else "corrupt"
         raise MediaError(reason, str(e)) from None
     except Exception as e:
         raise MediaError("corrupt", f"{type(e).__name__}: {e}") from None

@@ -145,3 +145,20 @@ def test_the_decode_time_limit_rejects_an_overrun_and_reuses_its_threads(monkeyp
     after = helpers()
     assert [within_time_limit(lambda i=i: -i) for i in range(20)] == [-i for i in range(20)]
     assert helpers() == after
+
+
+def test_a_jpeg_cut_inside_its_header_is_truncated_not_corrupt():
+    """Pillow reports a header that ends early as "Truncated File Read" (capital T) while
+    opening: the reason is still `truncated`, as for data cut after the header."""
+    import io
+
+    from PIL import Image
+
+    from mmtools.media import decode_image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(buf, "JPEG", quality=90)
+    for cut in (300, len(buf.getvalue()) // 2):
+        with pytest.raises(MediaError) as e:
+            decode_image(buf.getvalue()[:cut])
+        assert (e.value.reason, e.value.detail) == ("truncated", "OSError: Truncated File Read")
