@@ -16,6 +16,16 @@ from mmtools.steps.dedup.groups import BucketGrouped, same_key_edges, with_bucke
 FIELDS = {C.IMAGE: C.IMAGE_SHA256, C.AUDIO: C.AUDIO_SHA256, C.TEXT: None}
 _SEP = "\x1f"
 KEY = "_key_exact"
+DIGEST = "_key_exact_digest"  # in a dedup index: an 8-byte blake2b of the key, in its place
+
+
+def digests(keys: pa.Array) -> np.ndarray:
+    """An 8-byte blake2b of each key (nulls: 0), as uint64: what a dedup index keeps."""
+    data = pc.cast(keys, pa.binary()).to_pylist()
+    out = b"".join(
+        bytes(8) if k is None else hashlib.blake2b(k, digest_size=8).digest() for k in data
+    )
+    return np.frombuffer(out, np.uint64)
 
 
 def normalize_text(text: pa.Array) -> pa.Array:
@@ -62,6 +72,8 @@ class Exact(BucketGrouped):
         self.fields: list[str] = []
         self.failures: dict[int, tuple[str, str]] = {}
         self._keys: list[pa.Array] = []
+        self._stored: list[np.ndarray] = []  # key digests of a dedup index's rows, scanned last
+        self.index_from: int | None = None  # where those rows start (`Dedup`)
 
     def bind(self, schema: pa.Schema) -> list[str]:
         """Resolve the key fields; return the columns pass 1 must read."""
@@ -82,8 +94,11 @@ class Exact(BucketGrouped):
         return {KEY: key}
 
     def scan(self, keys: pa.RecordBatch, offset: int) -> None:
-        """Keep the keys (absent when a groupby on buckets groups them: `set_groups`)."""
-        if KEY in keys.schema.names:
+        """Keep the keys (absent when a groupby on buckets groups them: `set_groups`), or the
+        digests of a dedup index's rows."""
+        if DIGEST in keys.schema.names:
+            self._stored.append(keys.column(DIGEST).to_numpy(zero_copy_only=False))
+        elif KEY in keys.schema.names:
             self._keys.append(keys.column(KEY))
 
     def bucket_rows(self, keys: pa.Table, buckets: int) -> pa.Table:
@@ -114,9 +129,36 @@ class Exact(BucketGrouped):
         if (preset := self.preset(active)) is not None:
             return preset
         keys = pa.chunked_array(self._keys, pa.string()).cast(pa.large_string())
+        if self._stored:
+            return self._labels_with_index(keys, active)
         codes = keys.take(active).combine_chunks().dictionary_encode().indices
         return pc.fill_null(codes, -1).to_numpy().astype(np.int64)
 
+    def _labels_with_index(self, keys: pa.ChunkedArray, active: np.ndarray) -> np.ndarray:
+        """Labels when the rows from `index_from` on are a dedup index's, kept as digests:
+        this run's rows group by key as without one; a group whose key's digest an index
+        row has takes that row in (index rows never group with each other)."""
+        stored = np.concatenate(self._stored)
+        new, old = active[active < self.index_from], active[active >= self.index_from]
+        encoded = keys.take(new).combine_chunks().dictionary_encode()
+        codes = pc.fill_null(encoded.indices, -1).to_numpy().astype(np.int64)
+        seen = digests(encoded.dictionary)
+        order = np.argsort(seen, kind="stable")
+        at = np.searchsorted(seen[order], stored[old - self.index_from])
+        at = np.minimum(at, max(len(seen) - 1, 0))
+        hit = (seen[order][at] == stored[old - self.index_from]) if len(seen) else at < 0
+        old_codes = np.where(hit, order[at] if len(seen) else -1, -1)
+        out = np.empty(len(active), np.int64)
+        out[active < self.index_from] = codes
+        out[active >= self.index_from] = old_codes
+        count = np.bincount(out[out >= 0], minlength=len(seen))
+        return np.where((out >= 0) & (count[np.maximum(out, 0)] > 1), out, -1)
+
+    def index_columns(self, keys: pa.Table) -> dict[str, pa.Array | None]:
+        """An index keeps each kept row's key as its 8-byte digest, not the key."""
+        found = keys.column(KEY).combine_chunks()
+        return {DIGEST: pa.array(digests(found), pa.uint64()), KEY: None}
+
     def release(self) -> None:
         """Drop the keys."""
-        self._keys, self._groups = [], None
+        self._keys, self._stored, self._groups = [], [], None

@@ -121,9 +121,10 @@ class BucketGrouped:
         """Rows `bucket_rows` makes per key row (hash chunks, LSH bands)."""
         return 1
 
-    def index_columns(self, keys: pa.Table) -> dict[str, pa.Array]:
-        """Extra columns a dedup index keeps beside the key rows `keys` of the kept rows, so
-        that later runs need not recompute them (MinHash's LSH band codes); none by default."""
+    def index_columns(self, keys: pa.Table) -> dict[str, pa.Array | None]:
+        """Columns a dedup index keeps beside (or, None, instead of) the key rows `keys` of
+        the kept rows, so that later runs need not recompute them (MinHash's LSH band codes)
+        or load more than they need (exact keys as digests); none by default."""
         return {}
 
     def sample_rate(self) -> float | None:

@@ -212,9 +212,6 @@ class Dedup(GlobalStep):
         table = self._seen.load(skip_output=self._output)
         if table is None:
             return 0
-        names = self._key_rows[0].schema.names if self._key_rows else []
-        if missing := [k for k in names if k != self.keep_column and k not in table.column_names]:
-            raise DataContractError(f"--index {self.config.index} has no key column {missing[0]}")
         self._seen_ids = table.column(C.ID).cast(pa.large_string()).combine_chunks()
         offset = self._n
         for method in self.methods:
@@ -234,9 +231,10 @@ class Dedup(GlobalStep):
             rows = pa.table({C.ID: pa.array([], pa.string())})
         if self.keep_column and self.keep_column != C.ID:
             rows = rows.drop_columns([self.keep_column])
-        for method in self.methods:
+        for method in self.methods:  # what each method keeps in an index (None: not this)
             for name, column in method.index_columns(rows).items():
-                rows = rows.append_column(name, column)
+                rows = rows.drop_columns([name]) if name in rows.column_names else rows
+                rows = rows.append_column(name, column) if column is not None else rows
         self._key_rows = []
         self._seen.stage(rows, self._output, self._run)
 
