@@ -88,7 +88,7 @@ def near_pairs(hashes: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.nd
 
 
 CROSS_PARTS = 4  # chunks of 16 bits for pairs between a run's hashes and an index's
-_SLAB = 2048  # a run's hashes probed at a time
+_SLAB = 1024  # a run's hashes probed at a time
 
 
 def _masks(width: int, radius: int) -> np.ndarray:
@@ -103,28 +103,34 @@ def _masks(width: int, radius: int) -> np.ndarray:
 
 def cross_pairs(new: np.ndarray, old: np.ndarray, max_distance: int):
     """All pairs (i into `new`, j into `old`) of hashes within `max_distance` bits, without
-    pairing `old` with itself: split in 4 chunks, two hashes that close are within
-    max_distance // 4 bits on one chunk (pigeonhole), so each new chunk value probes the
-    sorted old values of that chunk at every pattern of that many bits. The work grows with
-    len(new) * len(old) / 2**16, the old hashes are sorted once per chunk."""
-    width = BITS // CROSS_PARTS
-    masks = _masks(width, max_distance // CROSS_PARTS)
-    low = np.uint64((1 << width) - 1)
-    found = []
-    for c in range(CROSS_PARTS):
-        shift = np.uint64(c * width)
-        oc = ((old >> shift) & low).astype(np.int64)
+    pairing `old` with itself. The hash is split in 4 chunks of 16 bits; two hashes that
+    close are within max_distance // 4 bits on one chunk (pigeonhole), so each new chunk
+    value probes a table of the old chunk values at every pattern of that many bits. The
+    probes do not grow with len(old); the candidates grow with len(old) / 2**16. (Chunks of
+    21-22 bits make fewer candidates but many more probes: slower up to 600k old hashes.)"""
+    parts = CROSS_PARTS
+    widths = [BITS // parts + (i < BITS % parts) for i in range(parts)]
+    found, shift = [], 0
+    for width in widths:
+        masks = _masks(width, max_distance // parts)
+        low, at = np.uint64((1 << width) - 1), np.uint64(shift)
+        shift += width
+        oc = ((old >> at) & low).astype(np.int64)
         order = np.argsort(oc, kind="stable")
-        soc = oc[order]
-        nc = ((new >> shift) & low).astype(np.int64)
+        # Where each chunk value starts among the sorted old rows, and how many have it: a
+        # probe is two lookups, not a search.
+        have = np.bincount(oc, minlength=1 << width)
+        first = np.cumsum(have) - have
+        nc = ((new >> at) & low).astype(np.int64)
         for start in range(0, len(new), _SLAB):
             part = nc[start : start + _SLAB]
             probes = (part[:, None] ^ masks[None, :]).ravel()
-            lo = np.searchsorted(soc, probes, "left")
-            count = np.searchsorted(soc, probes, "right") - lo
-            if not count.any():
+            count = have[probes]
+            hit = np.flatnonzero(count)
+            if not len(hit):
                 continue
-            who = np.repeat(np.arange(start, start + len(part)).repeat(len(masks)), count)
+            lo, count = first[probes[hit]], count[hit]
+            who = np.repeat(start + hit // len(masks), count)
             within = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
             j = order[np.repeat(lo, count) + within]
             close = popcount(new[who] ^ old[j]) <= max_distance
