@@ -307,3 +307,19 @@ def test_index_pairs_are_exactly_the_hashes_within_the_radius(radius):
     assert sorted(found) == sorted((int(a), int(b)) for a, b in brute)
     at_radius = [k for k in range(400) if (k % 3 == 1 and radius > 0) or k % 3 == 0]
     assert {(k, k) for k in at_radius} <= set(zip(i.tolist(), j.tolist(), strict=True))
+
+
+def test_minhash_band_matches_are_exactly_the_shared_codes():
+    """A run's captions against an index's by LSH band code: each (index row, caption) pair
+    sharing a code in any band, once, found without sorting the index's codes."""
+    from mmtools.steps.dedup.minhash import matches
+
+    rng = np.random.default_rng(3)
+    fresh = rng.integers(0, 2**64, (2000, 9), dtype=np.uint64)
+    stored = rng.integers(0, 2**64, (50000, 9), dtype=np.uint64)
+    stored[::100] = fresh[:500]  # every band equal
+    stored[7::100, 4] = fresh[600:1100, 4]  # one band equal
+    stored[9::100, 2] = fresh[0:500, 2] ^ np.uint64(1)  # one bit off: no match
+    s, f = matches(fresh, stored)
+    expected = {(k * 100, k) for k in range(500)} | {(7 + k * 100, 600 + k) for k in range(500)}
+    assert sorted(zip(s.tolist(), f.tolist(), strict=True)) == sorted(expected)

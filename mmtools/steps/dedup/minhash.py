@@ -107,6 +107,7 @@ def similar_pairs(sets: list[set[str]], threshold: float, num_perm: int, seed: i
 
 KEY = "_key_minhash"
 BANDS = "_key_minhash_bands"  # in a dedup index: the LSH band codes of each kept caption
+_FILTER = 1 << 22  # bits of the bitmap `matches` rules stored codes out with
 
 
 def matches(fresh: np.ndarray, stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -116,12 +117,16 @@ def matches(fresh: np.ndarray, stored: np.ndarray) -> tuple[np.ndarray, np.ndarr
     for band in range(fresh.shape[1]):
         order = np.argsort(fresh[:, band], kind="stable")
         codes = fresh[order, band]
-        lo = np.searchsorted(codes, stored[:, band], "left")
-        hi = np.searchsorted(codes, stored[:, band], "right")
-        count = hi - lo
+        # A bitmap of the fresh codes' low bits rules out nearly every stored row at one
+        # lookup each; only the rest are searched for.
+        bitmap = np.zeros(_FILTER, bool)
+        bitmap[(codes & np.uint64(_FILTER - 1)).astype(np.int64)] = True
+        maybe = np.flatnonzero(bitmap[(stored[:, band] & np.uint64(_FILTER - 1)).astype(np.int64)])
+        lo = np.searchsorted(codes, stored[maybe, band], "left")
+        count = np.searchsorted(codes, stored[maybe, band], "right") - lo
         if not count.any():
             continue
-        s = np.repeat(np.arange(len(stored)), count)
+        s = np.repeat(maybe, count)
         within = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
         found.append(s * len(fresh) + order[np.repeat(lo, count) + within])
     if not found:
