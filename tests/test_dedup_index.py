@@ -41,7 +41,9 @@ def index_ids(idx: Path) -> list[str]:
     return [
         i
         for g in manifest["generations"]
-        for i in pq.read_table(idx / f"gen-{g['gen']:06d}.parquet")[C.ID].to_pylist()
+        for i in pa.ipc.open_file(str(idx / f"gen-{g['gen']:06d}.arrow"))
+        .read_all()[C.ID]
+        .to_pylist()
     ]
 
 
@@ -187,7 +189,7 @@ def test_a_rerun_into_the_same_output_replaces_its_generation(tmp_path):
         assert index_ids(idx) == ["a", "b"]
     manifest = json.loads((idx / "_index.json").read_text())
     assert [g["gen"] for g in manifest["generations"]] == [2]
-    assert sorted(p.name for p in idx.iterdir()) == ["_index.json", "gen-000002.parquet"]
+    assert sorted(p.name for p in idx.iterdir()) == ["_index.json", "gen-000002.arrow"]
 
 
 def test_other_settings_exit_6_and_a_held_index_exits_5_or_waits(tmp_path):
@@ -252,7 +254,7 @@ def test_info_and_rebuild_from_the_datasets_that_fed_it(tmp_path):
     assert [r["output"] for r in info["runs"]] == [str(tmp_path / "o1"), str(tmp_path / "o2")]
     text = mmtools("dedup-index", idx).stdout.decode()
     assert "rows:     3" in text and "exact: fields=['text']" in text
-    for gen in idx.glob("gen-*.parquet"):
+    for gen in idx.glob("gen-*.arrow"):
         gen.unlink()  # a lost generation: rebuild from the datasets
     mmtools(
         "dedup-index", idx, "--rebuild-from", tmp_path / "o1", "--rebuild-from", tmp_path / "o2"

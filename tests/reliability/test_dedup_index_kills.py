@@ -42,7 +42,9 @@ def index_ids(idx: Path) -> list[str]:
     return [
         i
         for g in manifest["generations"]
-        for i in pq.read_table(idx / f"gen-{g['gen']:06d}.parquet")[C.ID].to_pylist()
+        for i in pa.ipc.open_file(str(idx / f"gen-{g['gen']:06d}.arrow"))
+        .read_all()[C.ID]
+        .to_pylist()
     ]
 
 
@@ -79,7 +81,7 @@ def test_a_kill_in_the_index_commit_is_repaired_by_the_rerun(point, tmp_path):
     assert index_ids(idx) == expected  # every kept row's keys, each once
     assert sorted(p.name for p in idx.iterdir()) == [
         "_index.json",
-        "gen-000001.parquet",
-        "gen-000002.parquet",
-        "gen-000003.parquet",
+        "gen-000001.arrow",
+        "gen-000002.arrow",
+        "gen-000003.arrow",
     ]

@@ -7,9 +7,9 @@ row's id and its `Dedup.keys`: content hash, pHashes, normalised caption, embedd
 Commit protocol, tied to the output a run writes:
 
 1. under the lock (`.lock`; a second run exits 5, or waits with --wait-lock), a run stages
-   the keys of the rows it keeps as `pending-N.parquet` and `_pending.json` (naming the
+   the keys of the rows it keeps as `pending-N.arrow` and `_pending.json` (naming the
    output and the run's fingerprint) *before* its output commits;
-2. after the output's manifest is in place, the pending file is renamed `gen-N.parquet`,
+2. after the output's manifest is in place, the pending file is renamed `gen-N.arrow`,
    `_index.json` is rewritten listing it, and `_pending.json` is removed;
 3. whoever opens the index next repairs a kill in between: a pending generation whose output
    committed (its manifest carries the same fingerprint) is promoted, any other is dropped
@@ -27,7 +27,6 @@ import os
 import time
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from mmtools.errors import DriftError, UsageError
 from mmtools.io.fs import is_remote, store
@@ -41,11 +40,17 @@ log = logging.getLogger("mmtools")
 
 
 def _gen_name(gen: int) -> str:
-    return f"gen-{gen:06d}.parquet"
+    return f"gen-{gen:06d}.arrow"
 
 
 def _pending_name(gen: int) -> str:
-    return f"pending-{gen:06d}.parquet"
+    return f"pending-{gen:06d}.arrow"
+
+
+def _read(path: str) -> pa.Table:
+    """A generation: an Arrow IPC file, memory-mapped (its keys are read, not decoded)."""
+    with pa.memory_map(path) as source:
+        return pa.ipc.open_file(source).read_all()
 
 
 def is_index(path: str) -> bool:
@@ -145,7 +150,7 @@ class SeenIndex:
     def load(self, skip_output: str | None = None) -> pa.Table | None:
         """The key rows of every generation except those that fed `skip_output`."""
         tables = [
-            pq.read_table(self._at(_gen_name(g["gen"])))
+            _read(self._at(_gen_name(g["gen"])))
             for g in self.generations
             if skip_output is None or g.get("output") != skip_output
         ]
@@ -161,7 +166,8 @@ class SeenIndex:
         output commits)."""
         gen = max([g["gen"] for g in self.generations] + [0]) + 1
         tmp, final = self._at(".tmp-" + _pending_name(gen)), self._at(_pending_name(gen))
-        pq.write_table(keys, tmp, compression="zstd")
+        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, keys.schema) as writer:
+            writer.write_table(keys, max_chunksize=65536)
         fsync_path(tmp)
         os.replace(tmp, final)
         fsync_path(self.path)
