@@ -445,11 +445,15 @@ def test_repeated_ids_resume_at_the_first_matching_place():
     seen = []
     handler = logging.Handler()
     handler.emit = lambda record: seen.append(record.getMessage())
-    logging.getLogger("mmtools").addHandler(handler)
+    logger = logging.getLogger("mmtools")
+    level = logger.level  # a command run earlier in this process may have set it
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
     try:
         res = step().process(t.slice(3, 2).to_batches()[0])
     finally:
-        logging.getLogger("mmtools").removeHandler(handler)
+        logger.removeHandler(handler)
+        logger.setLevel(level)
     assert seen == ["dedup: resumed at one of 2 places with the same ids; took the first"]
     # ids x, y first appear at position 1: rows kept there
     assert res.batch.column(C.IS_DUPLICATE).to_pylist() == [False, False]
