@@ -258,3 +258,11 @@ def test_global_step_defaults():
     for call in (lambda: step.scan(batch), lambda: step.wanted(3), lambda: step.set_cut(3, None)):
         with pytest.raises(NotImplementedError):
             call()
+
+
+def test_no_positions_give_no_reject_rows():
+    batch = rows(["a", "b"], ["s0", "s1"])
+    assert sources_of(batch, []) == []
+    empty = rejects_at("score", batch, [], {})
+    assert empty.num_rows == 0 and empty.schema.equals(C.REJECT_SCHEMA)
+    assert rejects_at("score", batch, np.flatnonzero([False, False]), {}).num_rows == 0
