@@ -267,3 +267,54 @@ def test_top_values_keep_the_heavy_hitters_within_capacity():
     bounded = S.TopValues(2)
     bounded.update(pa.array(["x"] * 5 + ["y"] * 3 + ["z"] * 2 + ["w"]))
     assert bounded.report(5) == [["x", 3], ["y", 1]] and bounded.error == 2
+
+
+def test_derived_measures_edge_cases(tmp_path):
+    path = tmp_path / "d.parquet"
+    emb = pa.array([[3.0, 4.0], None, [0.0, 2.0]], pa.list_(pa.float32(), 2))
+    table = pa.table(
+        {
+            C.WIDTH: pa.array([7, 30, 5], pa.int32()),
+            C.HEIGHT: pa.array([1, 10, 50], pa.int32()),
+            C.IMAGE_EMBEDDING: emb,
+        }
+    )
+    pq.write_table(table, path)
+    d = profile(path)["derived"]
+    norm = d["image_embedding.norm"]
+    assert (norm["count"], norm["nulls"], norm["non_finite"]) == (2, 1, 0)
+    assert (norm["min"], norm["max"]) == (2.0, 5.0)
+    aspect = d["image.aspect"]  # a height of 1 is a height
+    assert (aspect["count"], aspect["min"], aspect["max"]) == (3, 0.1, 7.0)
+    side = d["image.min_side"]
+    assert (side["min"], side["max"], side["mean"]) == (1, 10, 16 / 3)
+    only_width = tmp_path / "w.parquet"
+    pq.write_table(pa.table({C.WIDTH: pa.array([1, 2], pa.int32())}), only_width)
+    assert list(profile(only_width)["derived"]) == []
+
+
+def test_reruns_agree_when_quantiles_come_from_a_sample(tmp_path):
+    path = tmp_path / "s.parquet"
+    pq.write_table(pa.table({"v": np.arange(200, dtype=np.float64)}), path)
+    first = profile(path, batch_size=16, sample_size=5)
+    again = profile(path, batch_size=16, sample_size=5)
+    assert first["columns"]["v"]["sampled"] is True
+    assert first["columns"]["v"]["quantiles"] == again["columns"]["v"]["quantiles"]
+    assert first["columns"]["v"]["histogram"] == again["columns"]["v"]["histogram"]
+
+
+def test_render_lines_exactly(small):
+    r = profile(small, columns=(C.ID, C.TEXT), top=2, cuts=(("text.words", 3.0),))
+    assert r["columns"][C.TEXT]["top"] == [["a cat", 3], ["the dog, ok", 2]]
+    lines = S.render(r, width=5).splitlines()
+    assert not [x for x in lines if x != x.rstrip()]
+    assert next(x for x in lines if x.startswith("id ")) == "id          string   8      0"
+    cut = lines.index("cut text.words >= 3: keeps 3 (42.9%), drops 4")
+    assert lines[cut - 1] == ""
+    top = lines.index("top text:")
+    assert lines[top + 1 :] == ["         3  'a cat'", "         2  'the …'"]
+    path = small.parent / "once.parquet"
+    pq.write_table(pa.table({"tag": ["a", "b"]}), path)
+    lines = S.render(profile(path)).splitlines()
+    assert lines[0] == "rows: 2"
+    assert lines[-2:] == ["", "top tag: every value occurs once"]
