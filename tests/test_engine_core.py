@@ -592,3 +592,18 @@ def test_parquet_writer_settings():
     assert dictionary_columns(pa.schema([("id", pa.string())])) is True
     assert read_rejects("/nonexistent-dir-xyz") is None
     assert Position.of({"rows": 3, "upstream_rejects": 1}) == Position(3, 1, 0)
+
+
+def test_progress_shows_the_further_of_rows_written_and_rows_reported():
+    from tqdm import tqdm
+
+    bar = tqdm(total=100, file=io.StringIO(), mininterval=0)
+    progress = engine._Progress(bar)
+    progress(3)
+    progress(4)
+    assert bar.n == 7
+    progress.reach(5)  # fewer written than reported: stays
+    assert bar.n == 7
+    progress.reach(20)
+    assert bar.n == 20
+    bar.close()
