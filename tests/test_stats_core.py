@@ -318,3 +318,37 @@ def test_render_lines_exactly(small):
     lines = S.render(profile(path)).splitlines()
     assert lines[0] == "rows: 2"
     assert lines[-2:] == ["", "top tag: every value occurs once"]
+
+
+def test_top_values_cut_is_the_count_just_below_the_capacity():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        counts = rng.integers(1, 50, int(rng.integers(20, 300)))
+        capacity = int(rng.integers(1, len(counts) - 1))
+        values = np.repeat([f"v{i}" for i in range(len(counts))], counts)
+        top = S.TopValues(capacity)
+        top.update(pa.array(values))
+        cut = int(np.sort(counts)[::-1][capacity])
+        want = {f"v{i}": int(n - cut) for i, n in enumerate(counts) if n > cut}
+        got = dict(zip(top.table["value"].to_pylist(), top.table["n"].to_pylist(), strict=True))
+        assert (got, top.error) == (want, cut)
+
+
+def test_numeric_sample_edges():
+    exact = S.Numeric(3, np.random.default_rng(0))
+    exact.update(pa.array([3.0, 1.0, 2.0]))
+    assert len(exact.prio) == len(exact.sample) == 3  # one priority per sampled value
+    rep = exact.report(3)
+    assert rep["sampled"] is False and rep["quantiles"]["p50"] == 2.0
+    assert rep["histogram"]["counts"] == [1, 1, 1]
+    big = S.Numeric(2, np.random.default_rng(0))
+    big.update(pa.array(np.arange(10.0)))
+    counts = big.report(2)["histogram"]["counts"]
+    assert all(type(c) is int for c in counts) and sum(counts) == 10
+
+
+def test_render_shortens_long_values_to_the_width(tmp_path):
+    path = tmp_path / "long.parquet"
+    pq.write_table(pa.table({"tag": ["x" * 40, "x" * 40, "y" * 41, "y" * 41]}), path)
+    lines = S.render(profile(path)).splitlines()
+    assert lines[-2:] == [f"         2  {'x' * 40!r}", f"         2  {'y' * 39 + '…'!r}"]
