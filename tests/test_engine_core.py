@@ -607,3 +607,22 @@ def test_progress_shows_the_further_of_rows_written_and_rows_reported():
     progress.reach(20)
     assert bar.n == 20
     bar.close()
+
+
+def test_the_empty_shard_counts_nothing_in_the_manifest(tmp_path):
+    sink = DatasetSink(str(tmp_path / "o"))
+    sink.open(table(1).schema, {})
+    manifest = sink.close({}, [], {})
+    assert manifest["shards"][0]["rejected"] == 0 and manifest["shards"][0]["reject_reasons"] == {}
+    assert manifest["stats"]["failed"] == 0 and manifest["stats"]["succeeded"] == 0
+    assert manifest["ledger"] == {"rows": 0, "shards": []} and manifest["generated"] == 0
+    # every row rejected: a committed unit without a shard, then the empty shard
+    sink = DatasetSink(str(tmp_path / "r"))
+    sink.open(table(1).schema, {})
+    sink.write(None, [reject_batch("s", ["a", "b"], ["bad", "bad"], ["", ""])], {}, Position(2))
+    manifest = sink.close({}, [], {})
+    assert [(s["name"], s["rows"], s["rejected"]) for s in manifest["shards"]] == [
+        ("part-00001.parquet", 0, 0)
+    ]
+    assert manifest["rejects"]["rows"] == 2 and manifest["stats"]["failed"] == 2
+    assert manifest["stats"]["success_rate"] == 0.0 and manifest["position"]["rows"] == 2
