@@ -266,3 +266,10 @@ def test_no_positions_give_no_reject_rows():
     empty = rejects_at("score", batch, [], {})
     assert empty.num_rows == 0 and empty.schema.equals(C.REJECT_SCHEMA)
     assert rejects_at("score", batch, np.flatnonzero([False, False]), {}).num_rows == 0
+
+
+def test_ledger_values_of_any_number_type_are_floats():
+    batch = rows(["a", "b"])
+    for value in ([1, 7], np.array([1, 7], np.int32), np.array([1, 7], np.float32)):
+        got = ledger_rows("f", batch, [False, True], "min", value)
+        assert got.schema.equals(C.LEDGER_SCHEMA) and got.column(C.DROP_VALUE).to_pylist() == [7.0]
