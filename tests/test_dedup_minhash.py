@@ -128,3 +128,28 @@ def test_band_buckets_give_the_same_groups_as_the_local_search():
     order = rng.permutation(len(texts))
     keys = pa.table({KEY: pa.array([texts[k] for k in order], pa.string())})
     assert_ray_buckets_give_local_groups(lambda: MinHashText(0.6, 64, 2, 0), keys, min_groups=60)
+
+
+def test_a_threshold_lsh_cannot_band_is_refused_in_one_line(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from conftest import mmtools
+
+    pq.write_table(pa.table({"id": ["a", "b"], "text": ["x y z", "x y z"]}), tmp_path / "t.parquet")
+    proc = mmtools(
+        "dedup",
+        tmp_path / "t.parquet",
+        "-m",
+        "minhash",
+        "--threshold",
+        "1.0",
+        "-o",
+        tmp_path / "out",
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.decode().strip().splitlines()[-1] == (
+        "mmtools dedup: error: dedup --threshold 1 with --num-perm 128 leaves MinHash LSH fewer "
+        "than two bands; lower --threshold or raise --num-perm (identical captions: -m exact "
+        "--exact-key text)"
+    )

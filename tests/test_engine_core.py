@@ -626,3 +626,24 @@ def test_the_empty_shard_counts_nothing_in_the_manifest(tmp_path):
     ]
     assert manifest["rejects"]["rows"] == 2 and manifest["stats"]["failed"] == 2
     assert manifest["stats"]["success_rate"] == 0.0 and manifest["position"]["rows"] == 2
+
+
+def test_a_refused_output_leaves_its_lock_free_in_the_same_process(tmp_path):
+    """Library use: a run refused because another command made the output (exit 6) lets go
+    of the output's lock, so the next run in the same process is not told it is locked."""
+    write_shards(tmp_path / "in", pa.table({C.ID: ["a", "b"], C.TEXT: ["x", "y"]}), 1, 10)
+    engine.run(
+        "copy", Source([str(tmp_path / "in")]), [], DatasetSink(str(tmp_path / "out")), quiet=True
+    )
+    with pytest.raises(DriftError):
+        engine.run(
+            "other",
+            Source([str(tmp_path / "in")]),
+            [],
+            DatasetSink(str(tmp_path / "out")),
+            quiet=True,
+        )
+    summary, _ = engine.run(
+        "copy", Source([str(tmp_path / "in")]), [], DatasetSink(str(tmp_path / "out")), quiet=True
+    )
+    assert summary.already_complete

@@ -102,7 +102,11 @@ class DatasetSink:
         with reaching(self.path):
             self.store.makedirs()
             self._lock.acquire()
-            return self._open(schema, fingerprint, locate)
+            try:
+                return self._open(schema, fingerprint, locate)
+            except BaseException:  # refused (another run's output, foreign files): let go
+                self._lock.release()
+                raise
 
     def _open(self, schema: pa.Schema, fingerprint: dict, locate) -> Position:
         self.schema = schema

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mmtools import columns as C
-from mmtools.errors import require_module
+from mmtools.errors import UsageError, require_module
 from mmtools.step import POSITION
 from mmtools.steps.dedup.exact import check_text, normalize_text
 from mmtools.steps.dedup.groups import (
@@ -42,7 +42,14 @@ def bands(threshold: float, num_perm: int) -> tuple[int, int]:
     """datasketch's choice of (bands, rows per band) for `threshold`, weighted for recall."""
     datasketch = require_module("datasketch", "dedup")
     # Every candidate is checked afterwards, so a missed pair costs more than a false one.
-    lsh = datasketch.MinHashLSH(threshold=threshold, num_perm=num_perm, weights=LSH_WEIGHTS)
+    try:
+        lsh = datasketch.MinHashLSH(threshold=threshold, num_perm=num_perm, weights=LSH_WEIGHTS)
+    except ValueError:  # too few permutations for LSH bands at this threshold
+        raise UsageError(
+            f"dedup --threshold {threshold:g} with --num-perm {num_perm} leaves MinHash LSH "
+            "fewer than two bands; lower --threshold or raise --num-perm (identical captions: "
+            "-m exact --exact-key text)"
+        ) from None
     return lsh.b, lsh.r
 
 
