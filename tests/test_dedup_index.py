@@ -26,7 +26,7 @@ from mmtools import engines
 from mmtools.errors import EXIT_DRIFT, EXIT_LOCKED
 from mmtools.io.dataset import DatasetSink, read_dropped
 from mmtools.io.source import Source
-from mmtools.steps.dedup.index import SeenIndex
+from mmtools.steps.dedup.index import SeenIndex, key_rows
 from mmtools.steps.dedup.step import Dedup, DedupConfig
 
 sys.path.insert(0, str(Path(__file__).parent / "bench"))
@@ -37,14 +37,7 @@ BATCHES = 10
 
 def index_ids(idx: Path) -> list[str]:
     """The ids of every key row the index's manifest lists, in generation order."""
-    manifest = json.loads((idx / "_index.json").read_text())
-    return [
-        i
-        for g in manifest["generations"]
-        for i in pa.ipc.open_file(str(idx / f"gen-{g['gen']:06d}.arrow"))
-        .read_all()[C.ID]
-        .to_pylist()
-    ]
+    return key_rows(str(idx))[C.ID].to_pylist()
 
 
 def batch_files(tmp: Path, table: pa.Table, batch: np.ndarray) -> list[Path]:

@@ -3,7 +3,6 @@ no key and adds none twice once rerun; the next day's run still sees every earli
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -15,6 +14,7 @@ from mmtools import columns as C
 from mmtools import engines
 from mmtools.io.dataset import DatasetSink
 from mmtools.io.source import Source
+from mmtools.steps.dedup.index import key_rows
 from mmtools.steps.dedup.step import Dedup, DedupConfig
 
 # (where, what the kill leaves): staged keys before the output commits; the output
@@ -38,14 +38,8 @@ def days(tmp: Path) -> list[Path]:
 
 
 def index_ids(idx: Path) -> list[str]:
-    manifest = json.loads((idx / "_index.json").read_text())
-    return [
-        i
-        for g in manifest["generations"]
-        for i in pa.ipc.open_file(str(idx / f"gen-{g['gen']:06d}.arrow"))
-        .read_all()[C.ID]
-        .to_pylist()
-    ]
+    """The ids of every key row the index's manifest lists, in generation order."""
+    return key_rows(str(idx))[C.ID].to_pylist()
 
 
 def kept(out: Path) -> list[str]:

@@ -247,6 +247,16 @@ def _first_difference(old: dict, new: dict) -> str:
     return "they differ"
 
 
+def key_rows(path: str) -> pa.Table | None:
+    """The key rows of every committed generation of the index at `path`, oldest first
+    (read without the lock: what the last commit left)."""
+    manifest = read_json(os.path.join(path, INDEX_FILE)) or {}
+    tables = [
+        _read(os.path.join(path, _gen_name(g["gen"]))) for g in manifest.get("generations", [])
+    ]
+    return pa.concat_tables(tables, promote_options="default") if tables else None
+
+
 def describe(path: str) -> dict:
     """What `mmtools info` prints for an index: rows, methods, settings, size, the runs."""
     manifest = read_json(os.path.join(path, INDEX_FILE)) or {}
