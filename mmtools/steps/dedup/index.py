@@ -149,15 +149,7 @@ class SeenIndex:
 
     def load(self, skip_output: str | None = None) -> pa.Table | None:
         """The key rows of every generation except those that fed `skip_output`."""
-        tables = [
-            _read(self._at(_gen_name(g["gen"])))
-            for g in self.generations
-            if skip_output is None or g.get("output") != skip_output
-        ]
-        tables = [t for t in tables if t.num_rows]
-        if not tables:
-            return None
-        return pa.concat_tables(tables, promote_options="default")
+        return _generations(self.path, self.generations, skip_output)
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -251,9 +243,17 @@ def key_rows(path: str) -> pa.Table | None:
     """The key rows of every committed generation of the index at `path`, oldest first
     (read without the lock: what the last commit left)."""
     manifest = read_json(os.path.join(path, INDEX_FILE)) or {}
+    return _generations(path, manifest.get("generations", []))
+
+
+def _generations(path: str, gens: list[dict], skip_output: str | None = None):
+    """The key rows of `gens` (but those that fed `skip_output`) in one table, or None."""
     tables = [
-        _read(os.path.join(path, _gen_name(g["gen"]))) for g in manifest.get("generations", [])
+        _read(os.path.join(path, _gen_name(g["gen"])))
+        for g in gens
+        if skip_output is None or g.get("output") != skip_output
     ]
+    tables = [t for t in tables if t.num_rows]
     return pa.concat_tables(tables, promote_options="default") if tables else None
 
 

@@ -154,7 +154,7 @@ class MinHashText(BucketGrouped):
         self.failures: dict[int, tuple[str, str]] = {}
         self._texts: list[pa.Array] = []
         self._stored: list[np.ndarray] = []  # band codes of a dedup index's rows, scanned last
-        self._stored_from: int | None = None  # the position of the first of them
+        self.index_from: int | None = None  # where those rows start (`Dedup`)
         self._signed: tuple[pa.Array, np.ndarray] | None = None  # captions and their codes
 
     def bind(self, schema: pa.Schema) -> list[str]:
@@ -174,8 +174,6 @@ class MinHashText(BucketGrouped):
         if KEY in keys.schema.names:
             self._texts.append(keys.column(KEY))
         if BANDS in keys.schema.names:
-            if self._stored_from is None:
-                self._stored_from = offset
             codes = keys.column(BANDS)
             self._stored.append(codes.flatten().to_numpy().reshape(len(codes), -1))
 
@@ -255,12 +253,12 @@ class MinHashText(BucketGrouped):
         return np.where(codes >= 0, per_text[np.maximum(codes, 0)], -1)
 
     def _labels_with_index(self, texts: pa.ChunkedArray, active: np.ndarray) -> np.ndarray:
-        """Labels when a dedup index's rows (from `_stored_from` on) come with band codes:
+        """Labels when a dedup index's rows (from `index_from` on) come with band codes:
         this run's captions are signed and paired as without an index; each of them is then
         paired with the index rows sharing a band code, checked by Jaccard. Index rows are
         not paired with each other (an earlier run kept them apart)."""
         stored = np.concatenate(self._stored)
-        new, old = active[active < self._stored_from], active[active >= self._stored_from]
+        new, old = active[active < self.index_from], active[active >= self.index_from]
         encoded = texts.take(new).combine_chunks().dictionary_encode()
         tcode = pc.fill_null(encoded.indices, -1).to_numpy().astype(np.int64)
         words = encoded.dictionary.to_pylist()
@@ -268,7 +266,7 @@ class MinHashText(BucketGrouped):
         sig = signatures(sets, self.num_perm, self.seed)
         self._signed = (encoded.dictionary, sig)
         i, j = similar_pairs(sets, self.threshold, self.num_perm, self.seed, sig)
-        s, t = matches(band_codes(sig, self.threshold), stored[old - self._stored_from])
+        s, t = matches(band_codes(sig, self.threshold), stored[old - self.index_from])
         old_text = texts.take(old[s]).to_pylist() if len(s) else []
         near = np.array(
             [
@@ -289,8 +287,8 @@ class MinHashText(BucketGrouped):
         size = np.bincount(comp[is_row], minlength=total)
         label = np.where(size[comp] > 1, comp, -1)
         out = np.empty(len(active), np.int64)
-        out[active < self._stored_from] = label[:rows]
-        out[active >= self._stored_from] = label[rows + n_text :]
+        out[active < self.index_from] = label[:rows]
+        out[active >= self.index_from] = label[rows + n_text :]
         return out
 
     def index_columns(self, keys: pa.Table) -> dict[str, pa.Array]:
@@ -335,4 +333,4 @@ class MinHashText(BucketGrouped):
     def release(self) -> None:
         """Drop the captions (not the signatures a dedup index still wants: `index_columns`)."""
         self._texts, self._groups, self._members = [], None, None
-        self._stored, self._stored_from = [], None
+        self._stored = []
