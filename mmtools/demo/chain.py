@@ -91,6 +91,16 @@ def _edit(caption: str) -> str:
     return caption + "."
 
 
+def _blurred_and_labelled(rest: list[int], cfg: DemoConfig, rng) -> tuple[set[int], list[int]]:
+    """The rows to blur (from `rest`, rows with no other planted noise) and the labelled
+    tenth, drawn from the blurred rows and the others alike (stratified), so that a small
+    sample still holds enough of each class to train on."""
+    blurred = set(rest[: int(cfg.blurred * cfg.rows)])
+    labelled = rng.sample(sorted(blurred), round(cfg.labelled * len(blurred)))
+    others = [i for i in range(cfg.rows) if i not in blurred]
+    return blurred, labelled + rng.sample(others, round(cfg.labelled * len(others)))
+
+
 def make_sample(root: Path, cfg: DemoConfig) -> Truth:
     """Write captioned images with planted noise under `root`; return the truth."""
     from PIL import ImageFilter
@@ -107,13 +117,7 @@ def make_sample(root: Path, cfg: DemoConfig) -> Truth:
     mis = order[:n_mis]
     exact = order[n_mis : n_mis + n_exact]
     near = order[n_mis + n_exact : n_mis + n_exact + n_near]
-    rest = order[n_mis + n_exact + n_near :]
-    blurred = set(rest[: int(cfg.blurred * cfg.rows)])
-    # The labelled tenth is drawn from the blurred rows and the others alike (stratified),
-    # so that a small sample still holds enough of each class to train on.
-    labelled = rng.sample(sorted(blurred), round(cfg.labelled * len(blurred)))
-    others = [i for i in range(cfg.rows) if i not in blurred]
-    labelled += rng.sample(others, round(cfg.labelled * len(others)))
+    blurred, labelled = _blurred_and_labelled(order[n_mis + n_exact + n_near :], cfg, rng)
     captions = [s.caption for s in samples]
     # Mismatches: rotate captions among the chosen rows so each gets another scene's caption.
     for a, b in zip(mis, mis[1:] + mis[:1], strict=True):

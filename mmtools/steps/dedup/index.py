@@ -55,7 +55,9 @@ def _read(path: str) -> pa.Table:
 
 def is_index(path: str) -> bool:
     """Whether `path` is a dedup index directory."""
-    found = read_json(os.path.join(path, INDEX_FILE)) if not is_remote(path) else None
+    if is_remote(path) or not os.path.isdir(path):
+        return False
+    found = read_json(os.path.join(path, INDEX_FILE))
     return bool(found and found.get("format") == FORMAT)
 
 
