@@ -318,3 +318,96 @@ def test_minhash_band_matches_are_exactly_the_shared_codes():
     s, f = matches(fresh, stored)
     expected = {(k * 100, k) for k in range(500)} | {(7 + k * 100, 600 + k) for k in range(500)}
     assert sorted(zip(s.tolist(), f.tolist(), strict=True)) == sorted(expected)
+
+
+def embedding_file(path: Path, ids: list[str], x: np.ndarray) -> Path:
+    flat = pa.array(x.astype(np.float32).ravel())
+    emb = pa.FixedSizeListArray.from_arrays(flat, x.shape[1])
+    pq.write_table(pa.table({C.ID: ids, C.IMAGE_EMBEDDING: emb}), path)
+    return path
+
+
+def test_semantic_index_keeps_its_model_until_the_rows_double(tmp_path):
+    """Run 1 fits the model; run 2 (160 rows <= 2 x 100) clusters by it and fits nothing; run
+    3 (220 > 200) fits again and keeps the new cluster of every earlier row in the model's
+    file; run 4 finds copies of rows of each generation, before and after the refit."""
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((280, 32))
+    idx = tmp_path / "idx"
+    days = [(0, 100, []), (100, 160, [5, 50]), (160, 220, [120, 7]), (220, 280, [3, 130, 170])]
+    models, found = [], []
+    for d, (lo, hi, copies) in enumerate(days):
+        ids = [f"r{k}" for k in range(lo, hi)] + [f"copy-of-r{k}" for k in copies]
+        x = np.r_[base[lo:hi], base[copies] + 0.01 * rng.standard_normal((len(copies), 32))]
+        f = embedding_file(tmp_path / f"day{d}.parquet", ids, x)
+        config = DedupConfig(methods=("semantic",), index=str(idx), clusters=None)
+        out, step = dedup([f], tmp_path / f"out{d}", config)
+        assert out[C.ID].to_pylist() == ids[: hi - lo]  # each copy, and only copies, dropped
+        found.append(step.stats["semantic"].get("of_earlier_runs", 0))
+        manifest = json.loads((idx / "_index.json").read_text())
+        models.append(manifest["model"]["gen"])
+        assert [g["model"] for g in manifest["generations"]][-1] == models[-1]
+    assert models == [1, 1, 3, 3] and found == [0, 2, 2, 3]
+    assert sorted(p.name for p in idx.iterdir()) == [
+        "_index.json",
+        *[f"gen-00000{g}.arrow" for g in range(1, 5)],
+        "model-000003.npz",  # the first model's file went with its replacement
+    ]
+    with np.load(idx / "model-000003.npz") as model:  # gens 1-2 clustered by the new model
+        assert model["gens"].tolist() == [1] * 100 + [2] * 60 and int(model["rows"]) == 222
+
+
+def test_semantic_fresh_pairs_are_the_pairs_within_a_cluster_above_the_threshold():
+    """Against brute force over every pair with a new row in it, including a cluster of 900
+    identical rows (whose dense blocks are reduced to spanning forests: same components).
+    Rows are float16 values, as an index stores them, and the threshold is one no pair is
+    within 2e-5 of, so float32 and float64 agree on every pair."""
+    from mmtools.steps.dedup.groups import components
+    from mmtools.steps.dedup.semantic import StoredRows, fresh_pairs, unit_rows
+
+    rng = np.random.default_rng(8)
+    raw = rng.standard_normal((1500, 16)).astype(np.float16).astype(np.float64)
+    raw[600:] = raw[600]  # one dense family, part new and part old
+    x = unit_rows(raw)[0]
+    clusters = np.r_[rng.integers(0, 5, 600), np.full(900, 7)]
+    is_new = rng.random(1500) < 0.4
+    new, old = np.flatnonzero(is_new), np.flatnonzero(~is_new)
+    old = old[np.argsort(clusters[old], kind="stable")]
+    sim = x.astype(np.float64) @ x.T.astype(np.float64)
+    both = np.triu(np.ones((1500, 1500), bool), 1) & (is_new[:, None] | is_new[None, :])
+    both &= clusters[:, None] == clusters[None, :]
+    grid = np.linspace(0.55, 0.65, 1001)
+    margin = [np.abs(sim[both] - t).min() for t in grid]
+    threshold = grid[int(np.argmax(margin))]
+    assert max(margin) > 2e-5
+    stored = StoredRows([raw[old[:300]].astype(np.float16), raw[old[300:]].astype(np.float16)], 16)
+    got_i, got_j = fresh_pairs(
+        x[new],
+        clusters[new],
+        lambda b0, b1: stored.unit(np.arange(b0, b1)),
+        clusters[old],
+        threshold,
+    )
+    nodes = np.r_[new, old]  # fresh_pairs numbers new rows first, then old rows
+    want_i, want_j = np.nonzero(both & (sim > threshold))
+    got = components(1500, nodes[got_i], nodes[got_j])
+    want = components(1500, want_i, want_j)
+    assert len(want_i) > 100_000 and len(got_i) < len(want_i) / 10  # reduced, not listed
+    # The same partition of the rows: equal labels together, unequal labels apart.
+    assert (got[:, None] == got[None, :]).tolist() == (want[:, None] == want[None, :]).tolist()
+
+
+def test_stored_rows_read_any_rows_in_any_order_as_unit_vectors():
+    from mmtools.steps.dedup.semantic import StoredRows
+
+    rng = np.random.default_rng(2)
+    raw = rng.standard_normal((50, 8)).astype(np.float16)
+    stored = StoredRows([raw[:7], raw[7:30], raw[30:]], 8)
+    rows = np.array([49, 0, 7, 6, 30, 29, 12, 12])
+    want = raw[rows].astype(np.float64)
+    want /= np.linalg.norm(want, axis=1, keepdims=True)
+    assert len(stored) == 50
+    np.testing.assert_allclose(stored.unit(rows), want, atol=1e-6)
+    np.testing.assert_allclose(
+        stored.unit(np.sort(rows)), want[np.argsort(rows, kind="stable")], atol=1e-6
+    )

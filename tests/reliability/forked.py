@@ -42,6 +42,7 @@ POINTS = {
 INDEX_POINTS = {
     "index-staged": ("replace", "after", lambda s, d: d.endswith("/_pending.json")),
     "index-gen-renamed": ("replace", "after", lambda s, d: "/gen-" in d),
+    "index-model-renamed": ("replace", "after", lambda s, d: "/model-" in d),
     "index-manifest-tmp": ("replace", "before", lambda s, d: d.endswith("/_index.json")),
     "index-manifest": ("replace", "after", lambda s, d: d.endswith("/_index.json")),
     "index-pending-removed": ("unlink", "after", lambda s, d: s.endswith("/_pending.json")),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -21,6 +22,7 @@ from mmtools.steps.dedup.step import Dedup, DedupConfig
 # committed but nothing added; the generation renamed but unlisted; listed but still
 # pending; and the pending record removed (all done but the process end).
 POINTS = ["index-staged", "manifest", *[p for p in INDEX_POINTS if p != "index-staged"]]
+POINTS.remove("index-model-renamed")  # only runs that fit a model pass it (semantic, below)
 
 
 def days(tmp: Path) -> list[Path]:
@@ -79,3 +81,40 @@ def test_a_kill_in_the_index_commit_is_repaired_by_the_rerun(point, tmp_path):
         "gen-000002.arrow",
         "gen-000003.arrow",
     ]
+
+
+def embedding_days(tmp: Path) -> list[Path]:
+    """Three days of embeddings (30, 60, 20 rows, each with copies of earlier rows): day 2
+    has more than doubled the index (30 -> 84), so it fits a new model and stages it."""
+    rng = np.random.default_rng(4)
+    base = rng.standard_normal((110, 16))
+    spans, copies = [(0, 30), (30, 90), (90, 110)], [[], [2, 40, 40], [5, 60]]
+    files = []
+    for d, ((lo, hi), c) in enumerate(zip(spans, copies, strict=True)):
+        x = np.r_[base[lo:hi], base[c] + 0.01 * rng.standard_normal((len(c), 16))]
+        emb = pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float32).ravel()), 16)
+        ids = [f"d{d}-{k}" for k in range(len(x))]
+        files.append(tmp / f"day{d}.parquet")
+        pq.write_table(pa.table({C.ID: ids, C.IMAGE_EMBEDDING: emb}), files[-1])
+    return files
+
+
+@pytest.mark.parametrize("point", ["manifest", *INDEX_POINTS])
+def test_a_kill_while_a_semantic_index_takes_a_new_model_is_repaired(point, tmp_path):
+    files, idx = embedding_days(tmp_path), tmp_path / "idx"
+
+    def argv(d: int) -> list[str]:
+        out = str(tmp_path / f"out{d}")
+        return ["dedup", str(files[d]), "-m", "semantic", "--index", str(idx), "-o", out]
+
+    assert run_to_end(argv(0), tmp_path / "0.log") == 0
+    log = tmp_path / "killed.log"
+    assert run_to_end(argv(1), log, kill_at=(point, 1)) == -9, log.read_text()
+    assert run_to_end(argv(1), tmp_path / "1.log") == 0, (tmp_path / "1.log").read_text()
+    assert run_to_end(argv(2), tmp_path / "2.log") == 0, (tmp_path / "2.log").read_text()
+    runs = [kept(tmp_path / f"out{d}") for d in range(3)]
+    assert [len(r) for r in runs] == [30, 60, 20]  # every copy found, once
+    assert index_ids(idx) == [i for r in runs for i in r]
+    names = sorted(p.name for p in idx.iterdir())
+    # Day 1 fitted the model (the rerun, if the kill dropped its staged one); day 2 kept it.
+    assert names == ["_index.json", *[f"gen-00000{g}.arrow" for g in (1, 2, 3)], "model-000002.npz"]

@@ -106,6 +106,11 @@ class BucketGrouped:
     """
 
     bucket_columns: tuple[str, ...] = ()  # key columns the driver then does not need
+    # With a dedup index: the model it keeps (set by `Dedup`), the one this run fitted for it
+    # (staged with the run's keys), and whether the method's keys depend on one.
+    index_model = None
+    fitted_model: dict[str, np.ndarray] | None = None
+    modelled = False
     bucket_inputs: tuple[str, ...] = ()  # columns `bucket_rows` reads
     _groups: np.ndarray | None = None
 

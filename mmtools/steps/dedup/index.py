@@ -17,6 +17,12 @@ Commit protocol, tied to the output a run writes:
 
 A generation records its output; a later run writing the same output (a rerun with
 --overwrite) replaces it instead of matching against its own rows.
+
+A method with a model (semantic dedup's k-means) keeps it in `model-N.npz`, staged and
+promoted with generation N, the run that fitted it; the file also holds the model's cluster
+of every row of the generations before N. Each generation records the model its own
+cluster column was made with, so a run needs no refit (and reassigns no earlier row)
+until the index has doubled since the fit.
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ import contextlib
 import logging
 import os
 import time
+from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 
 from mmtools.errors import DriftError, UsageError
@@ -36,6 +44,7 @@ from mmtools.io.manifest import fingerprint_digest, fsync_path, read_json, write
 
 FORMAT = "mmtools-dedup-index"
 INDEX_FILE, PENDING_FILE, LOCK_NAME = "_index.json", "_pending.json", ".lock"
+GEN = "_gen"  # the generation a loaded key row comes from (`SeenIndex.load`)
 log = logging.getLogger("mmtools")
 
 
@@ -45,6 +54,20 @@ def _gen_name(gen: int) -> str:
 
 def _pending_name(gen: int) -> str:
     return f"pending-{gen:06d}.arrow"
+
+
+def _model_name(gen: int, pending: bool = False) -> str:
+    return f"{'pending-' if pending else ''}model-{gen:06d}.npz"
+
+
+@dataclass
+class Model:
+    """The index's model (its arrays, as the method that fitted it wrote them), the
+    generation that fitted it and the generations whose own key columns it made."""
+
+    arrays: dict[str, np.ndarray]
+    gen: int
+    own: frozenset[int]
 
 
 def _read(path: str) -> pa.Table:
@@ -101,7 +124,7 @@ class SeenIndex:
         return self
 
     def _ours(self) -> bool:
-        mine = (INDEX_FILE, PENDING_FILE, LOCK_NAME, "pending-", "gen-", ".tmp-")
+        mine = (INDEX_FILE, PENDING_FILE, LOCK_NAME, "pending-", "gen-", "model-", ".tmp-")
         return all(name.startswith(mine) for name in os.listdir(self.path))
 
     def repair(self) -> None:
@@ -130,9 +153,11 @@ class SeenIndex:
 
     def _remove_strays(self) -> None:
         listed = {_gen_name(g["gen"]) for g in self.generations}
+        if "model" in self.manifest:
+            listed.add(_model_name(self.manifest["model"]["gen"]))
         for name in os.listdir(self.path):
             stray = name.startswith(("pending-", ".tmp-")) or (
-                name.startswith("gen-") and name not in listed
+                name.startswith(("gen-", "model-")) and name not in listed
             )
             if stray:
                 self._unlink(name)
@@ -150,18 +175,48 @@ class SeenIndex:
         return sum(g["rows"] for g in self.generations)
 
     def load(self, skip_output: str | None = None) -> pa.Table | None:
-        """The key rows of every generation except those that fed `skip_output`."""
-        return _generations(self.path, self.generations, skip_output)
+        """The key rows of every generation except those that fed `skip_output`, each with
+        its generation (GEN)."""
+        return _generations(self.path, self.generations, skip_output, with_gen=True)
+
+    def model(self) -> Model | None:
+        """The model the index keeps (`stage(model=...)`), if any."""
+        found = self.manifest.get("model")
+        if found is None:
+            return None
+        with np.load(self._at(_model_name(found["gen"]))) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+        own = frozenset(g["gen"] for g in self.generations if g.get("model") == found["gen"])
+        return Model(arrays, found["gen"], own)
+
+    @property
+    def next_gen(self) -> int:
+        """The number the next staged generation gets."""
+        return max([g["gen"] for g in self.generations] + [0]) + 1
 
     # -- writing ---------------------------------------------------------------------------
 
-    def stage(self, keys: pa.Table, output: str | None, fingerprint: str) -> None:
+    def stage(
+        self,
+        keys: pa.Table,
+        output: str | None,
+        fingerprint: str,
+        model: dict[str, np.ndarray] | None = None,
+        modelled: bool = False,
+    ) -> None:
         """Write the key rows of a run's kept rows as a pending generation (before the run's
-        output commits)."""
-        gen = max([g["gen"] for g in self.generations] + [0]) + 1
+        output commits), with the model the run fitted (`model`, which replaces the index's)
+        or, `modelled`, made its keys with (the index's)."""
+        gen = self.next_gen
+        if model is not None:
+            tmp = self._at(".tmp-" + _model_name(gen))
+            with open(tmp, "wb") as f:
+                np.savez(f, **model)
+            fsync_path(tmp)
+            os.replace(tmp, self._at(_model_name(gen, pending=True)))
         tmp, final = self._at(".tmp-" + _pending_name(gen)), self._at(_pending_name(gen))
         with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, keys.schema) as writer:
-            writer.write_table(keys, max_chunksize=65536)
+            writer.write_table(keys.combine_chunks(), max_chunksize=65536)  # few, long chunks
         fsync_path(tmp)
         os.replace(tmp, final)
         fsync_path(self.path)
@@ -172,6 +227,10 @@ class SeenIndex:
             "fingerprint": fingerprint,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+        if model is not None:
+            record["new_model"] = True
+        if model is not None or (modelled and "model" in self.manifest):
+            record["model"] = gen if model is not None else self.manifest["model"]["gen"]
         write_json_atomic(self._at(PENDING_FILE), record)
         self.staged = record
 
@@ -189,11 +248,19 @@ class SeenIndex:
         if not os.path.exists(self._at(_gen_name(gen))):
             os.replace(self._at(_pending_name(gen)), self._at(_gen_name(gen)))
             fsync_path(self.path)
+        model = {}
+        if record.get("new_model"):
+            if not os.path.exists(self._at(_model_name(gen))):
+                os.replace(self._at(_model_name(gen, pending=True)), self._at(_model_name(gen)))
+                fsync_path(self.path)
+            model = {"model": {"gen": gen, "bytes": os.path.getsize(self._at(_model_name(gen)))}}
         replaced = [g for g in self.generations if output and g.get("output") == output]
-        entry = {k: record[k] for k in ("gen", "rows", "output", "fingerprint", "created")}
+        keep = ("gen", "rows", "output", "fingerprint", "created", "model")
+        entry = {k: record[k] for k in keep if k in record}
         entry["bytes"] = os.path.getsize(self._at(_gen_name(gen)))
         self.manifest = {
             **self.manifest,
+            **model,
             "format": FORMAT,
             "version": 1,
             "generations": [g for g in self.generations if g not in replaced] + [entry],
@@ -202,6 +269,7 @@ class SeenIndex:
         write_json_atomic(self._at(INDEX_FILE), self.manifest)
         for g in replaced:  # a rerun into the same output took their place
             self._unlink(_gen_name(g["gen"]))
+        self._remove_strays()  # a model this one replaced
 
     def keep_only(self, outputs: list[str]) -> None:
         """Drop the generations that fed any other output (after a rebuild)."""
@@ -248,13 +316,17 @@ def key_rows(path: str) -> pa.Table | None:
     return _generations(path, manifest.get("generations", []))
 
 
-def _generations(path: str, gens: list[dict], skip_output: str | None = None):
-    """The key rows of `gens` (but those that fed `skip_output`) in one table, or None."""
-    tables = [
-        _read(os.path.join(path, _gen_name(g["gen"])))
-        for g in gens
-        if skip_output is None or g.get("output") != skip_output
-    ]
+def _generations(path: str, gens: list[dict], skip_output=None, with_gen: bool = False):
+    """The key rows of `gens` (but those that fed `skip_output`) in one table, or None;
+    `with_gen`: with the generation of each row (GEN)."""
+    tables = []
+    for g in gens:
+        if skip_output is not None and g.get("output") == skip_output:
+            continue
+        table = _read(os.path.join(path, _gen_name(g["gen"])))
+        if with_gen:
+            table = table.append_column(GEN, pa.repeat(pa.scalar(g["gen"], pa.int32()), len(table)))
+        tables.append(table)
     tables = [t for t in tables if t.num_rows]
     return pa.concat_tables(tables, promote_options="default") if tables else None
 
@@ -268,7 +340,7 @@ def describe(path: str) -> dict:
         "rows": sum(g["rows"] for g in gens),
         "methods": (manifest.get("params") or {}).get("methods", []),
         "params": manifest.get("params"),
-        "bytes": sum(g.get("bytes", 0) for g in gens),
+        "bytes": sum(g.get("bytes", 0) for g in gens) + manifest.get("model", {}).get("bytes", 0),
         "runs": gens,
         "pending": read_json(os.path.join(path, PENDING_FILE)),
     }

@@ -116,7 +116,8 @@ def cross_pairs(new: np.ndarray, old: np.ndarray, max_distance: int):
         low, at = np.uint64((1 << width) - 1), np.uint64(shift)
         shift += width
         oc = ((old >> at) & low).astype(np.int64)
-        order = np.argsort(oc, kind="stable")
+        # Chunk values of 16 bits or fewer sort by radix, in linear time.
+        order = np.argsort(oc.astype(np.uint16) if width <= 16 else oc, kind="stable")
         # Where each chunk value starts among the sorted old rows, and how many have it: a
         # probe is two lookups, not a search.
         have = np.bincount(oc, minlength=1 << width)

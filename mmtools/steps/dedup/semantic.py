@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,14 +27,18 @@ from mmtools.steps.dedup.groups import (
     spanning_edges,
     with_bucket,
 )
+from mmtools.steps.dedup.index import GEN
 
 CLUSTER_ROWS = 1000  # default average cluster size: within-cluster work is n * CLUSTER_ROWS
 FLAT_MAX = 64  # above this many clusters, k-means runs as a tree to stay near-linear
 SAMPLE_PER_CLUSTER = 64  # k-means trains on about this many sampled rows per cluster
 BLOCK = 512  # rows per similarity block; blocks below the diagonal are skipped
 ASSIGN_ROWS = 1 << 16  # rows assigned to centroids at a time
+UNIT_ROWS = 1 << 13  # rows normalised at a time
 ERROR = "_key_semantic_error"  # why a row has no usable embedding (else null)
 CLUSTER = "cluster"
+INDEX_CLUSTER = "_key_semantic_cluster"  # a dedup index row's cluster under its model
+REFIT = 2  # a dedup index's model is fitted again once the rows have grown this many times
 
 
 def default_clusters(n: int) -> int:
@@ -51,12 +56,84 @@ def _faiss():
 def unit_rows(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rows of `raw` (any float type) as float32 unit vectors, zero where the norm is zero or
     not finite; and the norms. Row by row, so any batching gives the same values."""
-    wide = raw.astype(np.float64)
-    norm = np.sqrt(np.square(wide).sum(axis=1))
-    ok = (norm > 0) & np.isfinite(norm)
-    x = np.zeros(raw.shape, dtype=np.float32)
-    x[ok] = wide[ok] / norm[ok, None]
+    x = np.empty(raw.shape, dtype=np.float32)
+    norm = np.empty(len(raw))
+    for r0 in range(0, len(raw), UNIT_ROWS):  # a slab at a time: float64 copies stay small
+        wide = raw[r0 : r0 + UNIT_ROWS].astype(np.float64)
+        n = norm[r0 : r0 + UNIT_ROWS] = np.sqrt(np.square(wide).sum(axis=1))
+        ok = (n > 0) & np.isfinite(n)
+        wide /= np.where(ok, n, 1.0)[:, None]
+        wide[~ok] = 0.0
+        x[r0 : r0 + UNIT_ROWS] = wide
     return x, norm
+
+
+class StoredRows:
+    """Embeddings as stored, in the chunks they were read in (a dedup index's generations,
+    memory-mapped: nothing is copied until rows are asked for), read back as float32 unit
+    rows a slab at a time. Rows of an index were usable when kept (never zero)."""
+
+    def __init__(self, chunks: list[np.ndarray], dim: int):
+        self.chunks, self.dim = chunks, dim
+        self.starts = np.cumsum([0] + [len(c) for c in chunks])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def unit(self, rows: np.ndarray) -> np.ndarray:
+        """Rows `rows` as float32 unit vectors, normalised in float32."""
+        x = np.empty((len(rows), self.dim), dtype=np.float32)
+        order = np.argsort(rows, kind="stable")
+        ranked = rows[order]
+        ascending = bool(np.all(order[1:] > order[:-1]))  # rows in order: slices, not scatter
+        bounds = np.searchsorted(ranked, self.starts)
+        for c, (a, b) in enumerate(itertools.pairwise(bounds)):
+            if a < b:
+                found = self.chunks[c].take(ranked[a:b] - self.starts[c], axis=0)
+                if ascending:
+                    x[a:b] = found
+                else:
+                    x[order[a:b]] = found
+        for r0 in range(0, len(rows), UNIT_ROWS):
+            slab = x[r0 : r0 + UNIT_ROWS]
+            slab /= np.sqrt(np.einsum("ij,ij->i", slab, slab))[:, None]
+        return x
+
+
+def fresh_pairs(
+    x_new: np.ndarray, c_new: np.ndarray, old: Callable, c_old: np.ndarray, threshold: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Edges above `threshold` cosine within a cluster, each with a new row on one side:
+    indices into `x_new`, and len(x_new) + k for the old row k. Old rows are sorted by their
+    clusters `c_old`, and `old(b0, b1)` gives the unit rows b0..b1, so only the clusters of
+    new rows are read, one at a time. A block dense with edges is reduced to a spanning
+    forest, as in `close_pairs`."""
+    n = len(x_new)
+    order = np.argsort(c_new, kind="stable")
+    xs, cs = x_new[order], c_new[order]
+    starts = np.flatnonzero(np.r_[True, cs[1:] != cs[:-1]]) if n else np.empty(0, np.int64)
+    ends = np.r_[starts[1:], n]
+    lo, hi = np.searchsorted(c_old, cs[starts], "left"), np.searchsorted(c_old, cs[starts], "right")
+    out_i, out_j = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
+    for a0, a1, b0, b1 in zip(starts, ends, lo, hi, strict=True):
+        i, j = close_pairs(xs[a0:a1], threshold)  # new with new
+        out_i.append(order[a0 + i])
+        out_j.append(order[a0 + j])
+        for c0 in range(b0, b1, 4 * BLOCK):  # new with old
+            c1 = min(b1, c0 + 4 * BLOCK)
+            x_old = old(c0, c1)
+            for r0 in range(a0, a1, BLOCK):
+                r1 = min(a1, r0 + BLOCK)
+                hit = np.flatnonzero(xs[r0:r1] @ x_old.T > threshold)
+                i, j = np.divmod(hit, c1 - c0)
+                j += r1 - r0  # nodes: the block's new rows, then its old rows
+                if len(i) > 2 * BLOCK:
+                    i, j = spanning_edges(i, j, (r1 - r0) + (c1 - c0))
+                for side, node in ((out_i, i), (out_j, j)):
+                    new = node < r1 - r0
+                    side.append(np.where(new, order[r0 + np.minimum(node, r1 - r0 - 1)], 0))
+                    side[-1][~new] = n + c0 + node[~new] - (r1 - r0)
+    return np.concatenate(out_i), np.concatenate(out_j)
 
 
 def embedding_rows(arr: pa.Array, dim: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -154,6 +231,36 @@ class KMeans:
         ]
         return cls(top, children, sum(child.clusters for child in children))
 
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The model as named arrays (for a dedup index's model file): each node's centroids
+        and its number of children, in preorder."""
+        out: dict[str, np.ndarray] = {}
+        children: list[int] = []
+
+        def walk(node: KMeans) -> None:
+            out[f"centroids_{len(children)}"] = node.centroids
+            children.append(len(node.children or []))
+            for child in node.children or []:
+                walk(child)
+
+        walk(self)
+        return {**out, "children": np.array(children, np.int64)}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> KMeans:
+        """The model `to_arrays` wrote."""
+        counts = iter(enumerate(arrays["children"].tolist()))
+
+        def build() -> KMeans:
+            at, n = next(counts)
+            centroids = np.asarray(arrays[f"centroids_{at}"], np.float32)
+            if not n:
+                return cls(centroids, None, len(centroids))
+            children = [build() for _ in range(n)]
+            return cls(centroids, children, sum(c.clusters for c in children))
+
+        return build()
+
     def assign(self, x: np.ndarray) -> np.ndarray:
         """The cluster (0 .. clusters - 1) of each row of `x`."""
         near = _nearest(x, self.centroids)
@@ -169,13 +276,17 @@ class KMeans:
         return out
 
 
-def cluster(x: np.ndarray, k: int, seed: int, positions: np.ndarray | None = None) -> np.ndarray:
-    """k-means cluster of each unit row of `x` (input positions `positions`, default 0..n-1):
-    the model is fitted on the rows `sampled` picks, then assigns them all."""
+def fitted(x: np.ndarray, k: int, seed: int, positions: np.ndarray | None = None) -> KMeans:
+    """A k-means model of the unit rows of `x` (input positions `positions`, default 0..n-1),
+    fitted on the rows `sampled` picks."""
     positions = np.arange(len(x)) if positions is None else positions
     k = max(1, min(k, len(x)))
-    sample = x[sampled(positions, sample_rate(len(x), k), seed)]
-    return KMeans.fit(sample, k, seed).assign(x)
+    return KMeans.fit(x[sampled(positions, sample_rate(len(x), k), seed)], k, seed)
+
+
+def cluster(x: np.ndarray, k: int, seed: int, positions: np.ndarray | None = None) -> np.ndarray:
+    """k-means cluster of each unit row of `x`: the `fitted` model assigns them all."""
+    return fitted(x, k, seed, positions).assign(x)
 
 
 def close_pairs(x: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
@@ -243,6 +354,8 @@ class Semantic(BucketGrouped):
     """Embeddings closer than cosine 1 - eps, within one k-means cluster, are duplicates."""
 
     name = "semantic"
+    modelled = True
+    for_index = False  # set by `Dedup` with an index: cluster by the index's model
 
     def __init__(self, column: str, eps: float, clusters: int | None, seed: int):
         self.column, self.eps, self.clusters, self.seed = column, eps, clusters, seed
@@ -253,6 +366,11 @@ class Semantic(BucketGrouped):
         self.failures: dict[int, tuple[str, str]] = {}
         self._rows: list[tuple[np.ndarray, np.ndarray | None]] = []
         self._n = 0
+        # A dedup index's rows: embeddings as stored, generation, cluster under its model.
+        self._old: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._model_used: KMeans | None = None  # the model this run's index keys are under
+        self._x_new: np.ndarray | None = None  # this run's unit rows, with an index
+        self._stored_rows: StoredRows | None = None  # the index's rows, with an index
 
     def bind(self, schema: pa.Schema) -> list[str]:
         """Check the embedding column; return the columns pass 1 must read."""
@@ -279,7 +397,14 @@ class Semantic(BucketGrouped):
         for i, detail in enumerate(keys.column(ERROR).to_pylist()):
             if detail is not None:
                 self.failures[offset + i] = ("invalid_embedding", f"{self.column}: {detail}")
-        if self.column in keys.schema.names:  # absent when a groupby on buckets groups them
+        if GEN in keys.schema.names:  # a dedup index's rows (each was kept, so usable)
+            found = keys.column(INDEX_CLUSTER) if INDEX_CLUSTER in keys.schema.names else None
+            stored = np.full(keys.num_rows, -1, np.int64)
+            if found is not None:
+                stored = found.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+            raw = embedding_rows(keys.column(self.column), self.dim)[0]
+            self._old.append((raw, keys.column(GEN).to_numpy(zero_copy_only=False), stored))
+        elif self.column in keys.schema.names:  # absent when a groupby on buckets groups them
             self._rows.append(embedding_rows(keys.column(self.column), self.dim))
         self._n = offset + keys.num_rows
 
@@ -299,6 +424,8 @@ class Semantic(BucketGrouped):
         """Group label per active row: components of the close-pair graph in each cluster."""
         if (preset := self.preset(active)) is not None:
             return preset
+        if self.for_index:
+            return self._labels_with_index(active)
         x = self._unit_rows()
         self._x = x if self.values_wanted else None
         if len(active) < len(x):
@@ -306,6 +433,82 @@ class Semantic(BucketGrouped):
         k = self.clusters or default_clusters(len(x))
         fresh = None if self.index_from is None else active < self.index_from
         return duplicate_labels(x, cluster(x, k, self.seed, active), self.eps, fresh)
+
+    def _labels_with_index(self, active: np.ndarray) -> np.ndarray:
+        """Labels when the rows from `index_from` on are a dedup index's: this run's rows are
+        assigned to clusters by the index's model and paired with each other and with the
+        index rows of their clusters, whose clusters the index keeps. The model is fitted
+        (to every row, as without an index) when the index has none or has grown REFIT times
+        since its fit; the run then stages it, with the new cluster of every index row."""
+        start = self._n if self.index_from is None else self.index_from
+        x_new = self._unit_rows()
+        stored_rows, gens, stored = self._old_keys()
+        new, old = active[active < start], active[active >= start]
+        model, fitted_rows = self._index_model(gens, stored)
+        missing = stored[old - start] < 0
+        refit = model is None or len(active) > REFIT * fitted_rows or 2 * missing.sum() > len(old)
+        if refit:
+            x = np.concatenate([x_new[new], stored_rows.unit(old - start)])
+            model = fitted(x, self.clusters or default_clusters(len(x)), self.seed, active)
+            found = model.assign(x)
+            c_new, c_old = found[: len(new)], found[len(new) :]
+            self.fitted_model = {
+                **model.to_arrays(),
+                "rows": np.array(len(active)),
+                "gens": gens[old - start].astype(np.int32),
+                "clusters": c_old.astype(np.int32),
+            }
+        else:
+            c_new, c_old = model.assign(x_new[new]), stored[old - start]
+            if missing.any():
+                c_old[missing] = model.assign(stored_rows.unit(old[missing] - start))
+        self._model_used = model
+        self._x_new, self._stored_rows, self._start = x_new, stored_rows, start
+        # Only the index rows of the clusters this run's rows are in are read, by cluster.
+        near = np.flatnonzero(np.isin(c_old, c_new))
+        near = near[np.argsort(c_old[near], kind="stable")]
+        rows = old[near] - start
+
+        def read(b0: int, b1: int) -> np.ndarray:
+            return stored_rows.unit(rows[b0:b1])
+
+        i, j = fresh_pairs(x_new[new], c_new, read, c_old[near], 1 - self.eps)
+        old_at = j >= len(new)
+        j[old_at] = len(new) + near[j[old_at] - len(new)]
+        return edge_labels(len(active), [(i, j)])
+
+    def _old_keys(self) -> tuple[StoredRows, np.ndarray, np.ndarray]:
+        """The index rows' embeddings as stored, generations and stored clusters."""
+        parts, self._old = self._old, []
+        rows = StoredRows([p[0] for p in parts], self.dim)
+        if not parts:
+            return rows, np.zeros(0, np.int32), np.zeros(0, np.int64)
+        return rows, np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
+
+    def _index_model(self, gens: np.ndarray, stored: np.ndarray) -> tuple[KMeans | None, int]:
+        """The index's model and the rows it was fitted on; `stored` then holds each index
+        row's cluster under it (from the model's file for the generations before it), -1
+        where none is known."""
+        found = self.index_model
+        if found is None or "children" not in found.arrays:
+            stored[:] = -1
+            return None, 0
+        before = found.arrays["gens"]
+        for gen in np.unique(gens):
+            at = gens == gen
+            if gen in found.own:
+                continue
+            side = found.arrays["clusters"][before == gen]
+            stored[at] = side if len(side) == at.sum() else -1
+        return KMeans.from_arrays(found.arrays), int(found.arrays["rows"])
+
+    def index_columns(self, keys: pa.Table) -> dict[str, pa.Array]:
+        """The cluster of each kept row under the model the index keeps after this run."""
+        model, self._model_used = self._model_used, None
+        if model is None or not keys.num_rows:
+            return {}
+        x = unit_rows(embedding_rows(keys.column(self.column).combine_chunks(), self.dim)[0])[0]
+        return {INDEX_CLUSTER: pa.array(model.assign(x), pa.int32())}
 
     def _k(self, n: int) -> int:
         return max(1, min(self.clusters or default_clusters(n), n))
@@ -367,12 +570,22 @@ class Semantic(BucketGrouped):
         """The cosine similarity of each dropped row's embedding to its kept row's."""
         if self._x is not None:
             a, b = self._x[dropped], self._x[kept]
+        elif self._x_new is not None:
+            a, b = self._unit_at(dropped), self._unit_at(kept)
         elif (found := self.member_keys(self.column, dropped)) is not None:
             a = unit_rows(embedding_rows(found, self.dim)[0])[0]
             b = unit_rows(embedding_rows(self.member_keys(self.column, kept), self.dim)[0])[0]
         else:
             return np.full(len(dropped), np.nan)
         return np.einsum("ij,ij->i", a.astype(np.float64), b.astype(np.float64))
+
+    def _unit_at(self, positions: np.ndarray) -> np.ndarray:
+        """The unit embeddings at `positions`, this run's rows or a dedup index's."""
+        out = np.zeros((len(positions), self.dim), np.float32)
+        mine = positions < self._start
+        out[mine] = self._x_new[positions[mine]]
+        out[~mine] = self._stored_rows.unit(positions[~mine] - self._start)
+        return out
 
     def member_columns(self) -> tuple[str, ...]:
         """The embeddings, when similarities are wanted."""
@@ -381,7 +594,7 @@ class Semantic(BucketGrouped):
     def release(self) -> None:
         """Drop the embeddings and the model."""
         self._rows, self._groups, self.model = [], None, None
-        self._x = self._members = None
+        self._x = self._members = self._x_new = self._stored_rows = None
 
 
 def _matrix(table: pa.Table) -> np.ndarray:

@@ -213,9 +213,9 @@ class Dedup(GlobalStep):
         if table is None:
             return 0
         self._seen_ids = table.column(C.ID).cast(pa.large_string()).combine_chunks()
-        offset = self._n
+        offset, model = self._n, self._seen.model()
         for method in self.methods:
-            method.index_from = offset
+            method.index_from, method.index_model = offset, model
         for batch in table.to_batches(max_chunksize=65536):
             for method in self.methods:
                 method.scan(batch, offset)
@@ -236,7 +236,9 @@ class Dedup(GlobalStep):
                 rows = rows.drop_columns([name]) if name in rows.column_names else rows
                 rows = rows.append_column(name, column) if column is not None else rows
         self._key_rows = []
-        self._seen.stage(rows, self._output, self._run)
+        fitted = [m.fitted_model for m in self.methods if m.fitted_model is not None]
+        modelled = any(m.modelled for m in self.methods)
+        self._seen.stage(rows, self._output, self._run, fitted[0] if fitted else None, modelled)
 
     # -- pass 1 ----------------------------------------------------------------------------
 
