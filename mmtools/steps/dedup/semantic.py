@@ -322,12 +322,9 @@ def _block_index(node: np.ndarray, r0: int, r1: int, c0: int) -> np.ndarray:
     return np.where(node < r1 - r0, node + r0, node - (r1 - r0) + c0)
 
 
-def duplicate_labels(
-    x: np.ndarray, clusters: np.ndarray, eps: float, fresh: np.ndarray | None = None
-) -> np.ndarray:
+def duplicate_labels(x: np.ndarray, clusters: np.ndarray, eps: float) -> np.ndarray:
     """Component label per row of the graph `cos > 1 - eps` within each cluster; -1 if none.
-    With `fresh` (a mask), only pairs with a fresh row on one side are looked for: the other
-    rows are a dedup index's, kept apart by an earlier run."""
+    (Against a dedup index, `fresh_pairs` pairs only a run's own rows with the rest.)"""
     order = np.argsort(clusters, kind="stable")
     bounds = np.r_[0, np.cumsum(np.bincount(clusters))] if len(clusters) else np.zeros(1, int)
     edges = []
@@ -335,18 +332,8 @@ def duplicate_labels(
         idx = order[bounds[c] : bounds[c + 1]]
         if len(idx) < 2:
             continue
-        if fresh is None:
-            i, j = close_pairs(np.ascontiguousarray(x[idx]), 1.0 - eps)
-            edges.append((idx[i], idx[j]))
-            continue
-        new = idx[fresh[idx]]
-        for r0 in range(0, len(new), BLOCK):
-            rows = new[r0 : r0 + BLOCK]
-            for c0 in range(0, len(idx), 4 * BLOCK):
-                cols = idx[c0 : c0 + 4 * BLOCK]
-                i, j = np.nonzero(x[rows] @ x[cols].T > 1.0 - eps)
-                other = rows[i] != cols[j]
-                edges.append((rows[i][other], cols[j][other]))
+        i, j = close_pairs(np.ascontiguousarray(x[idx]), 1.0 - eps)
+        edges.append((idx[i], idx[j]))
     return edge_labels(len(x), edges)
 
 
@@ -431,8 +418,7 @@ class Semantic(BucketGrouped):
         if len(active) < len(x):
             x = np.ascontiguousarray(x[active])
         k = self.clusters or default_clusters(len(x))
-        fresh = None if self.index_from is None else active < self.index_from
-        return duplicate_labels(x, cluster(x, k, self.seed, active), self.eps, fresh)
+        return duplicate_labels(x, cluster(x, k, self.seed, active), self.eps)
 
     def _labels_with_index(self, active: np.ndarray) -> np.ndarray:
         """Labels when the rows from `index_from` on are a dedup index's: this run's rows are
