@@ -315,7 +315,7 @@ def test_minhash_band_matches_are_exactly_the_shared_codes():
     stored[::100] = fresh[:500]  # every band equal
     stored[7::100, 4] = fresh[600:1100, 4]  # one band equal
     stored[9::100, 2] = fresh[0:500, 2] ^ np.uint64(1)  # one bit off: no match
-    s, f = matches(fresh, stored)
+    s, f = matches(fresh, [stored[:20001], stored[20001:20001], stored[20001:]])  # any chunks
     expected = {(k * 100, k) for k in range(500)} | {(7 + k * 100, 600 + k) for k in range(500)}
     assert sorted(zip(s.tolist(), f.tolist(), strict=True)) == sorted(expected)
 
@@ -411,3 +411,74 @@ def test_stored_rows_read_any_rows_in_any_order_as_unit_vectors():
     np.testing.assert_allclose(
         stored.unit(np.sort(rows)), want[np.argsort(rows, kind="stable")], atol=1e-6
     )
+
+
+def test_quantised_index_rows_keep_cosines_within_their_bound():
+    """An index stores unit rows as int8 values and a scale: read back, each is a unit row
+    again and its cosine with any row moves by less than 2.5e-3 at 256 dimensions (the
+    bound `quantised` states); rows with one large value come back exactly."""
+    from mmtools.steps.dedup.semantic import StoredRows, quantised, unit_rows
+
+    rng = np.random.default_rng(4)
+    x = unit_rows(rng.standard_normal((600, 256)))[0]
+    x[0] = 0.0
+    x[0, 5] = -1.0  # one value: exact in int8
+    q, scale = quantised(x)
+    assert q.dtype == np.int8 and scale.dtype == np.float32
+    assert (np.abs(q).max(axis=1) == 127).all()
+    stored = StoredRows([q[:250], q[250:]], 256, [scale[:250], scale[250:]])
+    rows = rng.permutation(600)
+    back = stored.unit(rows)
+    np.testing.assert_allclose(np.linalg.norm(back, axis=1), 1.0, atol=1e-6)
+    assert back[np.flatnonzero(rows == 0)[0]].tolist() == x[0].tolist()
+    exact = x[rows].astype(np.float64) @ x.T.astype(np.float64)
+    moved = np.abs(back.astype(np.float64) @ x.T.astype(np.float64) - exact)
+    assert moved.max() < 2.5e-3 and moved.std() < 4e-4
+
+
+def test_semantic_index_keeps_int8_rows_and_still_reads_rebuilt_float_generations(tmp_path):
+    """Runs store each kept row's unit embedding quantised, not the embedding column; a
+    generation rebuilt from a dataset holds the embeddings as they are there. Copies of rows
+    of both kinds of generation, in one index, are found."""
+    from mmtools.steps.dedup.semantic import INDEX_SCALE, INDEX_UNIT
+
+    rng = np.random.default_rng(6)
+    base = rng.standard_normal((120, 64))
+
+    def day(n: int, rows: np.ndarray, ids: list[str]) -> Path:
+        emb = pa.FixedSizeListArray.from_arrays(pa.array(rows.astype(np.float16).ravel()), 64)
+        pq.write_table(pa.table({C.ID: ids, C.IMAGE_EMBEDDING: emb}), tmp_path / f"{n}.parquet")
+        return tmp_path / f"{n}.parquet"
+
+    def nudged(k: np.ndarray) -> np.ndarray:
+        return base[k] + 0.05 * rng.standard_normal((len(k), 64))
+
+    idx = tmp_path / "idx"
+    config = DedupConfig(methods=("semantic",), index=str(idx), clusters=2)
+    dedup([day(1, base[:40], [f"a{k}" for k in range(40)])], tmp_path / "o1", config)
+    schema = pa.ipc.open_file(idx / "gen-000001.arrow").schema
+    assert schema.field(INDEX_UNIT).type == pa.list_(pa.int8(), 64)
+    assert schema.field(INDEX_SCALE).type == pa.float32()
+    assert C.IMAGE_EMBEDDING not in schema.names
+    for gen in idx.glob("gen-*.arrow"):
+        gen.unlink()
+    mmtools("dedup-index", idx, "--rebuild-from", tmp_path / "o1")
+    rebuilt = [pa.ipc.open_file(g).schema for g in idx.glob("gen-*.arrow")]
+    assert [C.IMAGE_EMBEDDING in s.names for s in rebuilt] == [True]
+    # Day 2: 40 new rows and copies of 20 of day 1's (in the rebuilt generation).
+    out2, step2 = dedup(
+        [day(2, np.r_[base[40:80], nudged(np.arange(20))], [f"b{k}" for k in range(60)])],
+        tmp_path / "o2",
+        config,
+    )
+    assert out2[C.ID].to_pylist() == [f"b{k}" for k in range(40)]
+    assert step2.stats["semantic"]["of_earlier_runs"] == 20
+    # Day 3: copies from both generations (raw floats and int8), and 40 new rows.
+    copies = np.r_[np.arange(20, 40), np.arange(40, 60)]
+    out3, step3 = dedup(
+        [day(3, np.r_[nudged(copies), base[80:]], [f"c{k}" for k in range(80)])],
+        tmp_path / "o3",
+        config,
+    )
+    assert out3[C.ID].to_pylist() == [f"c{k}" for k in range(40, 80)]
+    assert step3.stats["semantic"]["of_earlier_runs"] == 40

@@ -121,6 +121,11 @@ def bench(method: str, batches: int, rows: int, work: Path, targets: Targets) ->
     if any(fits):
         at = [b + 1 for b, fit in enumerate(fits) if fit]
         print(f"  model fitted in batches {at}; mean per batch, last/first third: {amortised:.2f}x")
+    print(
+        f"  per-batch time, last/first three{' without a fit' if any(fits) else ''}: "
+        f"{first:.2f} -> {last:.2f} s, {last / first:.2f}x (target <= {GROWTH[method]}x); "
+        f"planted copies found: {found / max(1, planted):.3f}"
+    )
     targets.at_most(f"{method}: per-batch time, last/first", last / first, GROWTH[method], "x")
     # k-means puts a few near copies in other clusters than their original (SemDeDup finds
     # pairs within a cluster only), in one run over all rows as much as against an index.

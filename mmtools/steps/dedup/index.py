@@ -1,7 +1,8 @@
 """The persistent dedup index (`dedup --index DIR`): the keys of every row kept so far.
 
-A directory of generations, one per run that fed it, each a Parquet file of key rows (the
-row's id and its `Dedup.keys`: content hash, pHashes, normalised caption, embedding), and
+A directory of generations, one per run that fed it, each an Arrow IPC file of key rows (the
+row's id and its `Dedup.keys` as each method's `index_columns` keeps them: digests of
+content hashes, pHashes, captions with band codes, quantised unit embeddings), and
 `_index.json` listing them with the methods and parameters every key was made with.
 
 Commit protocol, tied to the output a run writes:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -38,8 +40,10 @@ def jaccard(a: set, b: set) -> float:
     return len(a & b) / len(a | b)
 
 
+@functools.cache
 def bands(threshold: float, num_perm: int) -> tuple[int, int]:
-    """datasketch's choice of (bands, rows per band) for `threshold`, weighted for recall."""
+    """datasketch's choice of (bands, rows per band) for `threshold`, weighted for recall
+    (found by numeric integration: worked out once per setting)."""
     datasketch = require_module("datasketch", "dedup")
     # Every candidate is checked afterwards, so a missed pair costs more than a false one.
     try:
@@ -117,9 +121,11 @@ BANDS = "_key_minhash_bands"  # in a dedup index: the LSH band codes of each kep
 _FILTER = 1 << 22  # bits of the bitmap `matches` rules stored codes out with
 
 
-def matches(fresh: np.ndarray, stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs (stored row, fresh row) sharing a band code, each once: (n, b) and (m, b) codes;
-    the work grows with m log n, the stored rows are never sorted."""
+def matches(fresh: np.ndarray, stored: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (stored row, fresh row) sharing a band code, each once: (n, b) codes, and the
+    (m, b) codes of the stored rows in chunks (an index's generations, memory-mapped: read
+    where they lie, never copied whole), numbered across the chunks. The work grows with
+    m log n; the stored rows are never sorted."""
     found = []
     for band in range(fresh.shape[1]):
         order = np.argsort(fresh[:, band], kind="stable")
@@ -128,14 +134,17 @@ def matches(fresh: np.ndarray, stored: np.ndarray) -> tuple[np.ndarray, np.ndarr
         # lookup each; only the rest are searched for.
         bitmap = np.zeros(_FILTER, bool)
         bitmap[(codes & np.uint64(_FILTER - 1)).astype(np.int64)] = True
-        maybe = np.flatnonzero(bitmap[(stored[:, band] & np.uint64(_FILTER - 1)).astype(np.int64)])
-        lo = np.searchsorted(codes, stored[maybe, band], "left")
-        count = np.searchsorted(codes, stored[maybe, band], "right") - lo
-        if not count.any():
-            continue
-        s = np.repeat(maybe, count)
-        within = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
-        found.append(s * len(fresh) + order[np.repeat(lo, count) + within])
+        base = 0
+        for chunk in stored:
+            low = (chunk[:, band] & np.uint64(_FILTER - 1)).astype(np.int64)
+            maybe = np.flatnonzero(bitmap[low])
+            lo = np.searchsorted(codes, chunk[maybe, band], "left")
+            count = np.searchsorted(codes, chunk[maybe, band], "right") - lo
+            if count.any():
+                s = np.repeat(maybe + base, count)
+                within = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
+                found.append(s * len(fresh) + order[np.repeat(lo, count) + within])
+            base += len(chunk)
     if not found:
         return np.empty(0, np.int64), np.empty(0, np.int64)
     pairs = np.unique(np.concatenate(found))
@@ -257,7 +266,6 @@ class MinHashText(BucketGrouped):
         this run's captions are signed and paired as without an index; each of them is then
         paired with the index rows sharing a band code, checked by Jaccard. Index rows are
         not paired with each other (an earlier run kept them apart)."""
-        stored = np.concatenate(self._stored)
         new, old = active[active < self.index_from], active[active >= self.index_from]
         encoded = texts.take(new).combine_chunks().dictionary_encode()
         tcode = pc.fill_null(encoded.indices, -1).to_numpy().astype(np.int64)
@@ -266,7 +274,13 @@ class MinHashText(BucketGrouped):
         sig = signatures(sets, self.num_perm, self.seed)
         self._signed = (encoded.dictionary, sig)
         i, j = similar_pairs(sets, self.threshold, self.num_perm, self.seed, sig)
-        s, t = matches(band_codes(sig, self.threshold), stored[old - self.index_from])
+        s, t = matches(band_codes(sig, self.threshold), self._stored)
+        stored = sum(len(chunk) for chunk in self._stored)
+        if len(old) < stored:  # s numbers every index row: number the active ones instead
+            rank = np.full(stored, -1)
+            rank[old - self.index_from] = np.arange(len(old))
+            s, t = rank[s], t[rank[s] >= 0]
+            s = s[s >= 0]
         old_text = texts.take(old[s]).to_pylist() if len(s) else []
         near = np.array(
             [
