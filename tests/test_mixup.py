@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import subprocess
+import tempfile
 
 import numpy as np
 import pyarrow as pa
@@ -175,10 +177,17 @@ def test_undecodable_parent_becomes_a_reject_and_the_rest_is_made(tmp_path, data
     assert all(r["mixup_lambda"] is None and r["mixup_mode"] is None for r in originals)
 
 
-def test_resume_after_a_crash_gives_the_uninterrupted_rows(tmp_path, dataset):
+def test_resume_after_a_crash_gives_the_uninterrupted_rows(tmp_path, dataset, monkeypatch):
+    """Also: the partner spool has no name while the run reads it, so a run killed outright
+    (SIGKILL, no cleanup) leaves no temporary file behind."""
     from mmtools import engines as engine
     from mmtools.io.dataset import DatasetSink
     from mmtools.steps.mixup import Mixup, MixupConfig
+
+    spool_dir = tmp_path / "tmp"
+    spool_dir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool_dir))
+    seen = []
 
     class Crashing(Source):
         """Dies after two batches of the streaming pass, as a killed run would."""
@@ -186,6 +195,7 @@ def test_resume_after_a_crash_gives_the_uninterrupted_rows(tmp_path, dataset):
         def batches(self, columns=None, batch_size=1024, skip_rows=0):
             for i, batch in enumerate(super().batches(columns, batch_size, skip_rows)):
                 if columns is None and i == 2:
+                    seen.append(sorted(os.listdir(spool_dir)))
                     raise KeyboardInterrupt
                 yield batch
 
@@ -198,7 +208,7 @@ def test_resume_after_a_crash_gives_the_uninterrupted_rows(tmp_path, dataset):
         run(Crashing([str(dataset)]), tmp_path / "resumed")
     again = run(Source([str(dataset)]), tmp_path / "resumed")
     run(Source([str(dataset)]), tmp_path / "whole")
-    assert again.resumed_from == 8
+    assert again.resumed_from == 8 and seen == [[]]
     whole = by_id(read_dataset(tmp_path / "whole"))
     assert len(whole) == 24 and by_id(read_dataset(tmp_path / "resumed")) == whole
 

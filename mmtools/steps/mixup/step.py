@@ -174,11 +174,19 @@ class Mixup(GlobalStep):
         return [C.ID, *spec_columns(self.specs)]
 
     def gather(self, batches) -> None:
-        """Copy the partners' rows to a temporary Arrow file; note those that fail to decode."""
+        """Copy the partners' rows to a temporary Arrow file; note those that fail to decode.
+        Where the file can be mapped through its descriptor (Linux), it loses its name as soon
+        as it is made: a run killed at any point leaves nothing behind."""
         wanted = pc.unique(self.plan.second)
-        fd, self._spool = tempfile.mkstemp(prefix="mmtools-mixup-", suffix=".arrow")
+        fd, path = tempfile.mkstemp(prefix="mmtools-mixup-", suffix=".arrow")
+        source = f"/proc/self/fd/{fd}"
+        if os.path.exists(source):
+            os.unlink(path)
+        else:
+            source = self._spool = path  # removed by `close`
         bad: list[tuple[str, str, str]] = []
         writer = None
+        self._partners = None
         with os.fdopen(fd, "wb") as f:
             for batch in batches:
                 rows = batch.filter(pc.is_in(batch.column(C.ID), value_set=wanted))
@@ -189,11 +197,9 @@ class Mixup(GlobalStep):
                 bad += failed
             if writer is not None:
                 writer.close()
-        if writer is None:
-            self._partners = None
-        else:
-            self._partners = pa.ipc.open_file(pa.memory_map(self._spool)).read_all()
-            self._partner_ids = self._partners.column(C.ID).combine_chunks()
+                f.flush()
+                self._partners = pa.ipc.open_file(pa.memory_map(source)).read_all()
+                self._partner_ids = self._partners.column(C.ID).combine_chunks()
         self._bad_ids = pa.array([b[0] for b in bad], pa.string())
         self._bad = bad
 
