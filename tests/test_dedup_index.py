@@ -436,9 +436,9 @@ def test_quantised_index_rows_keep_cosines_within_their_bound():
     assert moved.max() < 2.5e-3 and moved.std() < 4e-4
 
 
-def test_semantic_index_keeps_int8_rows_and_still_reads_rebuilt_float_generations(tmp_path):
-    """Runs store each kept row's unit embedding quantised, not the embedding column; a
-    generation rebuilt from a dataset holds the embeddings as they are there. Copies of rows
+def test_semantic_index_keeps_int8_rows_and_still_reads_float_generations(tmp_path):
+    """Runs and rebuilds store each kept row's unit embedding quantised, not the embedding
+    column; an index written before that holds the embeddings as they were. Copies of rows
     of both kinds of generation, in one index, are found."""
     from mmtools.steps.dedup.semantic import INDEX_SCALE, INDEX_UNIT
 
@@ -456,16 +456,23 @@ def test_semantic_index_keeps_int8_rows_and_still_reads_rebuilt_float_generation
     idx = tmp_path / "idx"
     config = DedupConfig(methods=("semantic",), index=str(idx), clusters=2)
     dedup([day(1, base[:40], [f"a{k}" for k in range(40)])], tmp_path / "o1", config)
-    schema = pa.ipc.open_file(idx / "gen-000001.arrow").schema
-    assert schema.field(INDEX_UNIT).type == pa.list_(pa.int8(), 64)
-    assert schema.field(INDEX_SCALE).type == pa.float32()
-    assert C.IMAGE_EMBEDDING not in schema.names
     for gen in idx.glob("gen-*.arrow"):
         gen.unlink()
     mmtools("dedup-index", idx, "--rebuild-from", tmp_path / "o1")
-    rebuilt = [pa.ipc.open_file(g).schema for g in idx.glob("gen-*.arrow")]
-    assert [C.IMAGE_EMBEDDING in s.names for s in rebuilt] == [True]
-    # Day 2: 40 new rows and copies of 20 of day 1's (in the rebuilt generation).
+    (gen,) = idx.glob("gen-*.arrow")
+    stored = pa.ipc.open_file(gen.read_bytes()).read_all()
+    assert stored.schema.field(INDEX_UNIT).type == pa.list_(pa.int8(), 64)
+    assert stored.schema.field(INDEX_SCALE).type == pa.float32()
+    assert C.IMAGE_EMBEDDING not in stored.schema.names
+    # The generation as an index written before quantisation held it: float16 embeddings.
+    day1 = read_dataset(tmp_path / "o1")
+    assert stored[C.ID].to_pylist() == day1[C.ID].to_pylist()
+    old = stored.drop_columns([INDEX_UNIT, INDEX_SCALE]).append_column(
+        C.IMAGE_EMBEDDING, day1[C.IMAGE_EMBEDDING]
+    )
+    with pa.OSFile(str(gen), "wb") as sink, pa.ipc.new_file(sink, old.schema) as writer:
+        writer.write_table(old)
+    # Day 2: 40 new rows and copies of 20 of day 1's (in the float16 generation).
     out2, step2 = dedup(
         [day(2, np.r_[base[40:80], nudged(np.arange(20))], [f"b{k}" for k in range(60)])],
         tmp_path / "o2",
@@ -482,3 +489,36 @@ def test_semantic_index_keeps_int8_rows_and_still_reads_rebuilt_float_generation
     )
     assert out3[C.ID].to_pylist() == [f"c{k}" for k in range(40, 80)]
     assert step3.stats["semantic"]["of_earlier_runs"] == 40
+
+
+def test_a_rebuilt_minhash_index_finds_reworded_captions_of_the_datasets_it_was_built_from(
+    tmp_path,
+):
+    """A rebuild keeps the LSH band codes a run would: the next run finds its reworded copies."""
+    from mmtools.steps.dedup.minhash import BANDS, KEY
+
+    words = [f"w{k}" for k in range(400)]
+    rng = np.random.default_rng(9)
+    captions = [" ".join(rng.choice(words, 12)) for _ in range(30)]
+    pq.write_table(
+        pa.table({C.ID: [f"a{k}" for k in range(30)], C.TEXT: captions}), tmp_path / "1.parquet"
+    )
+    reworded = [c.rsplit(" ", 1)[0] + " changed" for c in captions[:10]]
+    fresh = [" ".join(rng.choice(words, 12)) for _ in range(5)]
+    pq.write_table(
+        pa.table({C.ID: [f"b{k}" for k in range(15)], C.TEXT: reworded + fresh}),
+        tmp_path / "2.parquet",
+    )
+    idx = tmp_path / "idx"
+    config = DedupConfig(methods=("minhash",), index=str(idx))
+    dedup([tmp_path / "1.parquet"], tmp_path / "o1", config)
+    (gen,) = idx.glob("gen-*.arrow")
+    made = pa.ipc.open_file(gen.read_bytes()).read_all()
+    gen.unlink()
+    mmtools("dedup-index", idx, "--rebuild-from", tmp_path / "o1")
+    (gen,) = idx.glob("gen-*.arrow")
+    rebuilt = pa.ipc.open_file(gen.read_bytes()).read_all()
+    assert rebuilt.select([C.ID, KEY, BANDS]).equals(made.select([C.ID, KEY, BANDS]))
+    out, step = dedup([tmp_path / "2.parquet"], tmp_path / "o2", config)
+    assert out[C.ID].to_pylist() == [f"b{k}" for k in range(10, 15)]
+    assert step.stats["minhash"]["of_earlier_runs"] == 10

@@ -306,17 +306,22 @@ class MinHashText(BucketGrouped):
         return out
 
     def index_columns(self, keys: pa.Table) -> dict[str, pa.Array]:
-        """The band codes of the kept rows' captions (zeros where a row has none)."""
+        """The band codes of the kept rows' captions (zeros where a row has none), from the
+        signatures this run made, or made here (keys this run did not sign: a rebuild)."""
         captions = keys.column(KEY).combine_chunks().cast(pa.large_string())
         b = bands(self.threshold, self.num_perm)[0]
         codes = np.zeros((len(captions), b), np.uint64)
-        if self._signed is not None and len(captions):
-            dictionary, sig = self._signed
+        signed, self._signed = self._signed, None
+        if signed is None and captions.null_count < len(captions):
+            dictionary = captions.dictionary_encode().dictionary
+            sets = [shingles(t, self.shingle) for t in dictionary.to_pylist()]
+            signed = (dictionary, signatures(sets, self.num_perm, self.seed))
+        if signed is not None and len(captions):
+            dictionary, sig = signed
             at = pc.index_in(captions, value_set=dictionary.cast(pa.large_string()))
             ok = at.is_valid().to_numpy(zero_copy_only=False)
             idx = at.to_numpy(zero_copy_only=False)[ok].astype(np.int64)
             codes[ok] = band_codes(sig[idx], self.threshold)
-        self._signed = None
         flat = pa.array(codes.ravel(), pa.uint64())
         return {BANDS: pa.FixedSizeListArray.from_arrays(flat, b)}
 

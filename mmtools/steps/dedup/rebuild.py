@@ -1,7 +1,8 @@
 """Rebuild a dedup index from the datasets that fed it (`mmtools dedup-index DIR --rebuild-from`).
 
 Each dataset becomes one generation holding the keys of its rows (those not marked
-`is_duplicate` by a `dedup --mark` run), made with the settings the index records.
+`is_duplicate` by a `dedup --mark` run), made with the settings the index records and kept
+as a run keeps them (`Dedup.index_rows`: digests, band codes, quantised embeddings).
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def rebuild(
                     progress(batch.num_rows)
             source.close()
             empty = pa.table({C.ID: pa.array([], pa.string())})
-            keys = pa.Table.from_batches(parts) if parts else empty
+            keys = step.index_rows(pa.Table.from_batches(parts)) if parts else empty
             manifest = read_json(os.path.join(dataset, MANIFEST)) or {}
             seen.stage(keys, output, fingerprint_digest(manifest.get("fingerprint", {})))
             seen.promote()

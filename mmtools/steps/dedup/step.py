@@ -231,14 +231,20 @@ class Dedup(GlobalStep):
             rows = pa.table({C.ID: pa.array([], pa.string())})
         if self.keep_column and self.keep_column != C.ID:
             rows = rows.drop_columns([self.keep_column])
-        for method in self.methods:  # what each method keeps in an index (None: not this)
-            for name, column in method.index_columns(rows).items():
-                rows = rows.drop_columns([name]) if name in rows.column_names else rows
-                rows = rows.append_column(name, column) if column is not None else rows
+        rows = self.index_rows(rows)
         self._key_rows = []
         fitted = [m.fitted_model for m in self.methods if m.fitted_model is not None]
         modelled = any(m.modelled for m in self.methods)
         self._seen.stage(rows, self._output, self._run, fitted[0] if fitted else None, modelled)
+
+    def index_rows(self, rows: pa.Table) -> pa.Table:
+        """Key rows as a dedup index keeps them: with the columns each method keeps there
+        instead of (or beside) its keys (`index_columns`)."""
+        for method in self.methods:
+            for name, column in method.index_columns(rows).items():
+                rows = rows.drop_columns([name]) if name in rows.column_names else rows
+                rows = rows.append_column(name, column) if column is not None else rows
+        return rows
 
     # -- pass 1 ----------------------------------------------------------------------------
 
