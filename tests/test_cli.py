@@ -79,3 +79,31 @@ def test_errors_are_one_line_without_traceback(tmp_path):
     err = proc.stderr.decode()
     assert proc.returncode == 2
     assert err == f"mmtools ingest: error: input {tmp_path / 'missing'} does not exist\n"
+
+
+def _options() -> dict[str, set[str]]:
+    import typer.main
+
+    commands = typer.main.get_command(app).commands
+    return {
+        name: {o for p in c.params for o in [*p.opts, *p.secondary_opts]}
+        for name, c in commands.items()
+    }
+
+
+def test_every_dataset_command_takes_the_shared_options():
+    """README: every dataset command takes INPUT... and the shared options; model steps add
+    the model options, random steps --seed."""
+    shared = {"-o", "--output", "--overwrite", "--shard-rows", "--shard-bytes", "--batch-size"}
+    shared |= {"--engine", "-q", "--quiet", "-v", "--verbose", "--json", "--wait-lock"}
+    shared |= {"--max-reject-rate", "--max-drop-rate", "--no-ledger", "inputs"}
+    options = _options()
+    dataset = sorted(name for name, found in options.items() if "--shard-rows" in found)
+    assert dataset == ["dedup", "embed", "export", "filter", "ingest", "mixup", "rewrite", "score"]
+    for name in dataset:
+        wanted = shared - {"--engine"} if name == "export" else shared  # export: local only
+        assert wanted <= options[name], (name, wanted - options[name])
+    for name in ("embed", "score"):
+        assert {"--model", "--pretrained", "--device", "--precision"} <= options[name], name
+    for name in ("dedup", "mixup", "rewrite"):
+        assert "--seed" in options[name], name

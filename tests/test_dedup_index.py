@@ -522,3 +522,56 @@ def test_a_rebuilt_minhash_index_finds_reworded_captions_of_the_datasets_it_was_
     out, step = dedup([tmp_path / "2.parquet"], tmp_path / "o2", config)
     assert out[C.ID].to_pylist() == [f"b{k}" for k in range(10, 15)]
     assert step.stats["minhash"]["of_earlier_runs"] == 10
+
+
+def test_index_rows_win_over_the_runs_own_whatever_keep_says(tmp_path):
+    """Day 2 holds a copy of a day-1 row with a higher score: `--keep highest:clip_score`
+    would keep it within one run, but a row an earlier run kept always stays the kept one;
+    the summary line counts it as a duplicate of earlier runs."""
+    pq.write_table(
+        pa.table({C.ID: ["a", "b"], C.TEXT: ["red circle", "blue star"], "clip_score": [0.1, 0.5]}),
+        tmp_path / "1.parquet",
+    )
+    pq.write_table(
+        pa.table({C.ID: ["a2", "c"], C.TEXT: ["red circle", "green"], "clip_score": [0.9, 0.2]}),
+        tmp_path / "2.parquet",
+    )
+    idx = tmp_path / "idx"
+    keep = ("--keep", "highest:clip_score", "--index", idx)
+    mmtools("dedup", tmp_path / "1.parquet", *keep, "-o", tmp_path / "o1")
+    day2 = mmtools("dedup", tmp_path / "2.parquet", *keep, "-o", tmp_path / "o2")
+    assert read_dataset(tmp_path / "o2")[C.ID].to_pylist() == ["c"]
+    ledger = read_dropped(str(tmp_path / "o2"))
+    assert ledger.select([C.ID, "kept_id"]).to_pylist() == [{C.ID: "a2", "kept_id": "a"}]
+    assert index_ids(idx) == ["a", "b", "c"]
+    assert day2.stderr.decode().splitlines()[-1] == (
+        "mmtools dedup: clusters: exact 1 (1 duplicate rows, 1 of earlier runs)"
+    )
+    # One run over both days keeps the higher score instead.
+    both = [tmp_path / "1.parquet", tmp_path / "2.parquet"]
+    once, _ = dedup(both, tmp_path / "once", DedupConfig(keep="highest:clip_score"))
+    assert sorted(once[C.ID].to_pylist()) == ["a2", "b", "c"]
+
+
+def test_groups_are_not_transitive_across_runs(tmp_path):
+    """B and C are each near A (cosine 0.97) but not near each other (0.88). Seen on days 1
+    and 2, before A, both are kept, and A on day 3 is a duplicate of the first; one run over
+    the three days keeps B alone (A links B and C into one group), as README says."""
+    angles = {"B": 14.0, "C": -14.0, "A": 0.0}
+
+    def row(name: str) -> Path:
+        t = np.deg2rad(angles[name])
+        x = np.array([[np.cos(t), np.sin(t), 0.0, 0.0]])
+        return embedding_file(tmp_path / f"{name}.parquet", [name], x)
+
+    files = [row("B"), row("C"), row("A")]
+    idx = tmp_path / "idx"
+    config = DedupConfig(methods=("semantic",), index=str(idx), clusters=1, mark=True)
+    marks = []
+    for f in files:
+        out, _ = dedup([f], tmp_path / f"o-{f.stem}", config)
+        marks += list(zip(out[C.ID].to_pylist(), out[C.DUP_KEPT_ID].to_pylist(), strict=True))
+    assert marks == [("B", None), ("C", None), ("A", "B")]
+    assert index_ids(idx) == ["B", "C"]
+    once, _ = dedup(files, tmp_path / "once", DedupConfig(methods=("semantic",), clusters=1))
+    assert once[C.ID].to_pylist() == ["B"]

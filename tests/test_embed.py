@@ -187,6 +187,16 @@ def mixed(tmp_path_factory, clip_json) -> tuple[Path, Path, object]:
     return root / "in", out, proc
 
 
+def test_info_names_the_model_behind_each_embedding_and_the_command_line(mixed, clip_json):
+    source, out, _ = mixed
+    lines = mmtools("info", out).stdout.decode().splitlines()
+    for column in (C.IMAGE_EMBEDDING, C.TEXT_EMBEDDING):
+        (line,) = [x for x in lines if x.startswith(f"  {column} ")]
+        assert f'"model": "{clip_json}"' in line and '"pretrained": "none"' in line
+    command = f"mmtools embed {source} --model {clip_json} --pretrained none --batch-size 5"
+    assert f"  {command} -o {out}  (20 in, 14 out, 6 rejected)" in lines
+
+
 def test_embed_writes_unit_float16_vectors_with_provenance(mixed):
     _, out, _ = mixed
     table = read_dataset(out)

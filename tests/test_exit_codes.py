@@ -31,23 +31,36 @@ def _success(tmp_path, dataset) -> None:
     assert proc.returncode == 0 and read_dataset(tmp_path / "ok").num_rows == 30
 
 
-def _failure(tmp_path, dataset) -> None:
-    # An unexpected error inside a run (here a writer that breaks) is a bug: exit 1, one line.
+def _broken_writer(tmp_path, dataset, flag: str) -> subprocess.CompletedProcess:
+    """`filter` whose writer raises: an unexpected error inside a run (a bug)."""
     code = (
         "import sys\n"
         "from mmtools import engines\n"
         "def broken(self, rows, res): raise RuntimeError('writer broke')\n"
         "engines.Writer.write = broken\n"
         f"sys.argv = ['mmtools', 'filter', {str(dataset)!r}, '--where', 'true', "
-        f"'-o', {str(tmp_path / 'o')!r}, '-q']\n"
+        f"'-o', {str(tmp_path / 'o')!r}, {flag!r}]\n"
         "from mmtools.cli import main\n"
         "main()\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+
+
+def _failure(tmp_path, dataset) -> None:
+    # An unexpected error inside a run is a bug: exit 1, one line.
+    proc = _broken_writer(tmp_path, dataset, "-q")
     assert proc.returncode == 1
     assert _one_error_line(proc, "filter").endswith(
         "RuntimeError: writer broke (rerun with -v for details)"
     )
+
+
+def test_an_unexpected_error_with_v_shows_the_traceback(tmp_path, dataset):
+    proc = _broken_writer(tmp_path, dataset, "-v")
+    err = proc.stderr.decode()
+    assert proc.returncode == 1
+    assert "Traceback (most recent call last)" in err and "in broken" in err
+    assert err.strip().splitlines()[-1].endswith("RuntimeError: writer broke")
 
 
 # The user misspelled a column: exit 2 in every command that takes one.

@@ -129,6 +129,9 @@ def test_retry_keeps_rows_that_fail_again(flaky, tmp_path):
     ingest(listing, out, "--retry-failed")  # the second generation recovers them
     assert manifest(out)["rows"] == N and len(manifest(out)["retries"]) == 2
     assert len(failed_sources(out)) == 1
+    t = len(TRANSIENT)
+    generations = f"retries: 2 ({t} retried, 0 recovered, {t} retried, {t} recovered)"
+    assert generations in mmtools("info", out).stdout.decode().splitlines()
 
 
 def test_retry_killed_midway_resumes(flaky, tmp_path):
