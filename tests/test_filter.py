@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from mmtools import columns as C
 from mmtools.errors import UsageError
+from mmtools.io.dataset import read_dropped
 from mmtools.steps.filter.rank import TopFraction, TopFractionConfig
 from mmtools.steps.filter.step import FilterConfig, make_filter, sql_columns
 
@@ -345,6 +346,34 @@ def test_audio_rules_decode_and_measure_each_clip(tmp_path):
     ]
     assert ids(out2) == ["tone", "mostly"]
     assert dropped(out2) == {"duration": 1, "silence": 2}
+
+
+def test_max_duration_and_min_loudness_options_drop_exactly_the_long_and_quiet_clips(tmp_path):
+    """A sine's RMS is its amplitude less 3 dB: 0.04 is at -31 dBFS, 0.05 at -29."""
+    clips = {  # name: (seconds, amplitude, the rule that drops it or None)
+        "half.wav": (0.5, 0.1, None),
+        "two.wav": (2.0, 0.1, None),
+        "long.wav": (2.5, 0.1, "duration"),
+        "long_quiet.wav": (3.0, 0.01, "duration"),
+        "quiet.wav": (1.0, 0.04, "loudness"),
+        "just_loud.wav": (1.0, 0.05, None),
+        "silent.wav": (1.0, 0.0, "loudness"),
+    }
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    for name, (seconds, amplitude, _) in clips.items():
+        (folder / name).write_bytes(wav([(seconds, amplitude)]))
+    out = tmp_path / "out"
+    ingest, filtered = pipe(
+        ["ingest", folder, "-q"],
+        ["filter", "-", "--max-duration", "2", "--min-loudness", "-30", "-o", out, "-q"],
+    )
+    assert ingest.returncode == 0 and filtered.returncode == 0, filtered.stderr.decode()
+    assert sorted(ids(out)) == sorted(n for n, (*_, rule) in clips.items() if rule is None)
+    ledger = read_dropped(str(out))
+    got = dict(zip(ledger[C.ID].to_pylist(), ledger[C.DROP_RULE].to_pylist(), strict=True))
+    assert got == {n: rule for n, (*_, rule) in clips.items() if rule is not None}
+    assert dropped(out) == {"duration": 2, "loudness": 2}
 
 
 # -- --invert ------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import manifest_summary, mmtools, read_dataset, reject_reasons
-from test_index import clustered, stored, write_embeddings
+from test_index import SHAPES, clustered, stored, write_embeddings
 from test_recipes_filter import run_recipe
 
 from mmtools import columns as C
@@ -94,6 +94,57 @@ def test_near_an_index_and_other_rules(pool_and_reference, tmp_path):
     assert dropped == {"where": 500, "near": near}
     both = mmtools("filter", pool, *args, "--invert", "-o", tmp_path / "x", check=False)
     assert both.returncode == 2 and "two filter commands" in both.stderr.decode()
+
+
+def two_embeddings(path, image: np.ndarray, text: np.ndarray, prefix: str):
+    """A dataset with an image_embedding and a text_embedding of the same size and model."""
+    dim = image.shape[1]
+    table = pa.table(
+        {
+            C.ID: [f"{prefix}{i:04d}" for i in range(len(image))],
+            **{
+                name: pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float16).ravel()), dim)
+                for name, x in ((C.IMAGE_EMBEDDING, image), (C.TEXT_EMBEDDING, text))
+            },
+        }
+    )
+    info = {name: {**SHAPES, "dim": dim} for name in (C.IMAGE_EMBEDDING, C.TEXT_EMBEDDING)}
+    path.mkdir()
+    pq.write_table(
+        table.replace_schema_metadata(C.with_metadata(table.schema, info).metadata),
+        path / "part-00000.parquet",
+    )
+    return path
+
+
+def brute_nearest(pool, ref, column: str) -> np.ndarray:
+    """Each pool row's cosine to its nearest reference row in `column`, in float64."""
+
+    def unit(path):
+        col = read_dataset(path).column(column).combine_chunks()
+        x = col.values.to_numpy(zero_copy_only=False).astype(np.float64).reshape(len(col), -1)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    return (unit(pool) @ unit(ref).T).max(axis=1)
+
+
+def test_near_column_compares_the_named_embedding(tmp_path):
+    image = clustered(600, 32, seed=5, clusters=20)
+    text = clustered(600, 32, seed=6, clusters=20)
+    pool = two_embeddings(tmp_path / "pool", image[:500], text[:500], "p")
+    ref = two_embeddings(tmp_path / "ref", image[500:], text[500:], "q")
+    best = brute_nearest(pool, ref, C.TEXT_EMBEDDING)
+    x = a_threshold(best, 0.5)
+    ids = read_dataset(pool).column(C.ID).to_pylist()
+    want = [i for i, b in zip(ids, best, strict=True) if b >= x]
+    by_image = brute_nearest(pool, ref, C.IMAGE_EMBEDDING) >= x
+    assert want != [i for i, k in zip(ids, by_image, strict=True) if k]
+    args = ["--near", ref, "--min-sim", x, "--near-column", C.TEXT_EMBEDDING, "-q"]
+    mmtools("filter", pool, *args, "-o", tmp_path / "kept")
+    assert read_dataset(tmp_path / "kept").column(C.ID).to_pylist() == want
+    ledger = read_dropped(str(tmp_path / "kept"))
+    assert ledger.column("id").to_pylist() == [i for i, b in zip(ids, best, strict=True) if b < x]
+    np.testing.assert_allclose(ledger.column("value").to_numpy(), best[best < x], atol=1e-5)
 
 
 def test_a_reference_of_another_model_is_refused(pool_and_reference, tmp_path):

@@ -13,14 +13,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import encode, mmtools, read_dataset, write_shards
+from conftest import encode, image_bytes, mmtools, read_dataset, write_shards
 from PIL import Image
 
 from mmtools import columns as C
 from mmtools import engines
 from mmtools.io.dataset import DatasetSink, read_dropped
 from mmtools.io.source import Source
-from mmtools.steps.filter.step import FilterConfig, make_filter
+from mmtools.steps.filter.step import FRAME_LENGTH, HOP_LENGTH, FilterConfig, make_filter
 
 LEDGER = ["id", "step", "rule", "value", "kept_id", "source"]
 
@@ -106,6 +106,98 @@ def test_top_fraction_ledger_holds_each_dropped_rows_key(tmp_path):
     expected["k6"] = None  # NaN: no value
     found = {i: (rule, v) for i, (_, rule, v, _) in ledger_by_id(out).items()}
     assert found == {i: ("top_fraction", v) for i, v in expected.items()}
+
+
+@pytest.mark.parametrize(
+    ("condition", "dropped"),
+    [("clip_score >= 0.3 AND width >= 300", "cefg"), ("length(text) > 12", "bh")],
+)
+def test_where_ledger_value_is_null_unless_one_numeric_column_decides(
+    rows_dir, tmp_path, condition, dropped
+):
+    mmtools("filter", rows_dir, "--where", condition, "-o", tmp_path / "out", "-q")
+    assert ledger_by_id(tmp_path / "out") == {i: ("filter", "where", None, None) for i in dropped}
+
+
+@pytest.fixture(scope="module")
+def laion_rows(tmp_path_factory) -> tuple[Path, dict[str, int]]:
+    """Captioned images ingested for real, with clip scores added; each image's file size."""
+    folder = tmp_path_factory.mktemp("laion") / "imgs"
+    folder.mkdir()
+    rows = {  # id: (image, clip_score)
+        "keep.png": (image_bytes(1, (64, 64), "PNG"), 0.5),
+        "low.png": (image_bytes(2, (64, 64), "PNG"), 0.2799),
+        "unscored.png": (image_bytes(3, (64, 64), "PNG"), None),
+        "small.jpg": (image_bytes(4), 0.9),
+        "smaller.jpg": (image_bytes(5, (24, 24)), 0.6),
+        "small_and_low.jpg": (image_bytes(6), 0.1),
+    }
+    for name, (data, _) in rows.items():
+        (folder / name).write_bytes(data)
+        (folder / name).with_suffix(".txt").write_text(f"a photo called {name}")
+    mmtools("ingest", folder, "-o", folder.parent / "ds", "-q")
+    table = read_dataset(folder.parent / "ds")
+    scores = pa.array([rows[i][1] for i in table[C.ID].to_pylist()], pa.float32())
+    pq.write_table(table.append_column(C.CLIP_SCORE, scores), folder.parent / "scored.parquet")
+    return folder.parent / "scored.parquet", {i: len(d) for i, (d, _) in rows.items()}
+
+
+def test_clip_score_and_min_bytes_ledger_hold_the_column_that_decided(laion_rows, tmp_path):
+    src, nbytes = laion_rows
+    assert [n >= 5000 for n in nbytes.values()] == [True] * 3 + [False] * 3
+    mmtools("filter", src, "--preset", "laion", "-o", tmp_path / "out", "-q")
+    assert ledger_by_id(tmp_path / "out") == {
+        "low.png": ("filter", "clip_score", float(np.float32(0.2799)), None),
+        "unscored.png": ("filter", "clip_score", None, None),
+        "small.jpg": ("filter", "min_bytes", float(nbytes["small.jpg"]), None),
+        "smaller.jpg": ("filter", "min_bytes", float(nbytes["smaller.jpg"]), None),
+        "small_and_low.jpg": ("filter", "clip_score", float(np.float32(0.1)), None),
+    }
+
+
+def _square_wave(seconds: float, amplitude: float, sr: int = 16000) -> np.ndarray:
+    """A 400 Hz square wave: every sample is +-amplitude, so its RMS is exactly amplitude."""
+    n = int(seconds * sr)
+    return np.where(np.arange(n) // 20 % 2 == 0, amplitude, -amplitude).astype(np.float32)
+
+
+def _silent_share(silent: int, total: int) -> float:
+    """The share of RMS frames (centred, zero-padded) of a clip of `total` samples whose first
+    `silent` samples are zeros and the rest loud, that hold no loud sample."""
+    frames = 1 + total // HOP_LENGTH
+    quiet = (silent - FRAME_LENGTH // 2) // HOP_LENGTH + 1
+    return quiet / frames
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> Path:
+    """WAV clips ingested for real: one kept by audio-basic, one failing each of its rules."""
+    import soundfile as sf
+
+    folder = tmp_path_factory.mktemp("clips") / "wavs"
+    folder.mkdir()
+    waves = {
+        "tone.wav": _square_wave(2.0, 0.3),
+        "short.wav": _square_wave(0.75, 0.3),
+        "mostly_silent.wav": np.concatenate([np.zeros(24000, np.float32), _square_wave(0.5, 0.3)]),
+        "quiet.wav": _square_wave(2.0, 0.002),
+    }
+    for name, wave in waves.items():
+        sf.write(folder / name, wave, 16000, format="WAV", subtype="FLOAT")
+    mmtools("ingest", folder, "-o", folder.parent / "ds", "-q")
+    return folder.parent / "ds"
+
+
+def test_duration_silence_and_loudness_ledger_hold_what_decided(clips, tmp_path):
+    mmtools("filter", clips, "--preset", "audio-basic", "-o", tmp_path / "out", "-q")
+    assert read_dataset(tmp_path / "out")[C.ID].to_pylist() == ["tone.wav"]
+    silent_share = _silent_share(24000, 32000)  # 45 of 63 frames
+    quiet_dbfs = 20 * np.log10(np.float32(0.002))
+    assert ledger_by_id(tmp_path / "out") == {
+        "short.wav": ("filter", "duration", 0.75, None),
+        "mostly_silent.wav": ("filter", "silence", pytest.approx(silent_share), None),
+        "quiet.wav": ("filter", "loudness", pytest.approx(quiet_dbfs), None),
+    }
 
 
 # -- dedup ----------------------------------------------------------------------------------

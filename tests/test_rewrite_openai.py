@@ -317,6 +317,22 @@ def test_completed_output_is_not_regenerated_and_overwrite_starts_over(tmp_path,
     assert read_dataset(out).num_rows == 30
 
 
+def test_cache_path_is_written_there_and_a_fresh_run_answers_from_it(
+    tmp_path, dataset, server, echo_prompt
+):
+    cache = tmp_path / "elsewhere" / "captions.sqlite"
+    rewrite(server, dataset, "-o", tmp_path / "first", "--prompt", echo_prompt, "--cache", cache)
+    assert server.requests == 30
+    assert cache.is_file() and not (tmp_path / "first" / "_cache").exists()
+    rewrite(server, dataset, "-o", tmp_path / "second", "--prompt", echo_prompt, "--cache", cache)
+    assert server.requests == 30
+    first, second = read_dataset(tmp_path / "first"), read_dataset(tmp_path / "second")
+    assert second[C.TEXT_SYNTHETIC].to_pylist() == first[C.TEXT_SYNTHETIC].to_pylist()
+    assert second[C.TEXT_SYNTHETIC].to_pylist() == [
+        f"{t} (rewritten)" for t in first[C.TEXT].to_pylist()
+    ]
+
+
 def test_api_key_comes_from_the_named_environment_variable(tmp_path, dataset):
     with LLMServer(api_key="sk-test") as server:
         rewrite(
