@@ -162,3 +162,53 @@ def test_a_jpeg_cut_inside_its_header_is_truncated_not_corrupt():
         with pytest.raises(MediaError) as e:
             decode_image(buf.getvalue()[:cut])
         assert (e.value.reason, e.value.detail) == ("truncated", "OSError: Truncated File Read")
+
+
+def test_decoding_threads_hold_at_most_the_pixel_budget_at_once(monkeypatch):
+    """MMTOOLS_DECODE_PIXELS (default 89 M, Pillow's size limit) bounds the pixels decoded
+    images hold together: with room for one 40x40 image, five threads decoding take turns;
+    an image larger than the whole budget still decodes, alone."""
+    import os
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    import mmtools.media as media
+
+    code = "import mmtools.media as m; print(m.PIXEL_BUDGET.total)"
+    default = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    env = {**os.environ, media.ENV_DECODE_PIXELS: "2500"}
+    low = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert int(default.stdout) == media.DEFAULT_MAX_PIXELS == 89_478_485
+    assert int(low.stdout) == 2500
+
+    monkeypatch.setattr(media, "PIXEL_BUDGET", media._PixelBudget(2500))
+    now, most, sizes, lock = [0], [0], [], threading.Lock()
+
+    def decode(data: bytes) -> None:
+        with media.decoded_image(data) as img:
+            with lock:
+                now[0] += 1
+                most[0] = max(most[0], now[0])
+                sizes.append(img.size)
+            time.sleep(0.05)
+            with lock:
+                now[0] -= 1
+
+    images = [image_bytes(k, size=(40, 40)) for k in range(4)] + [image_bytes(9, (60, 60))]
+    threads = [threading.Thread(target=decode, args=(b,)) for b in images]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert most[0] == 1 and sorted(sizes) == [(40, 40)] * 4 + [(60, 60)]
+    assert media.PIXEL_BUDGET.free == 2500
+    # The same five with the default budget decode together.
+    monkeypatch.setattr(media, "PIXEL_BUDGET", media._PixelBudget(media.DEFAULT_MAX_PIXELS))
+    threads = [threading.Thread(target=decode, args=(b,)) for b in images]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert most[0] > 1
