@@ -386,3 +386,16 @@ def test_ingest_download_options_reach_the_downloader(server, tmp_path):
     mmtools("ingest", listing, "-o", small, "--max-bytes", len(GOOD) - 1, "-q", *more)
     reasons = pq.read_table(small / "_rejects").column(C.REJECT_REASON).to_pylist()
     assert reasons == ["too_large", "too_large"]
+
+
+def test_ingest_download_defaults_are_the_documented_ones():
+    import typer.main
+
+    import mmtools
+    from mmtools.cli import app
+
+    command = typer.main.get_command(app).commands["ingest"]
+    defaults = {p.name: p.default for p in command.params}
+    assert (defaults["timeout"], defaults["retries"], defaults["max_bytes"]) == (10, 2, 50_000_000)
+    assert defaults["user_agent"] == f"mmtools/{mmtools.__version__} (multimodal dataset curation)"
+    assert defaults["disallowed_header_directives"] == "noai,noimageai,noindex,noimageindex"
