@@ -159,3 +159,26 @@ def test_paths_only(tmp_path, image_folder):
     with open(row["image"]["path"], "rb") as f:
         assert f.read(3) == b"\xff\xd8\xff"
     assert row["width"] == 48
+
+
+def test_tar_members_keep_their_bytes_under_paths_only(tmp_path):
+    """A tar member has no path of its own: --paths-only keeps its bytes, says so once, and
+    later steps read them (a path-only file beside it stays a path)."""
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(3):
+            _add(tar, f"{i:09d}.jpg", image_bytes(i))
+            _add(tar, f"{i:09d}.txt", f"caption {i}".encode())
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "loose.jpg").write_bytes(image_bytes(7))
+    out = tmp_path / "out"
+    proc = mmtools("ingest", shard, tmp_path / "folder", "-o", out, "--paths-only")
+    warning = "mmtools: --paths-only: members of a tar have no path of their own; kept as bytes"
+    assert proc.stderr.decode().count(warning) == 1
+    cells = {r["id"]: r["image"] for r in read_dataset(out).to_pylist()}
+    assert {k: c["bytes"] for k, c in cells.items() if k.startswith("00000/")} == {
+        f"00000/{i:09d}": image_bytes(i) for i in range(3)
+    }
+    assert cells["loose.jpg"] == {"bytes": None, "path": str(tmp_path / "folder" / "loose.jpg")}
+    mmtools("dedup", out, "-m", "phash", "-o", tmp_path / "deduped")
+    assert read_dataset(tmp_path / "deduped").num_rows == 4

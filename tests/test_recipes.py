@@ -5,12 +5,16 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
-from conftest import mmtools, read_dataset
+from conftest import mmtools, read_dataset, reject_reasons, tiny_clip
 from llm_server import LLMServer
 from test_recipes_filter import run_recipe
 
+from mmtools import columns as C
 from mmtools.demo import synth
 
 SHAPES = pytest.importorskip("mmtools.models.shapes")
@@ -152,3 +156,43 @@ def test_audio_curation_recipe_with_a_local_clap(tmp_path):
     assert all(-1 <= r["audio_text_score"] <= 1 for r in rows)
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     assert manifest["lineage"][1]["dropped"] == {"duration": 1, "silence": 1}
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        "tiny-clip",
+        pytest.param(
+            "mmtools-shapes",
+            marks=needs_model,
+        ),
+    ],
+)
+def test_a_stage_that_trips_a_fail_safe_stops_the_recipe_with_exit_7(shapes, tmp_path, model):
+    """Every reference image is corrupt: the embed stage commits its rejects and exits 7, and
+    set -e stops the recipe there: neither the centres nor the filtered pool are written."""
+    env = OFFLINE
+    if model == "tiny-clip":
+        env = {"MODEL": str(tiny_clip(tmp_path)), "PRETRAINED": "none"}
+    n = 4
+    reference = pa.table(
+        {
+            C.ID: [f"ref{i}" for i in range(n)],
+            C.IMAGE: C.media_array([b"not an image at all"] * n, [None] * n),
+            C.TEXT: [f"reference {i}" for i in range(n)],
+        }
+    )
+    pq.write_table(reference, tmp_path / "reference.parquet")
+    out = tmp_path / "out"
+    proc = run_recipe(
+        "datacomp_image_filter.sh", shapes / "ds", tmp_path / "reference.parquet", out, **env
+    )
+    assert proc.returncode == 7, proc.stderr.decode()
+    assert proc.stderr.decode().strip().splitlines()[-1] == (
+        f"mmtools embed: error: {n} of {n} input rows (100.0%) were rejected (not_image {n}); "
+        f"the output is committed to {out}.reference: check the input and the options, or "
+        "pass --max-reject-rate 1 to accept such a run"
+    )
+    assert read_dataset(f"{out}.reference").num_rows == 0
+    assert reject_reasons(f"{out}.reference") == {f"ref{i}": "not_image" for i in range(n)}
+    assert not Path(f"{out}.centroids").exists() and not out.exists()

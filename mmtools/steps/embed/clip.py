@@ -127,6 +127,8 @@ class ClipEmbed(EmbedStep):
             return
         decoded = [r is None for f in futures for r in f.result()["image"]]
         pixels = bufs["image"]["pixels"].numpy()[np.flatnonzero(decoded)]
+        if not len(pixels):  # no image of the batch decoded: nothing to look at
+            return
         rgb = (pixels.transpose(0, 2, 3, 1) * tower.std + tower.mean) * 255
         self._checked += len(rgb)
         self._outside += int((shapes.palette_share(rgb) < shapes.IN_DOMAIN_SHARE).sum())

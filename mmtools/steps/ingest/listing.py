@@ -42,6 +42,7 @@ LISTING_SCHEMA = pa.schema(
         ("size", pa.int64()),
         ("caption", pa.string()),
         ("sidecar", pa.string()),  # path of a .txt/.json caption file, else null
+        ("member", pa.string()),  # a tar sample's key in the tar (its name, less extensions)
     ]
 )
 LISTING_SUFFIXES = {".csv", ".tsv", ".jsonl", ".ndjson", ".parquet"}
@@ -177,6 +178,7 @@ def _folder(root: str, opts: ListingOptions) -> tuple[pa.Table, list[str]]:
                     os.path.getsize(path),
                     None,
                     os.path.join(dirpath, sidecar) if sidecar else None,
+                    None,
                 ]
             )
     return _with_metadata(rows, metas, [None] * len(rows), opts, root), skipped
@@ -228,7 +230,7 @@ def _tar(path: str, opts: ListingOptions) -> pa.Table:
         caption = g.get("caption")
         if caption is None and meta:
             caption = next((str(meta[k]) for k in CAPTION_FIELDS if meta.get(k) is not None), None)
-        rows.append([f"{stem}/{key}", kind, path, offset, size, caption, None])
+        rows.append([f"{stem}/{key}", kind, path, offset, size, caption, None, key])
         metas.append(meta)
         arrays.append(g.get("arrays"))
     return _with_metadata(rows, metas, arrays, opts, os.path.dirname(os.path.abspath(path)))
@@ -341,8 +343,9 @@ def _listing_file(path: str, opts: ListingOptions, seen: dict[str, int]) -> pa.T
     captions = [None if c is None else str(c) for c in table.column(caption_col).to_pylist()]
     kinds = [(media_kind(p.split("?")[0]) or "image") if p else "none" for p in locs]
     n = len(ids)
+    none = [None] * n
     listing = _rows_to_table(
-        list(zip(ids, kinds, locs, [None] * n, [None] * n, captions, [None] * n, strict=True))
+        list(zip(ids, kinds, locs, none, none, captions, none, none, strict=True))
     )
     if opts.drop_extra:
         return listing

@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+import logging
 import os
 import re
 from collections import deque
@@ -28,6 +29,8 @@ from mmtools.steps.ingest.listing import (
     skipped_counts,
 )
 from mmtools.steps.ingest.resize import ResizeOptions, check_size, resize_image
+
+log = logging.getLogger("mmtools")
 
 IMAGE_FIELDS = [
     pa.field(C.WIDTH, pa.int32()),
@@ -145,6 +148,7 @@ class Ingest(Step):
         self._download = config.download()
         self._restored: dict = {}  # set by output_schema
         self._pool: ThreadPoolExecutor | None = None
+        self._tar_bytes_noted = False  # --paths-only met a tar (warned once)
 
     def params(self) -> dict:
         """Options that change the output (not the listing options, already in the input)."""
@@ -216,6 +220,10 @@ class Ingest(Step):
 
     def _result(self, batch: pa.RecordBatch, results: list) -> Result:
         """The batch's rows and reject rows from what `_one` made of each listed file."""
+        in_tars = batch.column("offset").null_count < batch.num_rows
+        if in_tars and not self.config.embed_media and not self._tar_bytes_noted:
+            log.warning("--paths-only: members of a tar have no path of their own; kept as bytes")
+            self._tar_bytes_noted = True
         kept = [i for i, r in enumerate(results) if not isinstance(r, tuple)]
         good = [results[i] for i in kept]
         bad = [r for r in results if isinstance(r, tuple)]
@@ -258,7 +266,8 @@ class Ingest(Step):
             described, data = self._describe(row["kind"], data)
             out.update(described)
             path = row["location"] if row["offset"] is None else source_name(row)
-            out[row["kind"]] = (data if self.config.embed_media else None, path)
+            keep = self.config.embed_media or row["offset"] is not None  # a tar's: no path
+            out[row["kind"]] = (data if keep else None, path)
             return out
         except MediaError as e:
             return (key, e.reason, e.detail, source_name(row))
@@ -334,7 +343,7 @@ def source_name(row: dict) -> str | None:
     location = row["location"]
     in_tar = location is not None and "://" not in location and location.endswith(".tar")
     if row["offset"] is not None or in_tar:
-        return f"{location}::{row['key'].split('/', 1)[-1]}"
+        return f"{location}::{row['member'] or row['key'].split('/', 1)[-1]}"
     return location
 
 
