@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -151,3 +152,62 @@ def test_a_run_without_the_ledger_leaves_the_drop_unexplained(separate, tmp_path
     report = explain_json(out, "small.jpg")["small.jpg"]
     assert report["fate"] == "unknown" and report["missing_from"] == str(out)
     assert decisions(report) == [(c, "kept") for c in CHAIN[:3]]
+
+
+def _as_made_before_lineage_and_ledger(dataset: Path) -> None:
+    """Edit a dataset into what mmtools wrote before the drop ledger: lineage entries without
+    steps, added columns or inputs, and no ledger (no `ledger` in the manifest, no _dropped/)."""
+    path = dataset / "_manifest.json"
+    manifest = json.loads(path.read_text())
+    for entry in (*manifest["lineage"], manifest["summary"]):
+        for key in ("steps", "added", "inputs", "upstream_dropped"):
+            entry.pop(key, None)
+    del manifest["ledger"], manifest["position"]["upstream_drops"]
+    path.write_text(json.dumps(manifest, indent=2))
+    shutil.rmtree(dataset / "_dropped", ignore_errors=True)
+
+
+def test_explain_follows_datasets_made_before_lineage_and_ledger(folder, tmp_path):
+    """Old manifests name no inputs: each run's fingerprint gives the directory it read, so the
+    chain still reaches the ingest; a drop without a ledger row is `unknown`."""
+    ds, filtered, final = tmp_path / "ds", tmp_path / "filtered", tmp_path / "final"
+    mmtools("ingest", folder, "-o", ds, "-q")
+    mmtools("filter", ds, "--where", "width >= 40", "-o", filtered, "-q")
+    mmtools("dedup", filtered, "-m", "exact", "-o", final, "-q")
+    assert (filtered / "_dropped").is_dir() and (final / "_dropped").is_dir()
+    for dataset in (ds, filtered, final):
+        _as_made_before_lineage_and_ledger(dataset)
+
+    found = explain_json(final, "img00002.jpg", "small.jpg", "zcopy.jpg", "bad.jpg")
+    kept = found["img00002.jpg"]
+    row = read_dataset(final)["id"].to_pylist().index("img00002.jpg")
+    assert kept["fate"] == "kept" and kept["source"] == str(folder / "img00002.jpg")
+    assert kept["output"] == {"dataset": str(final), "shard": "part-00000.parquet", "row": row}
+    assert [(s["command"], s["decision"], s["output"], s["added"]) for s in kept["steps"]] == [
+        ("ingest", "kept", str(ds), None),
+        ("filter", "kept", str(filtered), None),
+        ("dedup", "kept", str(final), None),
+    ]
+    for rid, missing_from, steps in (
+        ("small.jpg", filtered, ["ingest"]),
+        ("zcopy.jpg", final, ["ingest", "filter"]),
+    ):
+        report = found[rid]
+        assert (report["fate"], report["missing_from"]) == ("unknown", str(missing_from))
+        assert decisions(report) == [(c, "kept") for c in steps]
+    bad = found["bad.jpg"]
+    assert bad["fate"] == "rejected" and decisions(bad) == [("ingest", "rejected")]
+    assert bad["steps"][0]["reason"] == "not_image"
+
+    text = mmtools("explain", final, "img00002.jpg", "small.jpg").stdout.decode()
+    assert text.splitlines() == [
+        f"img00002.jpg: in the output: {final}/part-00000.parquet, row {row}",
+        f"  from {folder / 'img00002.jpg'}",
+        f"  1. ingest  kept  -> {ds}",
+        f"  2. filter  kept  -> {filtered}",
+        f"  3. dedup   kept  -> {final}",
+        f"small.jpg: not in {filtered}, and no reject or ledger row says why "
+        "(was that run made with --no-ledger?)",
+        f"  from {folder / 'small.jpg'}",
+        f"  1. ingest  kept  -> {ds}",
+    ]

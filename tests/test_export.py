@@ -4,6 +4,7 @@ commits, resumes and refuses like every other command."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
@@ -12,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import image_bytes, mmtools, read_dataset
+from conftest import by_id, image_bytes, mmtools, read_dataset, write_shards
 
 from mmtools import columns as C
 
@@ -189,3 +190,165 @@ def test_export_help_describes_its_own_shards():
     out = mmtools("export", "--help").stdout.decode()
     shard = " ".join(out.split("--shard-rows", 1)[1].split("--shard-bytes")[0].split())
     assert "per .tar (webdataset) or .jsonl file (jsonl)" in shard and "Parquet" not in shard
+
+
+def test_export_keys_escape_a_leading_underscore_and_cut_long_ids_with_a_hash(tmp_path):
+    """`_export` must not become `_export.json`, the export's own record; an id whose key
+    passes 200 characters is cut to 200 ending in a hash, distinct for ids alike up to there."""
+    ids = ["_export", "_a.b", "a_b", "k" * 200, "k" * 201, "m" * 250 + "1", "m" * 250 + "2"]
+    digest = {i: hashlib.sha1(i.encode()).hexdigest()[:20] for i in ids}
+    keys = [
+        "%5Fexport",
+        "%5Fa%2Eb",
+        "a_b",
+        "k" * 200,
+        "k" * 179 + "_" + digest["k" * 201],
+        "m" * 179 + "_" + digest["m" * 250 + "1"],
+        "m" * 179 + "_" + digest["m" * 250 + "2"],
+    ]
+    n = len(ids)
+    ds = write_shards(
+        tmp_path / "ds",
+        pa.table(
+            {
+                C.ID: ids,
+                C.IMAGE: C.media_array([image_bytes(i) for i in range(n)], [None] * n),
+                C.TEXT: [f"caption {i}" for i in range(n)],
+            }
+        ),
+    )
+    mmtools("export", ds, "-o", tmp_path / "wds", "-q")
+    with tarfile.open(tmp_path / "wds" / "00000.tar") as tf:
+        names = tf.getnames()
+        ids_in_json = [json.loads(tf.extractfile(f"{k}.json").read())["id"] for k in keys]
+    assert names == [f"{k}.{ext}" for k in keys for ext in ("jpg", "txt", "json")]
+    assert ids_in_json == ids
+    folder = tmp_path / "folder"
+    mmtools("export", ds, "--format", "folder", "-o", folder, "-q")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["_export.json"] + [f"{k}.{ext}" for k in keys for ext in ("jpg", "txt", "json")]
+    )
+    assert json.loads((folder / "_export.json").read_text())["rows"] == n
+    assert json.loads((folder / "%5Fexport.json").read_text())["id"] == "_export"
+
+
+def _strict(text: str):
+    """`text` parsed as strict JSON: NaN and Infinity are refused."""
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "jsonl", "folder"])
+def test_export_writes_nan_as_null(tmp_path, rich, fmt):
+    table = pq.read_table(rich / "part-00000.parquet")
+    aesthetic = [float("nan") if i in (2, 7) else i / 7 for i in range(N)]
+    table = table.set_column(
+        table.schema.get_field_index("aesthetic"), "aesthetic", pa.array(aesthetic, pa.float64())
+    )
+    emb = table.column(C.TEXT_EMBEDDING).to_pylist()
+    emb[4][1] = float("nan")
+    table = table.set_column(
+        table.schema.get_field_index(C.TEXT_EMBEDDING),
+        C.TEXT_EMBEDDING,
+        pa.array(emb, table.schema.field(C.TEXT_EMBEDDING).type),
+    )
+    ds = write_shards(tmp_path / "nan", table)
+    out = tmp_path / "out"
+    mmtools("export", ds, "--format", fmt, "-o", out, "-q")
+    if fmt == "webdataset":
+        with tarfile.open(out / "00000.tar") as tf:
+            names = [n for n in tf.getnames() if n.endswith(".json")]
+            docs = [tf.extractfile(n).read().decode() for n in names]
+    elif fmt == "jsonl":
+        docs = (out / "00000.jsonl").read_text().splitlines()
+    else:
+        docs = [p.read_text() for p in sorted(out.glob("*.json")) if p.name != "_export.json"]
+    rows = {r["id"]: r for r in map(_strict, docs)}
+    ids = table.column(C.ID).to_pylist()
+    assert len(rows) == N
+    assert [rows[i]["aesthetic"] for i in ids] == [None if i in (2, 7) else i / 7 for i in range(N)]
+    if fmt != "webdataset":  # tars hold embeddings as .npy, where a NaN is a NaN
+        want = [None if k == 1 else v for k, v in enumerate(emb[4])]
+        assert rows[ids[4]][C.TEXT_EMBEDDING] == want
+    _strict((out / "_export.json").read_text())
+
+
+IMAGE_MODEL = {
+    "model": "ViT-B-32",
+    "pretrained": "laion2b_s34b_b79k",
+    "library": "open_clip",
+    "precision": "fp16",
+}
+TEXT_MODEL = {**IMAGE_MODEL, "precision": "fp32"}
+RICH_KEYS = [f"sub%2Fimg{i:02d}%2Ejpg" for i in range(N - 3)] + [
+    "a%20b",
+    "%C3%BCn%C3%AF%2Fc%C3%B8d%C3%A9",
+    "x%2Ey%2Ez",
+]
+
+
+def _export_and_ingest(tmp_path, rich, fmt: str, info: dict) -> tuple:
+    """`rich` with embedding provenance `info`, exported as `fmt` (5 rows a shard) and
+    ingested back: (export directory, ids in input order, the ingested rows)."""
+    table = pq.read_table(rich / "part-00000.parquet")
+    ds = write_shards(tmp_path / "described", table.cast(C.with_metadata(table.schema, info)))
+    assert C.column_info(read_dataset(ds).schema) == info
+    out, back = tmp_path / "exported", tmp_path / "back"
+    mmtools("export", ds, "--format", fmt, "-o", out, "--shard-rows", 5, "-q")
+    inputs = {"webdataset": sorted(out.glob("*.tar")), "jsonl": sorted(out.glob("*.jsonl"))}
+    mmtools("ingest", *inputs.get(fmt, [out]), "-o", back, "-q")
+    return out, table.column(C.ID).to_pylist(), read_dataset(back)
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "jsonl", "folder"])
+def test_export_then_ingest_keeps_the_embedding_models_and_names_the_exported_file(
+    tmp_path, rich, fmt
+):
+    info = {C.IMAGE_EMBEDDING: IMAGE_MODEL, C.TEXT_EMBEDDING: TEXT_MODEL}
+    out, ids, rows = _export_and_ingest(tmp_path, rich, fmt, info)
+    assert C.column_info(rows.schema) == info
+    sources = by_id(rows, C.SOURCE)
+    if fmt == "webdataset":
+        sources = {i: s.split("::", 1)[0] for i, s in sources.items()}
+    files = {
+        "webdataset": [f"{out}/{k // 5:05d}.tar" for k in range(N)],
+        "jsonl": [f"{out}/media/{key}.jpg" for key in RICH_KEYS],
+        "folder": [f"{out}/{key}.jpg" for key in RICH_KEYS],
+    }[fmt]
+    assert sources == dict(zip(ids, files, strict=True))
+
+
+def test_ingested_export_tar_source_names_the_member_key(tmp_path, rich):
+    """As a plain tar's source does: the member key, not the id the export restores."""
+    out, ids, rows = _export_and_ingest(tmp_path, rich, "webdataset", {})
+    files = [f"{out}/{k // 5:05d}.tar::{key}" for k, key in enumerate(RICH_KEYS)]
+    assert by_id(rows, C.SOURCE) == dict(zip(ids, files, strict=True))
+
+
+def test_webdataset_library_reads_the_exported_tars(tmp_path, rich):
+    wds = pytest.importorskip("webdataset")
+    out = tmp_path / "wds"
+    mmtools("export", rich, "-o", out, "--shard-rows", 5, "-q")
+    urls = [str(p) for p in sorted(out.glob("*.tar"))]
+    samples = list(wds.WebDataset(urls, shardshuffle=False))
+    table = read_dataset(rich)
+    assert [s["__key__"] for s in samples] == RICH_KEYS
+    for i, (sample, row) in enumerate(zip(samples, table.to_pylist(), strict=True)):
+        fields = {"jpg", "txt", "json", "image_embedding.npy", "text_embedding.npy"}
+        assert set(sample) - {"__key__", "__url__", "__local_path__"} == fields - (
+            {"txt"} if row[C.TEXT] is None else set()
+        )
+        assert sample["__url__"] == urls[i // 5]
+        assert sample["jpg"] == image_bytes(i)
+        if row[C.TEXT] is not None:
+            assert sample["txt"] == row[C.TEXT].encode()
+        meta = {
+            k: v for k, v in row.items() if k not in (C.IMAGE, C.IMAGE_EMBEDDING, C.TEXT_EMBEDDING)
+        }
+        assert json.loads(sample["json"]) == meta
+        for name, dtype in ((C.IMAGE_EMBEDDING, np.float16), (C.TEXT_EMBEDDING, np.float32)):
+            vec = np.load(io.BytesIO(sample[f"{name}.npy"]))
+            assert vec.dtype == dtype and vec.tolist() == row[name]

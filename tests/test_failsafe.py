@@ -4,7 +4,9 @@ commits its output and exits 7 with one line saying why; over half gets a warnin
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -160,3 +162,71 @@ def test_embed_rejecting_every_row_exits_7(tmp_path):
     assert proc.returncode == EXIT_FAILSAFE, proc.stderr
     assert f"{n} of {n} input rows (100.0%) were rejected (no_text {n})" in _last(proc)
     assert (out / "_manifest.json").exists() and len(read_rejects(out)) == n
+
+
+KILL_AFTER_FIRST_SHARD = """
+import os, signal, sys
+real = os.replace
+def replace(src, dst, *a, **k):
+    real(src, dst, *a, **k)
+    if "/_progress/" in os.fspath(dst):
+        os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+sys.argv = ["mmtools", *sys.argv[1:]]
+from mmtools.cli import main
+main()
+"""
+
+
+def _killed_then_resumed(*args) -> tuple[dict, str]:
+    """Run `mmtools ARGS`, SIGKILLed right after its first shard's progress record, then the
+    same command again; the resumed run's --json summary and its last stderr line."""
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER_FIRST_SHARD, *map(str, args), "--json"],
+        capture_output=True,
+        timeout=120,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
+    proc = mmtools(*args, "--json", check=False)
+    assert proc.returncode == EXIT_FAILSAFE, proc.stderr.decode()
+    lines = proc.stderr.decode().strip().splitlines()
+    return json.loads(lines[-2]), lines[-1]
+
+
+def test_a_resumed_run_judges_only_the_rows_it_read_after_resuming_rejects(tmp_path):
+    """30 files: 5 broken, 5 good (the shard committed before the kill), then 15 good and 5
+    broken. The resumed run read 20 rows and rejected 5: 25%, over 0.2; the whole input's
+    10 of 30 or the 10 rejects over 20 rows would give other figures."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(30):
+        broken = i < 5 or i >= 25
+        (folder / f"f{i:02d}.jpg").write_bytes(b"not an image" if broken else image_bytes(i))
+    out = tmp_path / "out"
+    args = ["ingest", folder, "-o", out, "--shard-rows", 5, "--max-reject-rate", "0.2"]
+    summary, last = _killed_then_resumed(*args)
+    assert (summary["resumed_from"], summary["rows_in"]) == (10, 20)
+    assert (summary["rejected"], summary["reasons"]) == (5, {"not_image": 5})
+    assert last == (
+        "mmtools ingest: error: 5 of 20 input rows (25.0%) were rejected (not_image 5); the "
+        f"output is committed to {out}: check the input and the options, or pass "
+        "--max-reject-rate 1 to accept such a run"
+    )
+    assert read_dataset(out).num_rows == 20 and len(read_rejects(out)) == 10
+
+
+def test_a_resumed_run_judges_only_the_rows_it_read_after_resuming_drops(tmp_path):
+    """The same with drops: 5 dropped and 5 kept before the kill, then 15 kept and 5 dropped."""
+    keep = [0] * 5 + [1] * 20 + [0] * 5
+    table = pa.table({C.ID: [f"r{i:02d}" for i in range(30)], "keep": keep})
+    pq.write_table(table, tmp_path / "in.parquet")
+    out = tmp_path / "out"
+    args = ["filter", tmp_path / "in.parquet", "--where", "keep = 1", "-o", out]
+    summary, last = _killed_then_resumed(*args, "--shard-rows", 5, "--max-drop-rate", "0.2")
+    assert (summary["resumed_from"], summary["rows_in"]) == (10, 20)
+    assert summary["dropped"] == {"where": 5}
+    assert last.startswith(
+        "mmtools filter: error: 5 of 20 input rows (25.0%) were dropped (where 5); the output "
+        f"is committed to {out}:"
+    )
+    assert read_dataset(out).column(C.ID).to_pylist() == [f"r{i:02d}" for i in range(5, 25)]

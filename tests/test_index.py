@@ -243,3 +243,71 @@ def test_reruns_drift_and_bad_rows(tmp_path):
     (tmp_path / "other" / "notes.txt").write_text("mine")
     foreign = mmtools("index", ds, "-o", tmp_path / "other", check=False)
     assert foreign.returncode == 2 and "holds no mmtools index" in foreign.stderr.decode()
+
+
+KILL_BEFORE_THE_MANIFEST = """
+import os, signal, sys
+real = os.replace
+def replace(src, dst, *a, **k):
+    if os.fspath(dst).endswith("/_index.json"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(src, dst, *a, **k)
+os.replace = replace
+sys.argv = ["mmtools", *sys.argv[1:]]
+from mmtools.cli import main
+main()
+"""
+
+
+def _hits(index: Path, row_id: str, k: int = 3) -> list[tuple[str, float]]:
+    out = mmtools("search", index, "--id", row_id, "-k", k, "--json").stdout
+    return [(h["id"], h["similarity"]) for h in json.loads(out)["hits"]]
+
+
+def test_an_append_killed_before_its_commit_leaves_the_old_index_answering(tmp_path):
+    """Killed with every new file written but the manifest, the index still answers with the
+    old rows only, although each appended row is a near copy of an old one."""
+    x = clustered(1200, 32, seed=5)
+    a = write_embeddings(tmp_path / "a", x, prefix="a")
+    twins = x[:800] + 0.01 * np.random.default_rng(6).standard_normal((800, 32))
+    b = write_embeddings(tmp_path / "b", twins.astype(np.float32), prefix="b")
+    idx = tmp_path / "idx"
+    mmtools("index", a, "-o", idx, "-q")
+    manifest = (idx / "_index.json").read_bytes()
+    before = [_hits(idx, f"a{i:05d}") for i in (7, 300)]
+    queries = clustered(40, 32, seed=7)
+    old_sims, old_labels = IndexReader(str(idx)).search(queries, 10)
+
+    args = ["index", str(b), "-o", str(idx), "--append", "-q"]
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_BEFORE_THE_MANIFEST, *args], capture_output=True, timeout=120
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
+    assert (idx / ".tmp-_index.json").exists() and (idx / "_run.json").exists()
+    assert (idx / "_index.json").read_bytes() == manifest
+    assert [_hits(idx, f"a{i:05d}") for i in (7, 300)] == before
+    reader = IndexReader(str(idx))
+    assert reader.rows == 1200
+    assert reader.ids().column(C.ID).to_pylist() == [f"a{i:05d}" for i in range(1200)]
+    sims, labels = reader.search(queries, 10)
+    assert (labels == old_labels).all() and np.array_equal(sims, old_sims)
+
+    mmtools(*args)
+    assert [h[0] for h in _hits(idx, "a00007", 2)] == ["a00007", "b00007"]
+    assert IndexReader(str(idx)).rows == 2000
+
+
+def test_append_of_embeddings_of_another_size_is_refused_in_one_line(tmp_path):
+    a = write_embeddings(tmp_path / "a", clustered(300, 32, seed=5), prefix="a")
+    small = write_embeddings(tmp_path / "c", clustered(10, 16, seed=8), prefix="c")
+    idx = tmp_path / "idx"
+    mmtools("index", a, "-o", idx, "-q")
+    manifest = (idx / "_index.json").read_bytes()
+    refused = mmtools("index", small, "-o", idx, "--append", check=False)
+    assert refused.returncode == 6
+    assert refused.stderr.decode() == (
+        f"mmtools index: error: {idx} indexes image_embedding (32 dimensions); the input's "
+        "image_embedding has 16: build a separate index\n"
+    )
+    assert (idx / "_index.json").read_bytes() == manifest
+    assert sorted(p.name for p in idx.iterdir()) == ["_index.json", "ids", "index-00000.faiss"]

@@ -154,3 +154,24 @@ def test_a_model_that_cannot_be_had_is_one_line(tmp_path):
     assert proc.returncode == 75, proc.stderr.decode()
     assert proc.stderr.decode().count("\n") == 1
     assert "cannot load ViT-B-32 weights 'laion2b_s34b_b79k' (no network?)" in proc.stderr.decode()
+
+
+def test_search_to_stdout_streams_the_hit_rows_with_their_similarity(shapes):
+    proc = mmtools("search", shapes / "idx", "--id", "s002.png", "-k", "10", "-o", "-")
+    stdout = pa.BufferReader(proc.stdout)
+    hits = pa.ipc.open_stream(stdout).read_all()
+    assert stdout.tell() == len(proc.stdout)  # the stream and nothing after it
+    data = read_dataset(shapes / "emb")
+    query = unit_vectors(data.column(C.IMAGE_EMBEDDING))[0][
+        data.column(C.ID).index("s002.png").as_py()
+    ]
+    want_ids, want_sims = _top(data, query, 10)
+    assert hits.column_names == [*data.column_names, C.SIMILARITY]
+    assert hits.column(C.ID).to_pylist() == want_ids
+    np.testing.assert_allclose(hits.column(C.SIMILARITY).to_numpy(), want_sims, atol=1e-5)
+    rows = {r[C.ID]: r for r in data.to_pylist()}
+    for hit in hits.drop_columns([C.SIMILARITY]).to_pylist():
+        assert hit == rows[hit[C.ID]]
+    table = proc.stderr.decode().splitlines()
+    assert table[0].split() == ["rank", "id", "similarity", "caption", "source"]
+    assert [line.split()[1] for line in table[2:12]] == want_ids

@@ -101,6 +101,20 @@ def test_sheet_of_the_top_rows(scored, tmp_path):
     assert (tmp_path / "piped.png").read_bytes() == out.read_bytes()
 
 
+def test_sheet_ascending_reverses_the_default_order(scored, tmp_path):
+    root, table = scored
+    runs = {"desc": ["-n", N], "asc": ["-n", N, "--ascending"], "low": ["-n", 5, "--ascending"]}
+    pages = {name: tmp_path / f"{name}.html" for name in runs}
+    for name, flags in runs.items():
+        args = ["--sort", "clip_score", *flags, "-o", tmp_path / f"{name}.png"]
+        mmtools("sheet", root / "ds", *args, "--html", pages[name], "-q")
+    ids = table.column(C.ID).to_pylist()
+    lowest_first = [ids[i] for i in np.argsort(table.column(C.CLIP_SCORE).to_numpy())]
+    assert html_ids(pages["asc"]) == lowest_first
+    assert html_ids(pages["desc"]) == lowest_first[::-1]
+    assert html_ids(pages["low"]) == lowest_first[:5]
+
+
 def test_sheet_around_a_cut_shows_kept_over_dropped(scored, tmp_path):
     from PIL import Image
 
