@@ -230,3 +230,32 @@ def test_a_resumed_run_judges_only_the_rows_it_read_after_resuming_drops(tmp_pat
         f"is committed to {out}:"
     )
     assert read_dataset(out).column(C.ID).to_pylist() == [f"r{i:02d}" for i in range(5, 25)]
+
+
+def test_rejecting_over_half_warns_and_exactly_half_does_not(tmp_path):
+    """Warned on stderr and in --json's warnings; --max-reject-rate 1 keeps it from exit 7."""
+    for broken, warned in ((7, True), (6, False)):
+        folder = make_image_folder(tmp_path / f"imgs{broken}", 6)
+        for i in range(broken):
+            (folder / f"broken{i}.jpg").write_bytes(b"")
+        args = ("-o", tmp_path / f"out{broken}", "--max-reject-rate", "1", "--json")
+        proc = mmtools("ingest", folder, *args)
+        lines = proc.stderr.decode().strip().splitlines()
+        n = 6 + broken
+        warning = (
+            f"mmtools ingest: warning: {broken} of {n} input rows ({100 * broken / n:.1f}%) "
+            f"were rejected (zero_byte {broken})"
+        )
+        assert (warning in lines) is warned
+        assert json.loads(lines[-1]).get("warnings", []) == ([warning] if warned else [])
+
+
+def test_max_drop_rate_1_turns_the_drop_check_off(tmp_path):
+    mmtools("ingest", _copies(tmp_path / "imgs", 30), "-o", tmp_path / "ds", "-q")
+    out = tmp_path / "out"
+    key = ("-m", "exact", "--exact-key", "image")
+    proc = mmtools("dedup", tmp_path / "ds", *key, "-o", out, "--max-drop-rate", "1")
+    assert proc.returncode == 0 and manifest_summary(out)["dropped"] == {"exact": 29}
+    assert "mmtools dedup: warning: 29 of 30 input rows (96.7%) were dropped (exact 29)" in (
+        proc.stderr.decode().splitlines()
+    )
