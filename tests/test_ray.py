@@ -12,13 +12,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import MMTOOLS, image_bytes, make_image_folder, mmtools
+from conftest import MMTOOLS, image_bytes, make_image_folder, mmtools, wait_for
 from test_embed import tiny_clip
 
 from mmtools import columns as C
@@ -26,6 +27,7 @@ from mmtools import engines
 from mmtools.engines.local import LocalExecutor
 from mmtools.engines.ray import executor as ray_engine
 from mmtools.engines.ray import global_ops
+from mmtools.engines.ray.cluster import ENV_CONCURRENCY, ENV_GPUS
 from mmtools.errors import PartialError, UsageError
 from mmtools.io.dataset import DatasetSink
 from mmtools.io.layout import DROPPED_DIR, REJECTS_DIR
@@ -114,8 +116,18 @@ def read(path: Path, sub: str = "") -> pa.Table | None:
 
 def assert_same(tmp: Path, manifests: dict) -> pa.Table:
     """The local and Ray outputs hold the same rows, rejects, shards and counts."""
-    local, ray = tmp / "local", tmp / "ray"
-    a, b = read(local), read(ray)
+    ma, mb = manifests["local"], manifests["ray"]
+    rows = assert_same_output(tmp / "local", tmp / "ray", ma, mb)
+    summaries = [{k: m["summary"][k] for k in SUMMARY_KEYS.split()} for m in (ma, mb)]
+    assert summaries[0] == summaries[1]
+    assert ma["summary"]["dropped"] == ma["dropped"]
+    return rows
+
+
+def assert_same_output(one: Path, other: Path, ma: dict, mb: dict) -> pa.Table:
+    """Two datasets (manifests `ma`, `mb`) hold the same rows, rejects, ledger, shards and
+    manifest counts; the rows."""
+    a, b = read(one), read(other)
     assert a.schema.equals(b.schema, check_metadata=True)
     for name in a.schema.names:
         if name in MODEL_COLUMNS:
@@ -124,21 +136,18 @@ def assert_same(tmp: Path, manifests: dict) -> pa.Table:
             np.testing.assert_array_equal(a[name].to_numpy(), b[name].to_numpy())
         else:
             assert a[name].equals(b[name]), name
-    ra, rb = read(local, REJECTS_DIR), read(ray, REJECTS_DIR)
+    ra, rb = read(one, REJECTS_DIR), read(other, REJECTS_DIR)
     assert (ra is None and rb is None) or ra.equals(rb)
     # The drop ledger: the same rows (ids, rules, values, kept rows), one per dropped row.
-    da, db = read(local, DROPPED_DIR), read(ray, DROPPED_DIR)
+    da, db = read(one, DROPPED_DIR), read(other, DROPPED_DIR)
     assert (da is None and db is None) or da.equals(db)
-    ma, mb = manifests["local"], manifests["ray"]
     for m, ledger in ((ma, da), (mb, db)):
         rows = 0 if ledger is None else ledger.num_rows
-        assert rows == m["ledger"]["rows"] == sum(m["summary"]["dropped"].values())
+        assert rows == m["ledger"]["rows"] == sum(m["dropped"].values())
     for key in MANIFEST_KEYS.split():
         assert ma[key] == mb[key], key
     shards = [[(s["name"], s["rows"], s["inputs"]) for s in m["shards"]] for m in (ma, mb)]
     assert shards[0] == shards[1]
-    summaries = [{k: m["summary"][k] for k in SUMMARY_KEYS.split()} for m in (ma, mb)]
-    assert summaries[0] == summaries[1]
     return a
 
 
@@ -469,6 +478,62 @@ def test_step_error_is_not_retried_and_a_rerun_resumes(cluster, ingested, tmp_pa
     assert manifest["summary"]["rows_in"] == 33 - summary.resumed_from
 
 
+# -- a run resumed on the other engine ------------------------------------------------------
+
+
+ENGINES = {"local": LocalExecutor, "ray": ray_engine.RayExecutor}
+
+
+class StoppedAfterOneShard(DatasetSink):
+    """A dataset sink whose run is stopped (Ctrl-C) once it has committed its first shard."""
+
+    def write(self, *args, **kwargs) -> None:
+        """Write as usual; then stop the run if a shard is committed."""
+        super().write(*args, **kwargs)
+        if self.records:
+            raise KeyboardInterrupt
+
+
+def switch_steps(kind: str) -> list[Step]:
+    """A streaming step, a global step that drops rows, a global step that makes rows."""
+    from mmtools.steps.dedup.step import Dedup, DedupConfig
+    from mmtools.steps.filter.step import FilterConfig, make_filter
+    from mmtools.steps.mixup import Mixup, MixupConfig
+
+    if kind == "filter":
+        return [make_filter(FilterConfig(where="text NOT LIKE '%2%'"))]
+    if kind == "dedup":
+        return [Dedup(DedupConfig(methods=("exact",), keep="first"))]
+    return [Mixup(MixupConfig(fraction=0.5, keep_originals=True, seed=3))]
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("kind", ["filter", "dedup", "mixup"])
+@pytest.mark.parametrize(("first", "then"), [("local", "ray"), ("ray", "local")])
+def test_run_stopped_on_one_engine_is_resumed_on_the_other(
+    cluster, ingested, tmp_path, kind, first, then
+):
+    """Stopped after its first shard (two batches, 16 input rows), the run goes on from there
+    on the other engine, and the output is the one an uninterrupted local run makes."""
+
+    def run(engine: str, sink: DatasetSink):
+        source, steps = Source([str(ingested)]), switch_steps(kind)
+        executor = ENGINES[engine]()
+        return engines.run(
+            kind, source, steps, sink, executor=executor, batch_size=BATCH, quiet=True
+        )
+
+    out, whole = tmp_path / "out", tmp_path / "whole"
+    with pytest.raises(KeyboardInterrupt):
+        run(first, StoppedAfterOneShard(str(out), shard_rows=SHARD))
+    assert not (out / "_manifest.json").exists()
+    summary, manifest = run(then, DatasetSink(str(out), shard_rows=SHARD))
+    assert summary.resumed_from == 16
+    assert summary.rows_in == 33 - 16
+    _, expected = run("local", DatasetSink(str(whole), shard_rows=SHARD))
+    assert_same_output(out, whole, manifest, expected)
+
+
 # -- the command line -------------------------------------------------------------------------
 
 
@@ -498,6 +563,140 @@ def test_pipe_through_ray_gives_the_local_stream_and_nothing_else_on_stdout(clus
     assert rows.num_rows == 32  # not the blank caption
     assert _stream(ray.stdout) == _stream(local.stdout)
     assert [r[2] for r in rejects] == ["not_image"]  # upstream rejects travel on
+
+
+def stream_head(data: bytes, batches: int) -> bytes:
+    """The bytes of an Arrow stream up to the end of its first `batches` batches with rows."""
+    at = pa.BufferReader(data)
+    reader = pa.ipc.open_stream(at)
+    while batches:
+        batches -= reader.read_next_batch().num_rows > 0
+    return data[: at.tell()]
+
+
+@pytest.mark.ray
+def test_local_run_killed_is_finished_by_the_same_command_with_engine_ray(
+    cluster, folder, tmp_path
+):
+    """`kill -9` on a local run fed by a pipe, once it has committed its first shard (the
+    pipe's first two batches: 15 rows, the corrupt file being a reject); the same command with
+    `--engine ray` resumes after it; the output, the upstream reject included, is the one an
+    unbroken run makes."""
+    stream = mmtools("ingest", folder, "--batch-size", BATCH).stdout
+    where = "text LIKE '%photo%'"
+    command = ["filter", "--where", where, "--shard-rows", SHARD, "--batch-size", BATCH, "-q"]
+    out, whole = tmp_path / "out", tmp_path / "whole"
+    argv = [*MMTOOLS, *map(str, command), "-o", str(out)]
+    killed = subprocess.Popen(argv, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        killed.stdin.write(stream_head(stream, 2))
+        killed.stdin.flush()
+        wait_for(out / "_progress" / "00000.json", killed)
+    finally:
+        killed.kill()
+        killed.stdin.close()
+    assert killed.wait(timeout=60) == -signal.SIGKILL
+    assert not (out / "_manifest.json").exists()
+    ray = ["--engine", "ray", "--ray-address", cluster, "--json"]
+    resumed = mmtools(*command, "-o", out, *ray, input=stream)
+    summary = json.loads(resumed.stderr)
+    assert (summary["resumed_from"], summary["rows_in"], summary["rows_out"]) == (15, 18, 18)
+    mmtools(*command, "-o", whole, input=stream)
+    manifests = [json.loads((d / "_manifest.json").read_text()) for d in (out, whole)]
+    assert_same_output(out, whole, *manifests)
+    assert read(out, REJECTS_DIR)["reason"].to_pylist() == ["not_image"]
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory) -> Path:
+    """40 rows of random 8-dimensional image embeddings in 4 Parquet files."""
+    from test_dedup_semantic import embedding_table
+
+    root = tmp_path_factory.mktemp("embedded")
+    table = embedding_table(np.random.default_rng(0).normal(size=(40, 8)))
+    for k, part in enumerate(table.to_batches(max_chunksize=10)):
+        pq.write_table(pa.Table.from_batches([part]), root / f"part-{k:05d}.parquet")
+    return root
+
+
+def map_actors() -> set[str]:
+    """The ids of every Ray Data map actor the cluster has started (alive or dead).
+
+    Ray's public listing (`ray.util.state`) needs the dashboard, which this cluster runs without.
+    """
+    from ray._private import state
+
+    return {k for k, v in state.actors().items() if v["ActorClassName"].startswith("MapWorker")}
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize(
+    ("command", "args", "env", "actors"),
+    [
+        ("rewrite", ["--concurrency", "1"], {}, 2),
+        ("rewrite", ["--ray-concurrency", "1"], {}, 1),
+        ("rewrite", [], {ENV_CONCURRENCY: "1"}, 1),
+        ("filter", ["--concurrency", "1"], {}, 1),
+    ],
+    ids=["rewrite-requests-in-flight", "ray-concurrency", "env", "concurrency"],
+)
+def test_concurrency_option_or_variable_sets_the_actors_of_a_model_step(
+    cluster, ingested, embedded, tmp_path, command, args, env, actors
+):
+    """`rewrite` and `filter --near` run in an actor pool. Without a Ray concurrency the pool
+    grows to one actor per CPU (2 here): rewrite's own --concurrency is requests in flight."""
+    inputs = {
+        "rewrite": [ingested, "--backend", "template"],
+        "filter": [embedded, "--near", embedded, "--min-sim", 0.5],
+    }
+    before = map_actors()
+    ray = ["--engine", "ray", "--ray-address", cluster, "-q"]
+    out = tmp_path / "out"
+    mmtools(command, *inputs[command], *args, "--batch-size", 2, "-o", out, *ray, env=env)
+    assert len(map_actors() - before) == actors
+
+
+def gpu_demand(address: str, run: subprocess.Popen) -> list[tuple[dict, int]]:
+    """The requests for a GPU waiting on the cluster, as (resources, count), once there are."""
+    from ray.autoscaler.v2.sdk import get_cluster_status
+
+    deadline = time.monotonic() + 60
+    while True:
+        demands = get_cluster_status(address).resource_demands.ray_task_actor_demand
+        found = [(b.bundle, b.count) for d in demands for b in d.bundles_by_count]
+        if any("GPU" in bundle for bundle, _ in found):
+            return [f for f in found if "GPU" in f[0]]
+        assert run.poll() is None, f"it ended with no GPU asked for: {run.stderr.read()}"
+        assert time.monotonic() < deadline, "no GPU was asked for"
+        time.sleep(0.1)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [(["--num-gpus-per-worker", "0.5"], {}), ([], {ENV_GPUS: "0.5"})],
+    ids=["option", "env"],
+)
+def test_gpu_request_on_a_cluster_without_gpus_waits_for_a_gpu_until_stopped(
+    cluster, ingested, tmp_path, args, env
+):
+    """Not in the README: each actor asks Ray for its share of a GPU and the run waits for
+    one, with no timeout; SIGTERM stops it as any run (exit 143, nothing committed)."""
+    out = tmp_path / "out"
+    argv = [*MMTOOLS, "rewrite", str(ingested), "--backend", "template", "-o", str(out)]
+    argv += ["--engine", "ray", "--ray-address", cluster, "-q", *args]
+    run = subprocess.Popen(argv, env={**os.environ, **env}, stderr=subprocess.PIPE)
+    try:
+        demand = gpu_demand(cluster, run)
+    finally:
+        run.send_signal(signal.SIGTERM)
+        code = run.wait(timeout=60)
+    assert demand == [({"CPU": 1.0, "GPU": 0.5}, 1)]
+    assert code == 143
+    assert run.stderr.read().decode().splitlines()[-1] == (
+        "mmtools rewrite: error: stopped by SIGTERM; rerun the command to resume"
+    )
+    assert not (out / "_manifest.json").exists()
 
 
 @pytest.mark.ray
@@ -544,3 +743,24 @@ def test_missing_ray_says_how_to_install_it(ingested, tmp_path):
         "pip install 'mmtools[ray]'"
     )
     assert not (tmp_path / "out").exists()  # refused before the output is touched
+
+
+def test_a_gpu_request_no_gpu_can_meet_is_refused_on_a_cluster_of_the_runs_own(caplog):
+    """A cluster the run starts itself gets no GPU later: refused at once, in one line. A
+    cluster joined may add GPU nodes on demand: a warning, and the run waits."""
+    from mmtools.errors import UsageError
+
+    with pytest.raises(UsageError) as e:
+        ray_engine.check_gpus(0.5, 0, None)
+    assert str(e.value) == (
+        "each worker asks for 0.5 GPU and the Ray cluster has 0: run where there are GPUs, "
+        "join a cluster with them (--ray-address), or leave --num-gpus-per-worker out"
+    )
+    for fits in ((0.0, 0, None), (1.0, 1, None), (0.5, 2, None)):
+        ray_engine.check_gpus(*fits)
+    with caplog.at_level("WARNING", logger="mmtools"):
+        ray_engine.check_gpus(1.0, 0, "auto")
+    assert caplog.messages == [
+        "each worker asks for 1 GPU and the Ray cluster has 0; waiting until the cluster adds "
+        "GPUs (stop the run to give up)"
+    ]

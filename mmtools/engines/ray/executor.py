@@ -36,7 +36,13 @@ import pyarrow as pa
 from mmtools.engines.ray import global_ops
 from mmtools.engines.ray.cluster import ENV_ADDRESS, RETRIES, RayOptions, connect
 from mmtools.engines.ray.envelope import Envelope, pack, unpack, wrap
-from mmtools.errors import MmtoolsError, PartialError, TemporaryError, require_module
+from mmtools.errors import (
+    MmtoolsError,
+    PartialError,
+    TemporaryError,
+    UsageError,
+    require_module,
+)
 from mmtools.io.fs import is_remote
 from mmtools.io.protocols import Source
 from mmtools.step import POSITION, GlobalStep, Result, Step, concat_rows
@@ -169,10 +175,26 @@ def _stage(ray, ds, step: Step, seek: bool, options: RayOptions):
     if concurrency is None:
         most = res.get("GPU", 0) / gpus if gpus else res.get("CPU", 1)
         concurrency = (1, max(1, int(most)))
+    check_gpus(gpus, res.get("GPU", 0), options.address)
     extra = {"num_gpus": gpus} if gpus else {}
     extra |= dict(max_restarts=options.retries, max_task_retries=options.retries)
     args = (step, seek)
     return _map(ds, _StepFn, fn_constructor_args=args, concurrency=concurrency, **extra, **common)
+
+
+def check_gpus(per_worker: float, cluster: float, address: str | None) -> None:
+    """A model step's workers ask for `per_worker` GPUs of a cluster that has `cluster`: on
+    the cluster a run starts for itself none can come, so it is refused at once instead of
+    waiting for ever; a cluster joined may add GPU nodes as they are asked for (a warning)."""
+    if not per_worker or per_worker <= cluster:
+        return
+    what = f"each worker asks for {per_worker:g} GPU and the Ray cluster has {cluster:g}"
+    if address is None:
+        raise UsageError(
+            f"{what}: run where there are GPUs, join a cluster with them (--ray-address), or "
+            "leave --num-gpus-per-worker out"
+        )
+    log.warning("%s; waiting until the cluster adds GPUs (stop the run to give up)", what)
 
 
 def _map(ds, fn, **kwargs):
