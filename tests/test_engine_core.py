@@ -7,6 +7,7 @@ import io
 import json
 import os
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
@@ -26,7 +27,7 @@ from mmtools.io.dataset import (
 )
 from mmtools.io.source import Source
 from mmtools.io.stream import StreamWriter
-from mmtools.step import Result, Step, reject_batch
+from mmtools.step import Result, Step, ledger_rows, reject_batch
 
 
 def table(n: int, start: int = 0) -> pa.Table:
@@ -514,6 +515,30 @@ def test_sink_refuses_another_command_and_foreign_directories(tmp_path):
         f"output {foreign} is not empty and holds no mmtools run (found notes.txt); choose an "
         "empty or new directory, or pass --overwrite"
     )
+
+
+def test_overwrite_removes_every_file_of_the_run_before(tmp_path):
+    """Shards, rejects, the ledger, progress records, the manifest and temporaries of a
+    finished run all go; the new run's files alone remain."""
+    out = tmp_path / "o"
+    sink = DatasetSink(str(out), shard_rows=2)
+    sink.open(table(1).schema, {"command": "a"})
+    rejects = reject_batch("s", ["r9"], ["not_image"], ["x"])
+    drops = ledger_rows("s", table(1, 8).to_batches()[0], np.array([True]), "where")
+    sink.write(table(2).to_batches()[0], [], {}, Position(2))
+    sink.write(table(2, 2).to_batches()[0], [rejects], {"where": 1}, Position(6), drops=[drops])
+    sink.close({}, [], {})
+    (out / f"{L.TMP_PREFIX}part-00009.parquet").write_bytes(b"left by a kill")
+    before = {p.relative_to(out).as_posix() for p in out.rglob("*")}
+    assert {"part-00000.parquet", "part-00001.parquet", L.MANIFEST} <= before
+    assert {f"{L.REJECTS_DIR}/part-00001.parquet", f"{L.DROPPED_DIR}/part-00001.parquet"} <= before
+    sink = DatasetSink(str(out), overwrite=True)
+    sink.open(table(1).schema, {"command": "b"})
+    sink.write(table(1).to_batches()[0], [], {}, Position(1))
+    sink.close({}, [], {})
+    after = {p.relative_to(out).as_posix() for p in out.rglob("*")}
+    assert after - {L.LOCK_FILE} == {"part-00000.parquet", L.MANIFEST}
+    assert read_dataset(out)[C.ID].to_pylist() == ["r000"]
 
 
 def test_sink_resume_removes_what_came_after_the_last_commit(tmp_path):

@@ -328,20 +328,16 @@ class DatasetSink:
         tmp = L.TMP_PREFIX + name
         self._write_table(pa.Table.from_batches([], self.schema), tmp)
         self.store.commit(tmp, name)
+        # Only what the manifest reads of a record (the counts it lacks are zero).
         self.records.append(
             {
                 "shard": name,
                 "rows": 0,
                 "bytes": self.store.size(name),
+                "inputs": [],
                 "rejects": None,
-                "rejected": 0,
                 "reject_reasons": {},
                 "dropped": {},
-                "drops": None,
-                "drop_rows": 0,
-                "generated": 0,
-                "inputs": [],
-                "position": self.records[-1]["position"] if self.records else Position().as_dict(),
             }
         )
 
