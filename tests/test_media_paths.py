@@ -3,9 +3,11 @@ the one media reader gives a bad row the same reject reason in every step."""
 
 from __future__ import annotations
 
+import io
 import json
 import tarfile
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -217,3 +219,54 @@ def test_hugging_face_datasets_reads_path_only_datasets(tmp_path, server):
     raw = urls.cast_column("image", datasets.Image(decode=False))
     assert {r["image"]["path"] for r in raw} == {f"{server}/img/{i}" for i in range(3)}
     assert all(r["image"]["bytes"] is None for r in raw)
+
+
+PNGS = {f"p{i}.png": image_bytes(i, (40 + i, 24 + 2 * i), "PNG") for i in range(2)}
+WAVS = {
+    f"c{i}.wav": wav_bytes(0.25, sr, freq=220.0 * (i + 1)) for i, sr in enumerate([22050, 16000])
+}
+
+
+@pytest.fixture(scope="module")
+def hf_media(tmp_path_factory):
+    """An ingested dataset of PNGs and WAVs (bytes) as Hugging Face `datasets` loads it."""
+    import datasets
+
+    root = tmp_path_factory.mktemp("hf-media")
+    (root / "media").mkdir()
+    for name, data in {**PNGS, **WAVS}.items():
+        (root / "media" / name).write_bytes(data)
+        (root / "media" / name).with_suffix(".txt").write_text(f"caption of {name}")
+    mmtools("ingest", root / "media", "-o", root / "ds", "-q")
+    files = str(root / "ds" / "*.parquet")
+    cache = str(root / "hf")
+    return datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=cache)
+
+
+def test_hugging_face_datasets_decodes_the_image_column(hf_media):
+    import datasets
+    from PIL import Image
+
+    assert hf_media.features["image"] == datasets.Image()
+    images = dict(zip(hf_media["id"], hf_media.select_columns(["image"])["image"], strict=True))
+    assert {k for k, v in images.items() if v is not None} == set(PNGS)
+    for name, data in PNGS.items():
+        original = Image.open(io.BytesIO(data))
+        assert images[name].size == original.size
+        assert np.array_equal(np.asarray(images[name]), np.asarray(original))
+
+
+def test_hugging_face_datasets_decodes_the_audio_column(hf_media):
+    """From datasets 4.0 on, decoding audio needs torchcodec and FFmpeg: not test dependencies."""
+    import datasets
+    import soundfile as sf
+
+    assert hf_media.features["audio"] == datasets.Audio()
+    if int(datasets.__version__.split(".")[0]) >= 4:
+        pytest.importorskip("torchcodec", reason="datasets >= 4 decodes audio with torchcodec")
+    clips = dict(zip(hf_media["id"], hf_media.select_columns(["audio"])["audio"], strict=True))
+    assert {k for k, v in clips.items() if v is not None} == set(WAVS)
+    for name, data in WAVS.items():
+        samples, rate = sf.read(io.BytesIO(data), dtype="float32")
+        assert clips[name]["sampling_rate"] == rate
+        assert np.array_equal(clips[name]["array"], samples)

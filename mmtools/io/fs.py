@@ -31,6 +31,10 @@ def filesystem(uri: str):
     from pyarrow import ArrowException
     from pyarrow.fs import FileSystem
 
+    if uri.startswith("gs://") and "?" not in uri:
+        # GCS retries a failing request for 15 minutes by default, deaf to signals: a store
+        # that cannot be reached would hang a run instead of exiting 75.
+        uri += f"?retry_limit_seconds={_store_seconds():g}"
     try:
         return FileSystem.from_uri(uri)
     except (ArrowException, OSError, ValueError) as e:
@@ -42,6 +46,15 @@ def filesystem(uri: str):
 
 
 _FILESYSTEMS: dict[str, object] = {}
+
+
+def _store_seconds() -> float:
+    """How long a request to an object store is retried: MMTOOLS_FETCH_TIMEOUT (default 30),
+    the deadline a URL gets when media are read from one."""
+    try:
+        return max(1.0, float(os.environ.get("MMTOOLS_FETCH_TIMEOUT") or 30))
+    except ValueError:
+        return 30.0
 
 
 def locate(path: str) -> tuple[object | None, str]:
