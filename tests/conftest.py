@@ -251,3 +251,19 @@ def slow_listing(tmp_path):
     listing.write_text("url,caption\n" + "".join(f"{url}/img/{i},c{i}\n" for i in range(400)))
     yield listing
     server.shutdown()
+
+
+# `python -c KILL_AFTER_FIRST_COMMIT ARGS...` runs `mmtools ARGS...` and SIGKILLs it as soon
+# as its first progress record is renamed into place: a run killed after its first commit.
+KILL_AFTER_FIRST_COMMIT = """
+import os, signal, sys
+real = os.replace
+def replace(src, dst, *a, **k):
+    real(src, dst, *a, **k)
+    if "/_progress/" in os.fspath(dst):
+        os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+sys.argv = ["mmtools", *sys.argv[1:]]
+from mmtools.cli import main
+main()
+"""

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import (
+    KILL_AFTER_FIRST_COMMIT,
     MMTOOLS,
     image_bytes,
     make_image_folder,
@@ -164,25 +165,11 @@ def test_embed_rejecting_every_row_exits_7(tmp_path):
     assert (out / "_manifest.json").exists() and len(read_rejects(out)) == n
 
 
-KILL_AFTER_FIRST_SHARD = """
-import os, signal, sys
-real = os.replace
-def replace(src, dst, *a, **k):
-    real(src, dst, *a, **k)
-    if "/_progress/" in os.fspath(dst):
-        os.kill(os.getpid(), signal.SIGKILL)
-os.replace = replace
-sys.argv = ["mmtools", *sys.argv[1:]]
-from mmtools.cli import main
-main()
-"""
-
-
 def _killed_then_resumed(*args) -> tuple[dict, str]:
     """Run `mmtools ARGS`, SIGKILLed right after its first shard's progress record, then the
     same command again; the resumed run's --json summary and its last stderr line."""
     killed = subprocess.run(
-        [sys.executable, "-c", KILL_AFTER_FIRST_SHARD, *map(str, args), "--json"],
+        [sys.executable, "-c", KILL_AFTER_FIRST_COMMIT, *map(str, args), "--json"],
         capture_output=True,
         timeout=120,
     )

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import mmtools
+from conftest import KILL_AFTER_FIRST_COMMIT, mmtools
 
 from mmtools import columns as C
 from mmtools.io.index import IndexReader, unit_vectors
@@ -185,27 +185,13 @@ def test_append_to_a_compressed_index_keeps_every_vector_with_its_id(tmp_path):
     assert (labels[:, 0] == np.arange(3000)).all() and sims.min() > 0.999
 
 
-KILL_AFTER_FIRST_PART = """
-import os, signal, sys
-real = os.replace
-def replace(src, dst, *a, **k):
-    real(src, dst, *a, **k)
-    if "/_progress/" in os.fspath(dst):
-        os.kill(os.getpid(), signal.SIGKILL)
-os.replace = replace
-sys.argv = ["mmtools", *sys.argv[1:]]
-from mmtools.cli import main
-main()
-"""
-
-
 @pytest.mark.parametrize("exact_below", ["100000", "100"])
 def test_a_killed_build_resumes_and_equals_an_uninterrupted_one(tmp_path, exact_below):
     ds = write_embeddings(tmp_path / "ds", clustered(3000, 32, seed=9), shards=2)
     args = [str(ds), "-o", str(tmp_path / "idx"), "--part-rows", "500"]
     args += ["--exact-below", exact_below, "-q"]
     killed = subprocess.run(
-        [sys.executable, "-c", KILL_AFTER_FIRST_PART, "index", *args], capture_output=True
+        [sys.executable, "-c", KILL_AFTER_FIRST_COMMIT, "index", *args], capture_output=True
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
     assert sorted(p.name for p in (tmp_path / "idx" / "_progress").iterdir()) == ["00000.json"]
