@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from conftest import read_dataset, write_shards
 
@@ -672,3 +673,61 @@ def test_a_refused_output_leaves_its_lock_free_in_the_same_process(tmp_path):
         "copy", Source([str(tmp_path / "in")]), [], DatasetSink(str(tmp_path / "out")), quiet=True
     )
     assert summary.already_complete
+
+
+def _emb_table(n: int, start: int = 0, dim: int = 8) -> pa.Table:
+    rng = np.random.default_rng(start)
+    flat = pa.array(rng.standard_normal(n * dim).astype(np.float16))
+    return table(n, start).append_column("emb", pa.FixedSizeListArray.from_arrays(flat, dim))
+
+
+def test_row_groups_close_at_the_row_or_byte_limit_whichever_comes_first(tmp_path, monkeypatch):
+    """Row groups of ROW_GROUP_ROWS rows (a group ends when the limit is reached, not passed)
+    or ROW_GROUP_BYTES bytes; a shard of --shard-bytes; embeddings and media are written
+    without dictionary or statistics, other columns with both."""
+    import mmtools.io.dataset as dataset
+
+    def groups(out) -> list[list[int]]:
+        found = [pq.read_metadata(f) for f in sorted(out.glob("part-*.parquet"))]
+        return [[m.row_group(i).num_rows for i in range(m.num_row_groups)] for m in found]
+
+    def run(out, batches, **sink_options):
+        sink = DatasetSink(str(out), **sink_options)
+        sink.open(batches[0].schema, {})
+        done = 0
+        for b in batches:
+            done += b.num_rows
+            sink.write(b.to_batches()[0], [], {}, Position(done))
+        sink.close({}, [], {})
+
+    monkeypatch.setattr(dataset, "ROW_GROUP_ROWS", 8)
+    run(tmp_path / "rows", [_emb_table(4, k * 4) for k in range(5)])
+    assert groups(tmp_path / "rows") == [[8, 8, 4]]
+    monkeypatch.setattr(dataset, "ROW_GROUP_ROWS", 1000)
+    one = _emb_table(4).to_batches()[0].nbytes
+    monkeypatch.setattr(dataset, "ROW_GROUP_BYTES", 2 * one)
+    run(tmp_path / "bytes", [_emb_table(4, k * 4) for k in range(5)])
+    assert groups(tmp_path / "bytes") == [[8, 8, 4]]
+    run(tmp_path / "shards", [_emb_table(4, k * 4) for k in range(5)], shard_bytes=2 * one)
+    assert groups(tmp_path / "shards") == [[8], [8], [4]]
+    group = pq.read_metadata(tmp_path / "rows" / "part-00000.parquet").row_group(0)
+    column = {group.column(i).path_in_schema: group.column(i) for i in range(group.num_columns)}
+    assert column["id"].statistics is not None and column["id"].has_dictionary_page
+    emb = next(c for name, c in column.items() if name.startswith("emb"))
+    assert emb.statistics is None and not emb.has_dictionary_page
+
+
+def test_a_unit_without_a_shard_adds_no_bytes_and_empty_ledger_batches_no_ledger(tmp_path):
+    """Only rejects in a commit unit: no shard, 0 bytes in the run's stats; a step's empty
+    ledger batch writes no ledger file."""
+    out = tmp_path / "o"
+    sink = DatasetSink(str(out), shard_rows=2)
+    sink.open(table(1).schema, {})
+    rejects = reject_batch("s", ["r0", "r1"], ["not_image"] * 2, ["x"] * 2)
+    empty = ledger_rows("s", table(1).to_batches()[0], np.array([True]), "where").slice(0, 0)
+    sink.write(None, [rejects], {}, Position(2), drops=[empty])
+    sink.write(table(2, 2).to_batches()[0], [], {}, Position(4), drops=[empty])
+    manifest = sink.close({}, [], {})
+    sizes = sum(f.stat().st_size for f in out.glob("part-*.parquet"))
+    assert manifest["stats"]["bytes"] == sizes and manifest["rejects"]["rows"] == 2
+    assert not (out / L.DROPPED_DIR).exists() and manifest["ledger"] == {"rows": 0, "shards": []}
