@@ -90,7 +90,7 @@ def _local_rows(path) -> dict:
     return _rows(read_dataset(path))
 
 
-def test_a_pipeline_reads_and_writes_s3_like_local_disk(s3, dataset, tmp_path):
+def test_a_pipeline_reads_and_writes_s3_like_local_disk(s3, dataset, tmp_path, monkeypatch):
     env, admin = s3
     where = ["--where", "id != 'img00004.jpg'"]
     mmtools("filter", dataset, *where, "-o", tmp_path / "local", "-q")
@@ -108,6 +108,13 @@ def test_a_pipeline_reads_and_writes_s3_like_local_disk(s3, dataset, tmp_path):
     assert _local_rows(tmp_path / "back") == _local_rows(tmp_path / "local")
     # A glob over the bucket works as a local glob does.
     mmtools("head", "s3://data/kept/part-0000[01].parquet", "-n", "3", env=env)
+    # The drop ledger (and rejects) read from the bucket as from a local dataset.
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    from mmtools.io.dataset import read_dropped, read_rejects
+
+    assert read_dropped("s3://data/kept").equals(read_dropped(str(tmp_path / "local")))
+    assert read_rejects("s3://data/kept") is None
 
 
 def test_a_pipeline_reads_and_writes_gcs_like_local_disk(gcs, dataset, tmp_path):
