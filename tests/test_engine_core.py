@@ -725,9 +725,10 @@ def test_a_unit_without_a_shard_adds_no_bytes_and_empty_ledger_batches_no_ledger
     sink.open(table(1).schema, {})
     rejects = reject_batch("s", ["r0", "r1"], ["not_image"] * 2, ["x"] * 2)
     empty = ledger_rows("s", table(1).to_batches()[0], np.array([True]), "where").slice(0, 0)
-    sink.write(None, [rejects], {}, Position(2), drops=[empty])
-    sink.write(table(2, 2).to_batches()[0], [], {}, Position(4), drops=[empty])
+    sink.write(table(2, 2).to_batches()[0], [], {}, Position(2), drops=[empty])
+    sink.write(None, [rejects], {}, Position(4), drops=[empty])  # its unit: rejects alone
     manifest = sink.close({}, [], {})
+    assert [r["shard"] for r in sink.records] == ["part-00000.parquet", None]
     sizes = sum(f.stat().st_size for f in out.glob("part-*.parquet"))
     assert manifest["stats"]["bytes"] == sizes and manifest["rejects"]["rows"] == 2
     assert not (out / L.DROPPED_DIR).exists() and manifest["ledger"] == {"rows": 0, "shards": []}
