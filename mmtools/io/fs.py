@@ -49,12 +49,14 @@ _FILESYSTEMS: dict[str, object] = {}
 
 
 def _store_seconds() -> float:
-    """How long a request to an object store is retried: MMTOOLS_FETCH_TIMEOUT (default 30),
-    the deadline a URL gets when media are read from one."""
+    """How long a request to an object store is retried: the deadline a media URL gets
+    (MMTOOLS_FETCH_TIMEOUT, default 30 s)."""
+    from mmtools.media import DEFAULT_FETCH_TIMEOUT, ENV_FETCH_TIMEOUT
+
     try:
-        return max(1.0, float(os.environ.get("MMTOOLS_FETCH_TIMEOUT") or 30))
+        return max(1.0, float(os.environ.get(ENV_FETCH_TIMEOUT) or DEFAULT_FETCH_TIMEOUT))
     except ValueError:
-        return 30.0
+        return DEFAULT_FETCH_TIMEOUT
 
 
 def locate(path: str) -> tuple[object | None, str]:
