@@ -279,8 +279,8 @@ class MinHashText(BucketGrouped):
         if len(old) < stored:  # s numbers every index row: number the active ones instead
             rank = np.full(stored, -1)
             rank[old - self.index_from] = np.arange(len(old))
-            s, t = rank[s], t[rank[s] >= 0]
-            s = s[s >= 0]
+            found = rank[s]
+            s, t = found[found >= 0], t[found >= 0]
         old_text = texts.take(old[s]).to_pylist() if len(s) else []
         near = np.array(
             [

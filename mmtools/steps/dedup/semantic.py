@@ -85,8 +85,8 @@ def quantised(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class StoredRows:
     """Embeddings as stored, in the chunks they were read in (a dedup index's generations,
     memory-mapped: nothing is copied until rows are asked for), read back as float32 unit
-    rows. A chunk is `quantised` int8 rows with their `scales` (None: raw floats, as
-    `--rebuild-from` or an older index stored them, normalised when read). Rows of an index
+    rows. A chunk is `quantised` int8 rows with their `scales` (None: raw floats, as an
+    index written before quantisation holds them, normalised when read). Rows of an index
     were usable when kept (never zero)."""
 
     def __init__(self, chunks: list[np.ndarray], dim: int, scales: list | None = None):
@@ -427,7 +427,7 @@ class Semantic(BucketGrouped):
     def _index_rows(self, keys: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray | None]:
         """A batch of index rows' embeddings as stored (a batch is one generation's):
         `quantised` int8 rows and their scales, or the raw floats (scales None) of a
-        generation that holds the embedding column itself (`--rebuild-from`)."""
+        generation that holds the embedding column itself (written before quantisation)."""
         unit = keys.column(INDEX_UNIT) if INDEX_UNIT in keys.schema.names else None
         if unit is None or unit.null_count:
             return embedding_rows(keys.column(self.column), self.dim)[0], None
