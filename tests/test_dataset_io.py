@@ -230,3 +230,25 @@ def test_a_local_parquet_file_streams_in_whole_batches_whatever_its_row_groups(t
         got = list(Source([str(tmp_path / "t.parquet")]).batches(batch_size=500, skip_rows=skip))
         assert [b.num_rows for b in got] == sizes
         assert pa.Table.from_batches(got, schema=table.schema).equals(table.slice(skip))
+
+
+def test_a_batch_size_left_to_mmtools_holds_about_4_mib_of_the_columns_read(tmp_path):
+    """Wide rows get few rows a batch, narrow rows at most 8192, only the columns read count,
+    and a stream keeps the most (its batches come as the upstream made them)."""
+    from mmtools.io.source import AUTO_BATCH_ROWS, BATCH_BYTES, Source
+
+    n = 130
+    table = pa.table(
+        {
+            "id": [f"r{i:03d}" for i in range(n)],
+            "blob": list(np.random.default_rng(0).bytes(65_536 * n)[i::n] for i in range(n)),
+        }
+    )
+    for name, part in (("a", table.slice(0, 100)), ("b", table.slice(100))):
+        pq.write_table(part, tmp_path / f"{name}.parquet", compression="zstd")
+    source = Source([str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")])
+    assert source.batch_rows() == BATCH_BYTES // 65_536 - 1  # 64 KiB and a little a row
+    assert source.batch_rows(most=10) == 10
+    assert source.batch_rows(["id"]) == AUTO_BATCH_ROWS
+    sizes = [b.num_rows for b in source.batches(batch_size=source.batch_rows())]
+    assert sizes == [63, 37, 30]  # each file in its own batches

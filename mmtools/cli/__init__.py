@@ -9,6 +9,7 @@ import sys
 import typer
 
 from mmtools.errors import EXIT_CODES, DownstreamClosed, MmtoolsError, on_signal
+from mmtools.io import lean_arrow
 
 # The reader downstream closed the pipe (`| mmtools head`, or a downstream whose output is
 # already complete): not a failure of ours, so a finished pipeline reruns clean under
@@ -96,6 +97,7 @@ def main() -> None:
     cmd = _command_name()
     prefix = f"mmtools {cmd}" if cmd else "mmtools"
     verbose = any(a in ("-v", "--verbose") for a in sys.argv[1:])
+    lean_arrow()
     try:
         app(
             prog_name="mmtools"

@@ -21,7 +21,7 @@ class Common:
     overwrite: bool = False
     shard_rows: int = 10_000
     shard_bytes: int = 1 << 30
-    batch_size: int = 1024
+    batch_size: int | None = 1024  # None: sized by bytes (Source.batch_rows)
     engine: str = "local"
     quiet: bool = False
     verbose: bool = False
@@ -113,7 +113,7 @@ def execute(command: str, source, steps: list, c: Common, dataset=None, marked=N
 
         executor = LocalExecutor()
     # Batches no larger than a shard, so that shards come out close to --shard-rows.
-    batch_size = min(c.batch_size, c.shard_rows)
+    batch_size = min(c.batch_size or source.batch_rows(), c.shard_rows)
     with writing(c.output):  # a read-only or vanished output: one line, exit 73
         summary, _ = run(
             command,

@@ -92,7 +92,7 @@ OPTIONS = O.Bundle(
 
 
 # Dropping nearly every row is far more often a bad --eps or model than a real corpus.
-@O.expand(config=OPTIONS, common=O.DATASET.but(max_drop_rate=0.95))
+@O.expand(config=OPTIONS, common=O.LIGHT.but(max_drop_rate=0.95))
 def dedup(config: DedupConfig, common: Common) -> None:
     """Drop (or mark) duplicate rows: exact, perceptual, near-duplicate caption, semantic.
 

@@ -32,7 +32,7 @@ Format = Annotated[
         "captions + .json metadata).",
     ),
 ]
-EXPORT = O.DATASET.without("engine", "ray_address", "ray_concurrency", "num_gpus_per_worker")
+EXPORT = O.LIGHT.without("engine", "ray_address", "ray_concurrency", "num_gpus_per_worker")
 
 
 @O.expand(common=EXPORT.declare(output=Output, shard_rows=ShardRows).but(output=...))

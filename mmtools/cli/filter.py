@@ -115,7 +115,7 @@ NEAR = O.Bundle(
 )
 
 
-@O.expand(config=OPTIONS, near=NEAR, common=O.DATASET.but(batch_size=8192))
+@O.expand(config=OPTIONS, near=NEAR, common=O.LIGHT)
 def filter_rows(config: FilterConfig, near: NearConfig, common: Common) -> None:
     """Keep the rows that pass every rule; count the rest by the rule that dropped them.
 

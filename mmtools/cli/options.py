@@ -16,6 +16,7 @@ import typer
 
 from mmtools.cli.common import Common
 from mmtools.engines.ray.cluster import ENV_ADDRESS, ENV_CONCURRENCY, ENV_GPUS
+from mmtools.io.source import AUTO_BATCH_ROWS, BATCH_BYTES
 from mmtools.steps.embed.step import EmbedConfig
 
 Inputs = Annotated[
@@ -47,6 +48,16 @@ ShardBytes = Annotated[
     int, typer.Option("--shard-bytes", min=1 << 20, help="Bytes per output shard, at most.")
 ]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Rows per processed batch.")]
+AutoBatchSize = Annotated[
+    int | None,
+    typer.Option(
+        "--batch-size",
+        min=1,
+        help=f"Rows per processed batch [default: about {BATCH_BYTES >> 20} MiB of data, at most "
+        f"{AUTO_BATCH_ROWS}].",
+        show_default=False,
+    ),
+]
 Engine = Annotated[
     str, typer.Option("--engine", help="Where to run: 'local' (this process) or 'ray'.")
 ]
@@ -258,6 +269,9 @@ DATASET = Bundle(
         "max_drop_rate": MaxDropRate,
     },
 )
+
+# The options of a command that runs no model: its batches are sized by bytes by default.
+LIGHT = DATASET.declare(batch_size=AutoBatchSize).but(batch_size=None)
 
 # The model options `embed` and `score` share; DATASET's --batch-size is the model batch.
 MODEL = Bundle(

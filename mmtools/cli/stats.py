@@ -38,7 +38,7 @@ OPTIONS = O.Bundle(
 
 @O.expand(
     config=OPTIONS,
-    common=O.DATASET.only("inputs", "batch_size", "verbose").but(batch_size=8192),
+    common=O.LIGHT.only("inputs", "batch_size", "verbose"),
 )
 def stats(
     config: StatsConfig,

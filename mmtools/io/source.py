@@ -19,6 +19,11 @@ from mmtools.io.layout import MANIFEST, RUN_FILE
 from mmtools.io.stream import read_stream
 
 READ_BUFFER = 1 << 20  # bytes of a column chunk read from the file at a time
+# A batch size chosen by bytes: about this much decoded data per batch. Reading a batch of
+# wide rows takes several times its size (levels, page buffers), so a row count that suits
+# narrow rows would multiply a wide dataset's peak memory.
+BATCH_BYTES = 4 << 20
+AUTO_BATCH_ROWS = 8192  # the most rows of a batch sized by bytes
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,7 @@ class Source:
         self.skipped: dict[str, int] = {}
         self._spool: str | None = None
         self.dataset_dir = False  # a single dataset directory (with a manifest, if complete)
+        self._column_bytes: dict[str, int] = {}  # decoded bytes per top-level column
         if self.paths == ["-"]:
             self.shards = None
             self._stdin = stdin if stdin is not None else sys.stdin.buffer
@@ -155,6 +161,7 @@ class Source:
             except (pa.ArrowException, OSError) as e:
                 raise DataContractError(f"{path} is not a readable Parquet file: {e}") from None
             shards.append(Shard(path, meta.num_rows, *stat(path)))
+            self._count_bytes(meta)
             if schema is None:
                 schema = file_schema
             elif not file_schema.remove_metadata().equals(schema.remove_metadata()):
@@ -163,6 +170,25 @@ class Source:
                     f"({_schema_diff(schema, file_schema)}); convert the shards to one schema first"
                 )
         return shards, schema
+
+    def _count_bytes(self, meta: pq.FileMetaData) -> None:
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            for c in range(group.num_columns):
+                column = group.column(c)
+                name = column.path_in_schema.split(".", 1)[0]
+                size = column.total_uncompressed_size
+                self._column_bytes[name] = self._column_bytes.get(name, 0) + size
+
+    def batch_rows(self, columns: list[str] | None = None, most: int = AUTO_BATCH_ROWS) -> int:
+        """Rows per batch that hold about BATCH_BYTES of `columns` (all: None), at most
+        `most`; `most` for a stream, whose batches come as the upstream made them."""
+        rows = self.total_rows
+        if not rows:
+            return most
+        names = self.schema.names if columns is None else columns
+        row_bytes = sum(self._column_bytes.get(n, 0) for n in names) / rows
+        return max(1, min(most, int(BATCH_BYTES / max(row_bytes, 1))))
 
     @property
     def is_stream(self) -> bool:

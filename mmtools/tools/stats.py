@@ -228,8 +228,9 @@ def _cut_counters(config: StatsConfig, numeric: dict) -> dict[str, tuple[float, 
     return {name: (value, [0, 0]) for name, value in config.cuts}
 
 
-def profile(source, config: StatsConfig, batch_size: int = 8192) -> dict:
-    """Stream `source` once and return the distributions of its columns."""
+def profile(source, config: StatsConfig, batch_size: int | None = None) -> dict:
+    """Stream `source` once and return the distributions of its columns, in batches of
+    `batch_size` rows (None: about 4 MiB of the columns read, at most 8192 rows)."""
     schema = source.schema
     names = wanted_columns(schema, _cut_columns(schema, config))
     kinds = {n: _kind(schema.field(n).type) for n in names}
@@ -247,8 +248,7 @@ def profile(source, config: StatsConfig, batch_size: int = 8192) -> dict:
     simple = {n: {"count": 0, "nulls": 0} for n in names if kinds[n] != "numeric"}
     cuts = _cut_counters(config, numeric)
     rows = 0
-    if "media" in kinds.values():
-        batch_size = min(batch_size, 256)  # media bytes are large: keep batches small
+    batch_size = batch_size or source.batch_rows(names)
     for batch in source.batches(columns=names, batch_size=batch_size):
         rows += batch.num_rows
         for name in names:

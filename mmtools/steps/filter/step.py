@@ -199,9 +199,8 @@ class Filter(Step):
             drops = [
                 self.drop_rows(batch, lost, rule, value) for rule, lost, value in v.drops or ()
             ]
-            return Result(
-                batch.filter(pa.array(v.alive)), rejects, v.dropped, drops=concat_rows(*drops)
-            )
+            kept = batch if v.alive.all() else batch.filter(pa.array(v.alive))  # no copy
+            return Result(kept, rejects, v.dropped, drops=concat_rows(*drops))
         out = ~v.alive & ~rejected
         kept = int(v.alive.sum())
         notes = {f"{INVERTED_NOTE}{name}": n for name, n in v.dropped.items()}
