@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json as jsonlib
 from typing import Annotated
 
 import typer
 
 from mmtools.cli.common import setup_logging
 from mmtools.errors import EXIT_DATA
+from mmtools.io.jsonout import dumps
 
 NOT_FOUND = EXIT_DATA  # an id no dataset of the chain holds
 
@@ -39,7 +39,7 @@ def explain(
     setup_logging(verbose, False)
     reports = trace(dataset, ids)
     for report in reports:
-        typer.echo(jsonlib.dumps(report, sort_keys=True) if json else render(report))
+        typer.echo(dumps(report, sort_keys=True) if json else render(report))
     if any(r["fate"] == "not_found" for r in reports):
         raise typer.Exit(NOT_FOUND)
 

@@ -37,10 +37,10 @@ def head(
         require_named(source.schema, wanted, "-c/--columns")
     rows = preview_rows(source, n, wanted)
     if json:
-        import json as jsonlib
+        from mmtools.io.jsonout import dumps
 
         for row in rows:
-            typer.echo(jsonlib.dumps(row, ensure_ascii=False))
+            typer.echo(dumps(row))
     else:
         typer.echo(render_table(rows, wanted or source.schema.names, width))
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json as jsonlib
 import sys
 from typing import Annotated
 
@@ -11,6 +10,7 @@ import typer
 from mmtools.cli import options as O
 from mmtools.cli.common import Common, open_sink, setup_logging
 from mmtools.errors import UsageError
+from mmtools.io.jsonout import dumps
 
 Index = Annotated[str, typer.Argument(metavar="INDEX", help="An index made by mmtools index.")]
 Text = Annotated[
@@ -140,7 +140,7 @@ def _print(table: list[dict], index: str, as_json: bool, width: int, out) -> Non
 
     out = out or sys.stdout
     if as_json:
-        print(jsonlib.dumps({"index": index, "hits": table}, ensure_ascii=False), file=out)
+        print(dumps({"index": index, "hits": table}), file=out)
     elif table:
         shown = [{**r, C.SIMILARITY: f"{r[C.SIMILARITY]:.4f}"} for r in table]
         print(render_table(shown, list(table[0]), width), file=out)

@@ -13,8 +13,6 @@ embeddings as `.npy` members in tars and as lists in JSON) and its media bytes, 
 from __future__ import annotations
 
 import io
-import json
-import math
 import os
 import re
 import tarfile
@@ -26,6 +24,7 @@ from mmtools.errors import DriftError, UsageError, uninterrupted
 from mmtools.io import layout as L
 from mmtools.io.dataset import Position
 from mmtools.io.fs import is_remote, store
+from mmtools.io.jsonout import dumps
 from mmtools.io.manifest import fsync_path, schema_text, versions
 from mmtools.media import MediaError, read, sniff_format
 
@@ -89,20 +88,7 @@ def metadata(row: dict, schema: pa.Schema, embeddings: bool) -> dict:
 
 def _json(obj) -> bytes:
     """Strict JSON (other readers refuse NaN): a NaN or infinite number is written as null."""
-    try:
-        return json.dumps(obj, ensure_ascii=False, default=str, allow_nan=False).encode()
-    except ValueError:
-        return json.dumps(_finite(obj), ensure_ascii=False, default=str).encode()
-
-
-def _finite(v):
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, dict):
-        return {k: _finite(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_finite(x) for x in v]
-    return v
+    return dumps(obj).encode()
 
 
 def _npy(values: list, t: pa.DataType) -> bytes:
