@@ -92,6 +92,7 @@ class NearFilter(Step):
 
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
         """The input schema, once the input's embeddings are checked against the reference."""
+        X.faiss()  # a missing faiss is refused before the output is touched
         dim = X.embedding_dim(schema, self.column, "filter --near")
         if dim != self.meta["dim"]:
             raise DataContractError(

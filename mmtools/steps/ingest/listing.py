@@ -98,7 +98,7 @@ def build_listing(inputs: list[str], opts: ListingOptions) -> tuple[pa.Table, li
     seen: dict[str, int] = {}  # URL -> times listed so far, for the ids of repeats
     for spec in inputs:
         if os.path.isdir(spec):
-            table, passed = _folder(spec, opts)
+            table, passed = _folder(os.path.abspath(spec), opts)  # paths stored absolute
             tables.append(table)
             skipped += passed
         elif spec.endswith(".tar"):

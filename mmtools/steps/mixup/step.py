@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mmtools import columns as C
-from mmtools.errors import UsageError
+from mmtools.errors import UsageError, require_module
 from mmtools.media import DEFAULT_MAX_PIXELS, MediaError, cells, decode_audio, decode_image, read
 from mmtools.step import GlobalStep, Result, reject_batch
 from mmtools.steps.mixup import mix
@@ -110,6 +110,8 @@ class Mixup(GlobalStep):
             C.require_named(schema, [self.pair_column], "--pairing")
         if self.config.mode == "embedding":
             self.specs = embedding_specs(schema, self.config.columns)
+        if self.kind == "nearest":
+            require_module("faiss", "dedup")  # before the output is touched
         if self.kind == "nearest" and self.pair_column is None:
             self.pair_column = default_nearest(schema, self.config.mode, self.specs)
         if self.pair_column is not None:

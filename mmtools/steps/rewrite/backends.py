@@ -45,6 +45,18 @@ class InProcessBackend:
         """Nothing to release."""
 
 
+# The optional module each backend needs (its extra: rewrite).
+NEEDS = {"openai": "httpx", "transformers": "transformers"}
+
+
+def require_backend(config) -> None:
+    """Refuse a backend whose module is not installed, with the pip hint."""
+    from mmtools.errors import require_module
+
+    if config.backend in NEEDS:
+        require_module(NEEDS[config.backend], "rewrite")
+
+
 def make_backend(config) -> CaptionBackend:
     """The openai, transformers or template backend for `config` (not loaded yet)."""
     if config.backend == "template":

@@ -180,6 +180,9 @@ class Rewrite(Step):
 
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
         """Input columns, plus (or replacing) the caption and provenance columns."""
+        from mmtools.steps.rewrite.backends import require_backend
+
+        require_backend(self.config)  # a missing module is refused before the output is touched
         if self.config.mode == "fuse" and self.config.description_column != C.TEXT_SYNTHETIC:
             C.require_named(schema, [self.config.description_column], "--description-column")
         C.require(schema, self.requires, self.name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mmtools.errors import UsageError
+from mmtools.errors import UsageError, require_module
 from mmtools.media import MediaError
 from mmtools.models.device import resolve_device, torch_dtype
 from mmtools.steps.rewrite.backends import InProcessBackend
@@ -34,7 +34,7 @@ class TransformersBackend(InProcessBackend):
 
     def load(self) -> None:
         """Load the model and its tokenizer or processor."""
-        import transformers
+        transformers = require_module("transformers", "rewrite")
         from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
         transformers.utils.logging.set_verbosity_error()

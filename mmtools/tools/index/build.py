@@ -105,6 +105,7 @@ class IndexBuild:
         quiet: bool = False,
     ):
         X.check_local(path)
+        X.faiss()  # a missing faiss is refused before the index directory is made
         if overwrite and config.append:
             raise UsageError("--overwrite starts a new index; it cannot go with --append")
         if config.append and config.kmeans:
