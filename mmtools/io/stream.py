@@ -26,6 +26,39 @@ END_KEY = b"mmtools.end"
 FINGERPRINT_KEY = b"mmtools.fingerprint"  # what made the stream: a resumed reader checks it
 
 
+class _WholeWrites:
+    """A binary file that writes all it is given, or raises. A buffered pipe whose reader
+    leaves in the middle of a large write returns a short count instead of raising, and
+    pyarrow does not check the count: the batch would pass for written, and the next one be
+    read and worked on before a write failed."""
+
+    def __init__(self, out: BinaryIO):
+        self._out = out
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        total = view.nbytes
+        while view:
+            n = self._out.write(view)
+            if not n:  # no progress: a closed pipe
+                raise BrokenPipeError("the reader closed the pipe")
+            view = view[n:]
+        return total
+
+    def flush(self) -> None:
+        self._out.flush()
+
+    def close(self) -> None:
+        """The underlying file stays open: its owner closes it."""
+
+    @property
+    def closed(self) -> bool:
+        return self._out.closed
+
+    def writable(self) -> bool:
+        return True
+
+
 class StreamWriter:
     """Write record batches, reject rows and a final trailer to a binary file object."""
 
@@ -35,7 +68,7 @@ class StreamWriter:
         meta[FINGERPRINT_KEY] = fingerprint.encode()
         self.schema = schema.with_metadata(meta)
         self._out = out
-        self._writer = pa.ipc.new_stream(out, self.schema)
+        self._writer = pa.ipc.new_stream(_WholeWrites(out), self.schema)
         self.rows = 0
         self.rejects = 0
         self.drops = 0
