@@ -9,9 +9,14 @@ Run: python tests/bench/bench_dedup.py [--quick] [--skip-semantic] [--skip-phash
 2. pHash dedup (radius 6) of M small JPEGs (M = 50,000; --quick 5,000) against imagehash
    called in a plain loop on the same bytes (hashes only, then also with a brute-force
    all-pairs Hamming check), in the same run.
+3. Memory of semantic dedup: `mmtools dedup -m semantic` on P rows of 512-d float16
+   embeddings in Parquet (P = 200,000; --quick 50,000) and on 2,000, each in its own
+   process: the peak RSS it adds per row, against the float32 copy of the embeddings that
+   its first pass holds (2 KiB a row, as README states: 2 GiB for 1M rows); target at most
+   1.15x.
 
-Both run the `Dedup` step as the engine does (pass 1 scan, finish_scan, pass 2 process) on
-in-memory batches, so they time the dedup work without Parquet I/O.
+Parts 1 and 2 run the `Dedup` step as the engine does (pass 1 scan, finish_scan, pass 2
+process) on in-memory batches, so they time the dedup work without Parquet I/O.
 """
 
 from __future__ import annotations
@@ -19,10 +24,14 @@ from __future__ import annotations
 import argparse
 import io
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
+import timing
 from timing import Targets
 
 DIM = 512
@@ -148,17 +157,40 @@ def bench_phash(m: int) -> None:
     )
 
 
+def bench_memory(p: int, targets: Targets) -> None:
+    """Peak RSS per row of semantic dedup, against the float32 embeddings pass 1 holds."""
+    key_bytes = DIM * 4
+    with tempfile.TemporaryDirectory(prefix="bench-dedup-") as tmp:
+        peaks = {}
+        for n in (2_000, p):
+            path = Path(tmp) / f"in-{n}.parquet"
+            pq.write_table(embeddings(n), path, row_group_size=8192)
+            _, _, peaks[n] = timing.run_mmtools(
+                "dedup", path, "-m", "semantic", "-o", Path(tmp) / "out", "--overwrite",
+                "-q", "--max-drop-rate", "1",
+            )  # fmt: skip
+    per_row = (peaks[p] - peaks[2_000]) * 2**20 / (p - 2_000)
+    print(
+        f"semantic dedup peak RSS: {peaks[2_000]} MiB at 2,000 rows, {peaks[p]} MiB at {p:,}: "
+        f"{per_row:,.0f} B a row, {per_row / key_bytes:.2f}x the float32 key ({key_bytes} B)"
+    )
+    targets.at_most("semantic dedup memory per row / float32 key", per_row / key_bytes, 1.15, "x")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="10x smaller sizes")
     parser.add_argument("--skip-semantic", action="store_true")
     parser.add_argument("--skip-phash", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
     args = parser.parse_args()
     targets = Targets()
     if not args.skip_semantic:
         bench_semantic(10_000 if args.quick else 100_000, targets)
     if not args.skip_phash:
         bench_phash(5_000 if args.quick else 50_000)
+    if not args.skip_memory:
+        bench_memory(50_000 if args.quick else 200_000, targets)
     return targets.exit_code()
 
 

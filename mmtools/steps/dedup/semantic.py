@@ -434,15 +434,17 @@ class Semantic(BucketGrouped):
         return embedding_rows(unit, self.dim)[0], keys.column(INDEX_SCALE).to_numpy()
 
     def _unit_rows(self) -> np.ndarray:
-        """All embeddings as float32 unit rows in one array (failed rows are zero)."""
-        total = sum(len(raw) if valid is None else len(valid) for raw, valid in self._rows)
+        """All embeddings as float32 unit rows in one array (failed rows are zero); each
+        batch as stored is let go once converted, so the two forms are never both whole."""
+        parts, self._rows = self._rows, []
+        total = sum(len(raw) if valid is None else len(valid) for raw, valid in parts)
         x = np.zeros((total, self.dim), dtype=np.float32)
         start = 0
-        for raw, valid in self._rows:
+        for i, (raw, valid) in enumerate(parts):
+            parts[i] = None
             rows = len(raw) if valid is None else len(valid)
             x[start : start + rows][slice(None) if valid is None else valid] = unit_rows(raw)[0]
             start += rows
-        self._rows = []
         return x
 
     def labels(self, active: np.ndarray) -> np.ndarray:
