@@ -213,26 +213,23 @@ def _audio_rows(out) -> list[tuple]:
     return rows
 
 
-def test_audio_mix_is_16_bit_wav_at_the_first_clips_rate_by_default(tmp_path, clips):
+@pytest.mark.parametrize(
+    ("options", "container", "fmt", "rate"),
+    [
+        ((), "WAV", "wav", 16000),
+        (("--format", "flac", "--sample-rate", 8000), "FLAC", "flac", 8000),
+    ],
+    ids=["16-bit-wav-at-the-first-clips-rate", "flac-at-the-asked-rate"],
+)
+def test_audio_mix_format_and_rate(tmp_path, clips, options, container, fmt, rate):
     src, seconds = clips
-    mixup(src, tmp_path / "out", "--mode", "audio-text")
+    mixup(src, tmp_path / "out", "--mode", "audio-text", *options)
     rows = _audio_rows(tmp_path / "out")
     assert len(rows) == 4
     for info, columns, parents in rows:
         longest = max(seconds[p] for p in parents)
-        assert info == ("WAV", "PCM_16", 16000, 1, int(longest * 16000))
-        assert columns == ("wav", 16000, 1, longest)
-
-
-def test_audio_mix_as_flac_at_the_asked_sample_rate(tmp_path, clips):
-    src, seconds = clips
-    mixup(src, tmp_path / "out", "--mode", "audio-text", "--format", "flac", "--sample-rate", 8000)
-    rows = _audio_rows(tmp_path / "out")
-    assert len(rows) == 4
-    for info, columns, parents in rows:
-        longest = max(seconds[p] for p in parents)
-        assert info == ("FLAC", "PCM_16", 8000, 1, int(longest * 8000))
-        assert columns == ("flac", 8000, 1, longest)
+        assert info == (container, "PCM_16", rate, 1, int(longest * rate))
+        assert columns == (fmt, rate, 1, longest)
 
 
 # -- score --head ----------------------------------------------------------------------------
