@@ -212,13 +212,10 @@ def test_laions_watermark_detector_does_not_load_as_a_head(tmp_path):
         "score", tmp_path / "l14.parquet", "--head", head, "-o", tmp_path / "out", check=False
     )
     assert proc.returncode == 2
-    keys = (
-        "blocks.0.0.bn1.bias, blocks.0.0.bn1.num_batches_tracked, blocks.0.0.bn1.running_mean, "
-        "blocks.0.0.bn1.running_var, blocks.0.0.bn1.weight, blocks.0.0.bn2.bias"
-    )
     assert proc.stderr.decode().splitlines() == [
-        f"mmtools score: error: {weights} is not a head layout mmtools reads (keys: {keys}...); "
-        "it reads LAION's aesthetic and NSFW heads and its own format (see mmtools score --help)"
+        f"mmtools score: error: {weights} is an image model (it has convolution weights, as "
+        "LAION's EfficientNet watermark detector does): it reads pixels, not embeddings; train a "
+        "head on your embeddings instead (mmtools train-head)"
     ]
     assert not (tmp_path / "out").exists()
 

@@ -188,6 +188,12 @@ def _load_state_dict(path: str) -> Head:
         raise ModelLoadError(f"{path} is not a state dict of tensors")
     arrays = {k: v.detach().float().numpy() for k, v in state.items()}
     head = _published(arrays, os.path.basename(path))
+    if head is None and any(a.ndim == 4 for a in arrays.values()):
+        raise ModelLoadError(
+            f"{path} is an image model (it has convolution weights, as LAION's EfficientNet "
+            "watermark detector does): it reads pixels, not embeddings; train a head on your "
+            "embeddings instead (mmtools train-head)"
+        )
     if head is None:
         keys = ", ".join(sorted(arrays)[:6])
         raise ModelLoadError(
