@@ -9,6 +9,7 @@ input row; anything written after that (an orphaned shard, a temporary file) is 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -348,7 +349,9 @@ class DatasetSink:
                 self._writer.close()
             finally:
                 self._writer = None
-                self.store.unlink(self._tmp)
+                # A store that is gone must not hide the error that stopped the run (exit 4)
+                with contextlib.suppress(OSError):
+                    self.store.unlink(self._tmp)
         self._lock.release()
 
     def _write_table(self, table: pa.Table, name: str, **options) -> None:

@@ -235,8 +235,9 @@ def _worker_errors():
         if _died(cause):
             first = str(cause).splitlines()[0] if str(cause) else ""
             raise PartialError(
-                f"a Ray worker kept dying on one batch ({type(cause).__name__}: {first}); the "
-                "committed shards are kept: rerun the same command to resume"
+                f"one batch kept failing on the Ray workers, retries spent "
+                f"({type(cause).__name__}: {first}); the committed shards are kept: rerun the "
+                "same command to resume"
             ) from None
         raise cause from None
 

@@ -1,0 +1,380 @@
+"""`--engine ray` and object stores as the README tells them: a step that keeps raising is
+retried 3 times, then exit 4 and a rerun resumes; a step's own counters add up the same on
+both engines; a cluster out of reach is exit 75; `--ray-address auto` joins the cluster that
+`ray start --head` recorded; an object store lost mid-run is exit 4, and a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import test_object_store
+import test_ray
+from conftest import MMTOOLS, mmtools, read_dataset, write_shards
+from test_mixup import embedding_file
+from test_ray import (
+    BATCH,
+    SHARD,
+    assert_same,
+    assert_same_output,
+    dataset_source,
+    read,
+    run_both,
+    stream_head,
+)
+
+from mmtools import columns as C
+from mmtools import engines
+from mmtools.engines.local import LocalExecutor
+from mmtools.errors import PartialError
+from mmtools.io.dataset import DatasetSink
+from mmtools.io.source import Source
+from mmtools.step import Result, Step
+
+ROWS = pa.table({C.ID: [f"r{i:03d}" for i in range(40)], C.TEXT: [f"t{i}" for i in range(40)]})
+
+# Their module-scoped Ray cluster and S3 server, started once for this module too.
+cluster = test_ray.cluster
+s3 = test_object_store.s3
+
+
+@pytest.fixture(scope="module")
+def ray_address(cluster) -> str:
+    """test_ray's cluster of 2 CPUs; the steps of this module travel to it by value."""
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    return cluster
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory) -> Path:
+    """40 rows (ids r000 to r039) in 5 Parquet files: 5 batches, 3 shards (16, 16, 8 rows)."""
+    return write_shards(tmp_path_factory.mktemp("rows") / "in", ROWS, shards=5)
+
+
+# -- a step that raises on a batch ------------------------------------------------------------
+
+
+class RaisesOnTarget(Step):
+    """Passes rows through, but raises on the batch holding `target` until that batch has
+    been tried more than `failures` times; each try appends a byte to the file `tries`, which
+    every worker process sees."""
+
+    name = "raises"
+
+    def __init__(self, tries: str, target: str, failures: int):
+        super().__init__()
+        self.tries, self.target, self.failures = tries, target, failures
+
+    def process(self, batch: pa.RecordBatch) -> Result:
+        """The batch, unchanged, unless this try of the target batch is to fail."""
+        if self.target in batch.column(C.ID).to_pylist():
+            with open(self.tries, "ab") as f:
+                f.write(b".")
+            if os.path.getsize(self.tries) <= self.failures:
+                raise RuntimeError("injected failure")
+        return Result(batch)
+
+
+def run_raising(executor, source: Path, out: Path, tries: Path, failures: int):
+    """A run of RaisesOnTarget on the last input row's batch by an `executor` class; its
+    summary and manifest."""
+    step = RaisesOnTarget(str(tries), "r039", failures)
+    sink = DatasetSink(str(out), shard_rows=SHARD)
+    return engines.run(
+        "raises",
+        Source([str(source)]),
+        [step],
+        sink,
+        executor=executor(),
+        batch_size=BATCH,
+        quiet=True,
+    )
+
+
+@pytest.mark.ray
+def test_step_raising_three_times_on_a_batch_is_retried_to_the_whole_output(
+    ray_address, rows, tmp_path
+):
+    from mmtools.engines.ray.executor import RayExecutor
+
+    tries = tmp_path / "tries"
+    summary, manifest = run_raising(RayExecutor, rows, tmp_path / "out", tries, failures=3)
+    assert tries.stat().st_size == 4
+    assert read(tmp_path / "out").equals(read_dataset(rows))
+    assert summary.rows_out == manifest["rows"] == 40
+
+
+@pytest.mark.ray
+def test_step_raising_a_fourth_time_is_exit_4_and_a_rerun_resumes(ray_address, rows, tmp_path):
+    """The batch that keeps failing is the last: the shards before it stay committed."""
+    from mmtools.engines.ray.executor import RayExecutor
+
+    out, whole, tries = tmp_path / "out", tmp_path / "whole", tmp_path / "tries"
+    with pytest.raises(PartialError, match="rerun the same command to resume") as failed:
+        run_raising(RayExecutor, rows, out, tries, failures=4)
+    assert failed.value.exit_code == 4
+    assert tries.stat().st_size == 4
+    assert not (out / "_manifest.json").exists()
+    committed = read(out).num_rows
+    assert committed >= 16
+    summary, manifest = run_raising(RayExecutor, rows, out, tmp_path / "healthy", failures=0)
+    assert summary.resumed_from == committed
+    assert (tmp_path / "healthy").stat().st_size == 1
+    _, expected = run_raising(LocalExecutor, rows, whole, tmp_path / "local", failures=0)
+    assert_same_output(out, whole, manifest, expected)
+
+
+# -- counters beside the row counts -----------------------------------------------------------
+
+
+@pytest.mark.ray
+def test_filter_invert_counts_per_rule_add_up_the_same_on_both_engines(ray_address, tmp_path):
+    """Two rules, each the only one to drop its rows: `where` the 5 highest keys, the top
+    fraction the 20 lowest; spread over 4 files in shuffled order."""
+    from mmtools.steps.filter.step import FilterConfig, make_filter
+
+    order = np.random.default_rng(5).permutation(40)
+    table = pa.table({C.ID: [f"r{i:03d}" for i in order], "key": order.astype(np.float64)})
+    write_shards(tmp_path / "in", table, shards=4)
+    config = FilterConfig(where="key < 35", top_fraction=0.5, by="key", invert=True)
+    source = dataset_source(tmp_path / "in")
+    manifests = run_both(tmp_path, "filter", lambda src: [make_filter(config)], source)
+    out = assert_same(tmp_path, manifests)
+    for m in manifests.values():
+        assert m["summary"]["notes"] == {"would_drop_where": 5, "would_drop_top_fraction": 20}
+        assert m["dropped"] == {"inverted": 15}
+    expected = {f"r{i:03d}" for i in [*range(20), *range(35, 40)]}
+    assert set(out[C.ID].to_pylist()) == expected
+
+
+@pytest.mark.ray
+def test_mixups_skipped_pairs_add_up_the_same_on_both_engines(ray_address, tmp_path):
+    """Three rows with unusable embeddings: each pair they are a parent of is skipped, on the
+    driver's plan, counted by the workers that would have made it."""
+    from mmtools.steps.mixup import Mixup, MixupConfig
+
+    clean = embedding_file(tmp_path / "clean.parquet", 40)
+    vectors = clean["image_embedding"].to_pylist()
+    bad = {"e00004": [float("nan")] * 16, "e00009": [0.0] * 16, "e00031": None}
+    for row_id, vector in bad.items():
+        vectors[int(row_id[1:])] = vector
+    column = pa.array(vectors, clean.schema.field("image_embedding").type)
+    write_shards(tmp_path / "in", clean.set_column(3, "image_embedding", column), shards=3)
+    config = MixupConfig(mode="embedding", fraction=0.5, keep_originals=True, seed=3)
+    engines.run(
+        "mixup",
+        Source([str(tmp_path / "clean.parquet")]),
+        [Mixup(config)],
+        DatasetSink(str(tmp_path / "unbroken"), shard_rows=SHARD),
+        batch_size=BATCH,
+        quiet=True,
+    )
+    parents = read(tmp_path / "unbroken")[C.MIXUP_PARENTS].to_pylist()
+    skipped = sum(1 for pair in parents if pair and set(pair) & set(bad))
+    assert skipped >= 3
+    source = dataset_source(tmp_path / "in")
+    manifests = run_both(tmp_path, "mixup", lambda src: [Mixup(config)], source)
+    assert_same(tmp_path, manifests)
+    for m in manifests.values():
+        assert m["summary"]["notes"] == {"pairs_skipped": skipped}
+
+
+# -- reaching the cluster ---------------------------------------------------------------------
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_address_nothing_listens_on_is_exit_75_in_one_line(rows, tmp_path):
+    pytest.importorskip("ray")
+    port = closed_port()
+    proc = mmtools(
+        "filter",
+        rows,
+        "--where",
+        "true",
+        "-o",
+        tmp_path / "out",
+        "--engine",
+        "ray",
+        "--ray-address",
+        f"127.0.0.1:{port}",
+        check=False,
+        timeout=60,
+    )
+    assert proc.returncode == 75
+    assert proc.stderr.decode() == (
+        f"mmtools filter: error: cannot reach the Ray cluster at 127.0.0.1:{port} ([Errno 111] "
+        "Connection refused); start it (ray start --head) or leave out --ray-address "
+        "(MMTOOLS_RAY_ADDRESS) to run a local one\n"
+    )
+
+
+def jobs() -> int:
+    """How many drivers have joined the cluster this process is joined to."""
+    from ray._private import state
+
+    return len(state.jobs())
+
+
+@pytest.mark.ray
+def test_ray_address_auto_joins_the_cluster_ray_start_recorded(ray_address, rows, tmp_path):
+    """`ray start --head` records its address in ray/ray_current_cluster under Ray's temporary
+    directory (RAY_TMPDIR): here the address of the module's cluster."""
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text(ray_address)
+    before = jobs()
+    ray = ["--engine", "ray", "--ray-address", "auto", "-q"]
+    env = {"RAY_TMPDIR": str(tmp_path)}
+    mmtools("filter", rows, "--where", "id < 'r010'", "-o", tmp_path / "out", *ray, env=env)
+    assert jobs() == before + 1
+    assert read(tmp_path / "out")[C.ID].to_pylist() == [f"r{i:03d}" for i in range(10)]
+
+
+# -- an object store lost mid-run -------------------------------------------------------------
+
+
+class Proxy:
+    """A loopback TCP proxy to `upstream` that can be cut (the store lost: connections reset,
+    nothing listening) and restored on the same port."""
+
+    def __init__(self, upstream: tuple[str, int]):
+        self.upstream, self.port, self.sockets = upstream, 0, []
+        self.restore()
+
+    def restore(self) -> None:
+        """Listen (again) and forward each connection."""
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        """Stop listening and reset every open connection."""
+        self.listener.close()
+        for s in self.sockets:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+        self.sockets = []
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client = listener.accept()[0]
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            self.sockets += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+            b.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+def arrow_stream(table: pa.Table, batch: int) -> bytes:
+    """`table` as an Arrow IPC stream of `batch`-row batches."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        for part in table.to_batches(max_chunksize=batch):
+            writer.write_batch(part)
+    return sink.getvalue().to_pybytes()
+
+
+def missing(admin: pafs.FileSystem, key: str) -> bool:
+    """Whether `key` is absent from the store."""
+    return admin.get_file_info(key).type == pafs.FileType.NotFound
+
+
+@pytest.fixture(scope="module")
+def store_lost(s3) -> dict:
+    """`filter` from a pipe to S3 through a Proxy, cut off once the first shard is committed
+    (the pipe's first two batches, 16 rows) while the run waits for more input; the same
+    command rerun once the store is back; the command run unbroken to another output.
+
+    Its exit code and stderr, the rerun's summary, and the manifests of both outputs.
+    """
+    env, admin = s3
+    host, port = env["AWS_ENDPOINT_URL"].removeprefix("http://").split(":")
+    proxy = Proxy((host, int(port)))
+    env = {**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"}
+    stream = arrow_stream(ROWS, 8)
+    head = stream_head(stream, 2)
+    command = ["filter", "-", "--where", "true", "--batch-size", "8", "--shard-rows", "12", "-q"]
+    argv = [*MMTOOLS, *command, "-o", "s3://data/lost"]
+    try:
+        lost = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **env}
+        )
+        with lost.stdin:
+            lost.stdin.write(head)
+            lost.stdin.flush()
+            # The record is copied to its key, then its temporary key deleted: the commit is over.
+            while missing(admin, "data/lost/_progress/00000.json") or not missing(
+                admin, "data/lost/_progress/.tmp-00000.json"
+            ):
+                assert lost.poll() is None, lost.stderr.read().decode()
+                time.sleep(0.01)
+            proxy.cut()
+            lost.stdin.write(stream[len(head) :])
+        code = lost.wait(timeout=120)
+        run = {"code": code, "error": lost.stderr.read().decode()}
+        run["complete"] = not missing(admin, "data/lost/_manifest.json")
+        proxy.restore()
+        resumed = mmtools(*command, "-o", "s3://data/lost", "--json", input=stream, env=env)
+    finally:
+        proxy.cut()
+    run["resumed"] = json.loads(resumed.stderr)
+    mmtools(*command, "-o", "s3://data/whole", input=stream, env=s3[0])
+    for name in ("lost", "whole"):
+        with admin.open_input_stream(f"data/{name}/_manifest.json") as f:
+            run[name] = json.loads(f.read())
+    return run
+
+
+def test_store_lost_mid_run_is_exit_4_in_one_line(store_lost):
+    assert store_lost["code"] == 4, store_lost["error"]
+    assert store_lost["error"].count("\n") == 1
+    assert store_lost["error"].startswith("mmtools filter: error: writing s3://data/lost failed (")
+    assert store_lost["error"].endswith(
+        "); the committed shards are kept: rerun the same command to resume\n"
+    )
+
+
+def test_run_that_lost_its_store_is_resumed_by_a_rerun_to_the_unbroken_output(s3, store_lost):
+    admin = s3[1]
+    assert store_lost["code"] != 0 and not store_lost["complete"]
+    summary = store_lost["resumed"]
+    assert (summary["resumed_from"], summary["rows_in"], summary["rows_out"]) == (16, 24, 24)
+    outputs = ("lost", "whole")
+    shards = {k: [(s["name"], s["rows"]) for s in store_lost[k]["shards"]] for k in outputs}
+    assert shards["lost"] == shards["whole"]
+    for name in outputs:
+        parts = [pq.read_table(f"data/{name}/{s}", filesystem=admin) for s, _ in shards[name]]
+        assert pa.concat_tables(parts).equals(ROWS), name
+        assert store_lost[name]["rows"] == 40
