@@ -207,18 +207,23 @@ def dataset(image_folder) -> Path:
     return ingest_folder(image_folder)
 
 
+def answer_image(handler: http.server.BaseHTTPRequestHandler, n: int) -> None:
+    """Answer a GET with the JPEG `image_bytes(n)`."""
+    body = image_bytes(n)
+    handler.send_response(200)
+    handler.send_header("Content-Type", "image/jpeg")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 class _ImageHandler(http.server.BaseHTTPRequestHandler):
     delay = 0.0
 
     def do_GET(self):
         time.sleep(self.delay)
         if self.path.startswith("/img/"):
-            body = image_bytes(int(self.path.rsplit("/", 1)[1]))
-            self.send_response(200)
-            self.send_header("Content-Type", "image/jpeg")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            answer_image(self, int(self.path.rsplit("/", 1)[1]))
         else:
             self.send_error(404)
 

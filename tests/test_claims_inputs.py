@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import (
+    answer_image,
     image_bytes,
     make_image_folder,
     mmtools,
@@ -149,12 +150,7 @@ class _Images(http.server.BaseHTTPRequestHandler):
     """/img/N answers image N."""
 
     def do_GET(self):
-        body = image_bytes(int(self.path.rsplit("/", 1)[1]))
-        self.send_response(200)
-        self.send_header("Content-Type", "image/jpeg")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        answer_image(self, int(self.path.rsplit("/", 1)[1]))
 
     def log_message(self, *args):
         pass

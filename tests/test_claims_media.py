@@ -15,7 +15,15 @@ from dataclasses import replace
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import MMTOOLS, image_bytes, mmtools, read_dataset, read_rejects, serve_images
+from conftest import (
+    MMTOOLS,
+    answer_image,
+    image_bytes,
+    mmtools,
+    read_dataset,
+    read_rejects,
+    serve_images,
+)
 from test_heads import L14, embeddings_file
 from test_object_store import gcs, s3  # noqa: F401
 
@@ -112,12 +120,7 @@ class _GatedImages(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         k = int(self.path.rsplit("/", 1)[1])
         self.gates[k].wait(60)
-        body = image_bytes(k)
-        self.send_response(200)
-        self.send_header("Content-Type", "image/jpeg")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        answer_image(self, k)
 
     def log_message(self, *args):
         pass
