@@ -575,3 +575,18 @@ def test_groups_are_not_transitive_across_runs(tmp_path):
     assert index_ids(idx) == ["B", "C"]
     once, _ = dedup(files, tmp_path / "once", DedupConfig(methods=("semantic",), clusters=1))
     assert once[C.ID].to_pylist() == ["B"]
+
+
+def test_an_exact_key_is_kept_in_the_index_as_eight_bytes_of_blake2b_and_a_null_as_zero():
+    """The digests a dedup index stores: equal keys agree, text and bytes alike, null is 0."""
+    import hashlib
+
+    from mmtools.steps.dedup.exact import digests
+
+    def blake(b: bytes) -> int:
+        return int.from_bytes(hashlib.blake2b(b, digest_size=8).digest(), "little")
+
+    got = digests(pa.array(["a", None, "a", "é"]))
+    assert got.dtype == np.uint64
+    assert got.tolist() == [blake(b"a"), 0, blake(b"a"), blake("é".encode())]
+    assert digests(pa.array([b"\x00a", None], pa.binary())).tolist() == [blake(b"\x00a"), 0]
