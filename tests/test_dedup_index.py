@@ -590,3 +590,25 @@ def test_an_exact_key_is_kept_in_the_index_as_eight_bytes_of_blake2b_and_a_null_
     assert got.dtype == np.uint64
     assert got.tolist() == [blake(b"a"), 0, blake(b"a"), blake("é".encode())]
     assert digests(pa.array([b"\x00a", None], pa.binary())).tolist() == [blake(b"\x00a"), 0]
+
+
+def test_exact_labels_against_index_digests_join_run_groups_and_never_each_other():
+    """In process: a run row groups with the index rows whose digest its key has; a key
+    alone (in the run and the index) and a null key are in no group."""
+    from mmtools.steps.dedup.exact import DIGEST, KEY, Exact, digests
+
+    def exact(run: list, stored: np.ndarray) -> Exact:
+        step = Exact("text")
+        step.bind(pa.schema([(C.TEXT, pa.string())]))
+        step.scan(pa.record_batch({KEY: pa.array(run, pa.string())}), 0)
+        step.scan(pa.record_batch({DIGEST: pa.array(stored, pa.uint64())}), len(run))
+        step.index_from = len(run)
+        return step
+
+    d = digests(pa.array(["b", "z", "c"])).tolist()
+    step = exact(["d", None, "b", "c", "a", "a"], np.array(d, np.uint64))
+    assert step.labels(np.arange(9)).tolist() == [-1, -1, 1, 2, 3, 3, 1, -1, 2]
+    assert step.labels(np.array([1, 6, 7, 8])).tolist() == [-1, -1, -1, -1]
+    top = np.iinfo(np.uint64).max  # past every digest: the search lands after the last key
+    step = exact(["b"], np.array([top, d[0]], np.uint64))
+    assert step.labels(np.arange(3)).tolist() == [0, -1, 0]

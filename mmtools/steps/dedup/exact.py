@@ -151,7 +151,7 @@ class Exact(BucketGrouped):
         out = np.empty(len(active), np.int64)
         out[active < self.index_from] = codes
         out[active >= self.index_from] = old_codes
-        count = np.bincount(out[out >= 0], minlength=len(seen))
+        count = np.bincount(out[out >= 0], minlength=max(len(seen), 1))  # no key: still 1
         return np.where((out >= 0) & (count[np.maximum(out, 0)] > 1), out, -1)
 
     def index_columns(self, keys: pa.Table) -> dict[str, pa.Array | None]:
