@@ -51,6 +51,9 @@ def cluster():
 
     # Workers cannot import this test module: the test steps below travel by value.
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    # An in-process `--engine ray` run of another test module may have left its own
+    # cluster joined in this worker: leave it for this module's.
+    ray.shutdown()
     ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ctx.address_info["gcs_address"]
     ray.shutdown()
