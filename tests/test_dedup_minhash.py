@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import pytest
 from conftest import mmtools, read_dataset
 from datasketch import MinHash, MinHashLSH
 from test_dedup import (
@@ -153,3 +154,34 @@ def test_a_threshold_lsh_cannot_band_is_refused_in_one_line(tmp_path):
         "than two bands; lower --threshold or raise --num-perm (identical captions: -m exact "
         "--exact-key text)"
     )
+
+
+P, Q, R = "a b c d", "a b c e", "x y z w"  # Jaccard(P, Q) = 3/5 exactly; R shares no word
+
+
+@pytest.mark.parametrize(
+    ("rows", "edges"),
+    [
+        # (band code, position, caption) per row and band, in the order a bucket holds them
+        pytest.param([(1, 0, P), (1, 1, Q)], [(0, 1)], id="pair-at-the-lowest-code"),
+        pytest.param([(1, 0, P), (2, 0, P), (2, 1, Q)], [(0, 1)], id="row-in-two-codes"),
+        pytest.param([(9, 0, P), (1, 1, Q), (9, 1, Q)], [(0, 1)], id="lower-code-first"),
+        pytest.param([(1, 0, P), (1, 1, R), (1, 2, P)], [(0, 2)], id="equal-captions"),
+        pytest.param([(1, 0, R), (2, 1, P), (3, 2, Q)], [], id="no-shared-code"),
+    ],
+)
+def test_a_bucket_links_exactly_the_captions_sharing_a_band_code(rows, edges):
+    """Ray's bucket check of MinHash candidates: each caption once per code, whatever the
+    order of the codes and rows in the bucket; a pair at exactly the Jaccard threshold
+    (3/5) is a duplicate."""
+    import pyarrow as pa
+
+    from mmtools.step import POSITION
+    from mmtools.steps.dedup.minhash import MinHashText
+
+    code, pos, text = zip(*rows, strict=True)
+    bucket = pa.table(
+        {"code": pa.array(code, pa.uint64()), POSITION: pa.array(pos, pa.int64()), "text": text}
+    )
+    i, j = MinHashText(0.6, 64, 1, 0).bucket_edges(bucket)
+    assert sorted(zip(i.tolist(), j.tolist(), strict=True)) == edges

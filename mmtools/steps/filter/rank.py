@@ -127,7 +127,7 @@ class TopFraction(GlobalStep):
             return ~np.isnan(key) | id_ok
         return (key > t) | ((key == t) & id_ok)
 
-    def measure(self, batch: pa.RecordBatch, ledger: bool = True) -> np.ndarray | None:
+    def measure(self, batch: pa.RecordBatch, ledger: bool) -> np.ndarray | None:
         """The key of each row of `batch` for the ledger (NaN: none); None without `ledger`."""
         return _keys(batch.column(self.config.by)) if ledger else None
 
