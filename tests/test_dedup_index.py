@@ -612,3 +612,30 @@ def test_exact_labels_against_index_digests_join_run_groups_and_never_each_other
     top = np.iinfo(np.uint64).max  # past every digest: the search lands after the last key
     step = exact(["b"], np.array([top, d[0]], np.uint64))
     assert step.labels(np.arange(3)).tolist() == [0, -1, 0]
+
+
+def test_minhash_against_an_index_marks_captions_at_the_threshold_and_keeps_the_rest(tmp_path):
+    """Word shingles, threshold 0.6: `a b c e` is 3/5 like the index's `a b c d`, a duplicate;
+    `m n o q r s` is 3/7 like `m n o p`, not one; a null caption and lone captions stay
+    unclustered; a copy within the run names the run's own row."""
+    pq.write_table(
+        pa.table({C.ID: ["a", "b"], C.TEXT: ["a b c d", "x y z w"]}), tmp_path / "1.parquet"
+    )
+    texts = ["a b c e", None, "m n o p", "x y z w", "m n o q r s", "m n o p"]
+    pq.write_table(pa.table({C.ID: list("cdefgh"), C.TEXT: texts}), tmp_path / "2.parquet")
+    config = {"methods": ("minhash",), "shingle": 1, "index": str(tmp_path / "idx")}
+    dedup([tmp_path / "1.parquet"], tmp_path / "o1", DedupConfig(**config))
+    out, step = dedup([tmp_path / "2.parquet"], tmp_path / "o2", DedupConfig(**config, mark=True))
+    marks = out.select([C.ID, C.IS_DUPLICATE, C.DUP_KEPT_ID]).to_pylist()
+    assert [tuple(m.values()) for m in marks] == [
+        ("c", True, "a"),
+        ("d", False, None),
+        ("e", False, None),
+        ("f", True, "b"),
+        ("g", False, None),
+        ("h", True, "e"),
+    ]
+    c, d, e, f, g, h = out[C.DUP_CLUSTER].to_pylist()
+    assert d is None and g is None and e == h and len({c, e, f} - {None}) == 3
+    assert step.stats["minhash"] == {"clusters": 3, "duplicates": 3, "of_earlier_runs": 2}
+    assert index_ids(tmp_path / "idx") == ["a", "b", "d", "e", "g"]
