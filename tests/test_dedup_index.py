@@ -639,3 +639,24 @@ def test_minhash_against_an_index_marks_captions_at_the_threshold_and_keeps_the_
     assert d is None and g is None and e == h and len({c, e, f} - {None}) == 3
     assert step.stats["minhash"] == {"clusters": 3, "duplicates": 3, "of_earlier_runs": 2}
     assert index_ids(tmp_path / "idx") == ["a", "b", "d", "e", "g"]
+
+
+def test_a_generation_records_its_output_and_run_and_a_rerun_there_replaces_it(tmp_path):
+    """In-process: the pending record names the output and the run's fingerprint (what a
+    repair checks against the output's manifest); a rerun into that output does not match
+    its own earlier rows and takes the generation's place."""
+    from mmtools.io.manifest import fingerprint_digest
+
+    pq.write_table(pa.table({C.ID: ["a", "b"], C.TEXT: ["x y", "z"]}), tmp_path / "1.parquet")
+    idx, out = tmp_path / "idx", tmp_path / "o"
+    for gen in (1, 2):
+        step = Dedup(DedupConfig(index=str(idx)))
+        source, sink = Source([str(tmp_path / "1.parquet")]), DatasetSink(str(out), overwrite=True)
+        engines.run("dedup", source, [step], sink, quiet=True)
+        assert read_dataset(out)[C.ID].to_pylist() == ["a", "b"]
+        manifest = json.loads((idx / "_index.json").read_text())
+        run = json.loads((out / "_manifest.json").read_text())["fingerprint"]
+        [record] = manifest["generations"]
+        assert (record["gen"], record["output"]) == (gen, str(out))
+        assert record["fingerprint"] == fingerprint_digest(run)
+    assert index_ids(idx) == ["a", "b"]
