@@ -61,6 +61,18 @@ def mmtools(
     return proc
 
 
+def hiding(*modules: str, root: Path) -> dict:
+    """An environment where `modules` cannot be imported, as when their extra is not installed."""
+    paths = []
+    for module in modules:
+        site = root / f"without-{module}"
+        (site / module).mkdir(parents=True)
+        refusal = f"raise ImportError('no module named {module}')\n"
+        (site / module / "__init__.py").write_text(refusal)
+        paths.append(str(site))
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [*paths, os.environ.get("PYTHONPATH")]))}
+
+
 def encode(img, fmt: str = "JPEG", **save) -> bytes:
     """Encoded bytes of a PIL image."""
     buf = io.BytesIO()

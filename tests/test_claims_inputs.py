@@ -10,7 +10,6 @@ import contextlib
 import datetime
 import http.server
 import json
-import os
 import shutil
 import socket
 import ssl
@@ -23,6 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import (
     answer_image,
+    hiding,
     image_bytes,
     make_image_folder,
     mmtools,
@@ -34,14 +34,6 @@ from conftest import (
 from mmtools import columns as C
 
 SHAPES = {"model": "mmtools-shapes", "pretrained": "bundled", "normalized": True}
-
-
-def hiding(module: str, root: Path) -> dict:
-    """An environment where `module` cannot be imported, as when its extra is not installed."""
-    site = root / f"without-{module}"
-    (site / module).mkdir(parents=True)
-    (site / module / "__init__.py").write_text(f"raise ImportError('no module named {module}')\n")
-    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +63,6 @@ def inputs(tmp_path_factory) -> Path:
         pytest.param("faiss", "dedup", ["mixup", "--pairing", "nearest"], id="mixup"),
         pytest.param("faiss", "index", ["index"], id="index"),
         pytest.param("faiss", "index", ["filter", "--near", "{ds}", "--min-sim", "0.5"], id="near"),
-        pytest.param("datasketch", "dedup", ["dedup", "-m", "minhash"], id="dedup-minhash"),
         pytest.param("imagehash", "dedup", ["dedup", "-m", "phash"], id="dedup-phash"),
         pytest.param(
             "httpx",
@@ -93,7 +84,7 @@ def test_a_missing_extra_is_a_one_line_error_naming_its_pip_install(
     """Refused before the output directory is made."""
     args = [command[0], inputs, *(a.format(ds=inputs) for a in command[1:])]
     out = tmp_path / "out"
-    proc = mmtools(*args, "-o", out, "-q", check=False, env=hiding(module, tmp_path))
+    proc = mmtools(*args, "-o", out, "-q", check=False, env=hiding(module, root=tmp_path))
     assert proc.returncode == 2 and proc.stdout == b""
     assert proc.stderr.decode() == (
         f"mmtools {command[0]}: error: this needs the optional package '{module}'; "

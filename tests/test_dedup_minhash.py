@@ -6,7 +6,7 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import mmtools, read_dataset
+from conftest import hiding, mmtools, read_dataset
 from datasketch import MinHash, MinHashLSH
 from test_dedup import (
     assert_ray_buckets_give_local_groups,
@@ -18,8 +18,10 @@ from test_dedup import (
 )
 
 from mmtools import columns as C
+from mmtools.errors import UsageError
 from mmtools.steps.dedup.minhash import (
     LSH_WEIGHTS,
+    bands,
     candidate_pairs,
     jaccard,
     shingles,
@@ -85,6 +87,45 @@ def test_lsh_candidates_equal_datasketch_minhashlsh():
     assert set(zip(i.tolist(), j.tolist(), strict=True)) == expected
 
 
+def test_signatures_are_datasketchs_for_any_shingles_permutations_and_seed():
+    """The values of datasketch's MinHash, bit for bit: band codes kept in a dedup index must
+    not change with how they are computed. Shingles of any script, empty ones, sets of one,
+    an empty set (every value at its maximum), sets across the hashing blocks' edges."""
+    rng = np.random.default_rng(7)
+    letters = list("abcxyz é漢字ß🙂 ")
+    sets = [
+        {"".join(rng.choice(letters, rng.integers(0, 9))) for _ in range(rng.integers(1, 40))}
+        for _ in range(1_500)
+    ]
+    sets[3], sets[4], sets[-1] = set(), {""}, set()
+    sets[700] = {f"w{k}" for k in range(20_000)}  # more shingles than one block holds
+    for num_perm, seed in ((128, 1), (7, 42), (256, 0)):
+        mine = signatures(sets, num_perm, seed)
+        theirs = MinHash.bulk([[s.encode() for s in x] for x in sets], num_perm=num_perm, seed=seed)
+        assert mine.dtype == np.uint32 and mine.shape == (len(sets), num_perm)
+        assert np.array_equal(mine, np.stack([m.hashvalues for m in theirs]))
+    assert (signatures([set()], 16, 1) == np.iinfo(np.uint32).max).all()
+
+
+@pytest.mark.parametrize(
+    "num_perm, refused_from", [(2, 0.83), (3, 0.83), (16, 0.98), (64, 1), (128, 1), (250, 1)]
+)
+def test_band_choice_is_datasketchs_at_every_threshold(num_perm, refused_from):
+    """(bands, rows) as datasketch's MinHashLSH picks them for these weights, and refused in
+    one line where it refuses (fewer than two bands): from a threshold on, at few permutations."""
+    refused = []
+    for threshold in np.round(np.arange(0.02, 1.0, 0.03), 2).tolist():
+        try:
+            lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=LSH_WEIGHTS)
+        except ValueError:
+            refused.append(threshold)
+            with pytest.raises(UsageError, match="fewer than two bands"):
+                bands(threshold, num_perm)
+            continue
+        assert bands(threshold, num_perm) == (lsh.b, lsh.r), threshold
+    assert refused == [t for t in np.round(np.arange(0.02, 1.0, 0.03), 2) if t >= refused_from]
+
+
 def test_found_pairs_agree_with_brute_force_jaccard():
     texts, _, _ = edited_captions(150, seed=2)
     sets = [shingles(t.lower(), 2) for t in texts]
@@ -99,10 +140,13 @@ def test_found_pairs_agree_with_brute_force_jaccard():
 
 
 def test_minhash_finds_captions_with_small_edits(tmp_path):
+    """Run where neither datasketch nor polars can be imported: MinHash needs neither (a
+    caption column is read by pyarrow), which keeps its peak memory down."""
     texts, ids, true_groups = edited_captions(120, seed=3)
     ds = write_dataset(tmp_path / "ds", text_table([*texts, None, ""], ids=[*ids, "n1", "n2"]), 4)
     out = tmp_path / "out"
-    proc = mmtools("dedup", ds, "-o", out, "-m", "minhash", "--mark")
+    hidden = hiding("datasketch", "polars", root=tmp_path)
+    proc = mmtools("dedup", ds, "-o", out, "-m", "minhash", "--mark", env=hidden)
     marked = read_dataset(out)
     precision, recall = precision_recall(
         group_pairs(found_groups(marked)), group_pairs(true_groups)

@@ -286,20 +286,24 @@ def _read_parquet(path: str, columns, batch_size: int, skip: int) -> Iterator[pa
 
 
 def _read_local(path: str, columns, batch_size: int, skip: int) -> Iterator[pa.RecordBatch]:
-    """A local file through polars' reader, which decodes wide columns (a dictionary-encoded
-    float16 embedding: about 2x) faster than pyarrow's, in the file's own Arrow types; nothing
-    where a type is not plain. It stops at the first error: pyarrow's reader then goes on from
-    there and reports it."""
+    """A local file with a list column (an embedding) through polars' reader, which decodes
+    wide columns (a dictionary-encoded float16 embedding: about 2x) faster than pyarrow's, in
+    the file's own Arrow types; nothing where a type is not plain, or where no column is a
+    list (no faster there, and polars' import alone costs about 35 MiB). It stops at the first
+    error: pyarrow's reader then goes on from there and reports it."""
+    try:
+        schema = pq.read_schema(path).remove_metadata()
+        if columns is not None:
+            schema = pa.schema([schema.field(c) for c in columns])
+    except (pa.ArrowException, OSError, KeyError):
+        return
+    if not all(_plain(f.type) for f in schema) or not any(_is_list(f.type) for f in schema):
+        return
     import polars as pl
 
     if not hasattr(pl.LazyFrame, "collect_batches"):
         return
     try:
-        schema = pq.read_schema(path).remove_metadata()
-        if columns is not None:
-            schema = pa.schema([schema.field(c) for c in columns])
-        if not all(_plain(f.type) for f in schema):
-            return
         frame = pl.scan_parquet(path).select(schema.names).slice(skip)
         # polars hands out chunks of its own sizes; batches keep pyarrow's: `batch_size`
         # rows each, the last one shorter.
@@ -319,9 +323,13 @@ def _read_local(path: str, columns, batch_size: int, skip: int) -> Iterator[pa.R
         return
 
 
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
 def _plain(t: pa.DataType) -> bool:
     """Read back by polars exactly: numbers, booleans, text, bytes, lists of those."""
-    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+    if _is_list(t):
         return _plain(t.value_type)
     return (
         pa.types.is_integer(t)

@@ -1,15 +1,17 @@
-"""Near-duplicate captions: MinHash LSH (datasketch) over word shingles, checked by Jaccard."""
+"""Near-duplicate captions: MinHash LSH over word shingles (datasketch's signatures and band
+choice, in numpy), checked by Jaccard."""
 
 from __future__ import annotations
 
 import functools
+import hashlib
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from mmtools import columns as C
-from mmtools.errors import UsageError, require_module
+from mmtools.errors import UsageError
 from mmtools.step import POSITION
 from mmtools.steps.dedup.exact import check_text, normalize_text
 from mmtools.steps.dedup.groups import (
@@ -24,7 +26,10 @@ from mmtools.steps.dedup.groups import (
 
 _SLAB = 1 << 20  # candidate pairs checked at a time
 _MARGIN = 0.15  # signature estimates this far below the threshold still get an exact check
-LSH_WEIGHTS = (0.1, 0.9)  # (false positive, false negative) weights of the band choice
+# (false positive, false negative) weights of the band choice: every candidate is checked
+# afterwards, so a missed pair costs more than a false one.
+LSH_WEIGHTS = (0.1, 0.9)
+_HASHED = 1 << 14  # shingles hashed and permuted at a time
 
 
 def shingles(text: str, size: int) -> set[str]:
@@ -42,29 +47,76 @@ def jaccard(a: set, b: set) -> float:
 
 @functools.cache
 def bands(threshold: float, num_perm: int) -> tuple[int, int]:
-    """datasketch's choice of (bands, rows per band) for `threshold`, weighted for recall
-    (found by numeric integration: worked out once per setting)."""
-    datasketch = require_module("datasketch", "dedup")
-    # Every candidate is checked afterwards, so a missed pair costs more than a false one.
-    try:
-        lsh = datasketch.MinHashLSH(threshold=threshold, num_perm=num_perm, weights=LSH_WEIGHTS)
-    except ValueError:  # too few permutations for LSH bands at this threshold
+    """(bands, rows per band) for `threshold`: datasketch's MinHashLSH choice, the split of
+    `num_perm` that minimises the weighted chance of false positives and false negatives,
+    weighted for recall (`LSH_WEIGHTS`).
+
+    Both chances are integrals of polynomials of degree at most `num_perm`, which Gauss-Legendre
+    quadrature with num_perm // 2 + 1 nodes integrates exactly."""
+    b, r = np.array(
+        [(b, r) for b in range(1, num_perm + 1) for r in range(1, num_perm // b + 1)], float
+    ).T.reshape(2, -1, 1)
+    x, w = np.polynomial.legendre.leggauss(num_perm // 2 + 1)
+    below = threshold * (x + 1) / 2  # nodes on [0, threshold] and [threshold, 1]
+    above = threshold + (1 - threshold) * (x + 1) / 2
+    false_pos = (1 - (1 - below**r) ** b) @ w * threshold / 2
+    false_neg = (1 - above**r) ** b @ w * (1 - threshold) / 2
+    error = LSH_WEIGHTS[0] * false_pos + LSH_WEIGHTS[1] * false_neg
+    best = int(np.argmin(error)) if len(error) else 0  # the first of equal errors, as datasketch
+    if num_perm < 2 or b[best, 0] < 2:
         raise UsageError(
             f"dedup --threshold {threshold:g} with --num-perm {num_perm} leaves MinHash LSH "
             "fewer than two bands; lower --threshold or raise --num-perm (identical captions: "
             "-m exact --exact-key text)"
-        ) from None
-    return lsh.b, lsh.r
+        )
+    return int(b[best, 0]), int(r[best, 0])
+
+
+@functools.cache
+def _permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The affine maps h -> a * h + b (mod 2**32, `a` odd) of datasketch's MinHash (its
+    default "affine32" scheme), drawn from the same seeded generator."""
+    gen = np.random.RandomState(seed)
+    a = gen.randint(0, 1 << 31, num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+    b = gen.randint(0, 1 << 32, num_perm, dtype=np.uint32)
+    return a, b
+
+
+def _fmix32(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finaliser (wrapping arithmetic), datasketch's pre-mix."""
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
 
 
 def signatures(sets: list[set[str]], num_perm: int, seed: int) -> np.ndarray:
-    """MinHash signature of each shingle set, (len(sets), num_perm) uint32."""
-    datasketch = require_module("datasketch", "dedup")
-    out = np.empty((len(sets), num_perm), dtype=np.uint32)
-    for start in range(0, len(sets), 4096):
-        part = [[s.encode() for s in shingle_set] for shingle_set in sets[start : start + 4096]]
-        hashed = datasketch.MinHash.bulk(part, num_perm=num_perm, seed=seed)
-        out[start : start + len(part)] = np.stack([m.hashvalues for m in hashed])
+    """MinHash signature of each shingle set, (len(sets), num_perm) uint32: the values of
+    datasketch's `MinHash(num_perm, seed)` fed each shingle's UTF-8 bytes, so band codes kept
+    in a dedup index do not change with the datasketch release installed (or without one)."""
+    a, b = _permutations(num_perm, seed)
+    out = np.full((len(sets), num_perm), np.iinfo(np.uint32).max, np.uint32)
+    start = 0
+    while start < len(sets):
+        # Sets whose shingles number about _HASHED at a time: the (shingles, num_perm) block
+        # of permuted hashes stays a few MiB.
+        stop, count = start, 0
+        while stop < len(sets) and (count == 0 or count + len(sets[stop]) <= _HASHED):
+            count += len(sets[stop])
+            stop += 1
+        part = sets[start:stop]
+        sizes = np.fromiter(map(len, part), np.int64, len(part))
+        digests = b"".join(
+            hashlib.sha1(s.encode()).digest()[:4] for shingle_set in part for s in shingle_set
+        )
+        hashed = _fmix32(np.frombuffer(digests, "<u4").astype(np.uint32))
+        permuted = hashed[:, None] * a + b
+        filled = sizes > 0
+        starts = (np.cumsum(sizes) - sizes)[filled]
+        if len(starts):
+            out[start:stop][filled] = np.minimum.reduceat(permuted, starts, axis=0)
+        start = stop
     return out
 
 
@@ -170,7 +222,6 @@ class MinHashText(BucketGrouped):
         """Check the text column; return the columns pass 1 must read."""
         C.require(schema, [C.TEXT], "dedup --method minhash")
         check_text(schema, "minhash")
-        require_module("datasketch", "dedup")
         return [C.TEXT]
 
     def keys(self, batch: pa.RecordBatch) -> dict[str, pa.Array]:
