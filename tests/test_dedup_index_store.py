@@ -156,3 +156,45 @@ def test_a_directory_of_only_index_files_is_an_index_and_one_file_more_is_refuse
     with pytest.raises(UsageError, match=r"holds other files and no _index\.json"):
         SeenIndex(str(tmp_path / "idx")).open(PARAMS)
     assert files(tmp_path / "idx") == {"notes.txt"}
+
+
+@pytest.mark.parametrize("with_model", [False, True], ids=["keys", "model"])
+def test_a_stage_killed_while_writing_leaves_a_tmp_file_that_reopening_removes(
+    tmp_path, monkeypatch, with_model
+):
+    """The power goes while a generation's first file is written (its sync is where it stops):
+    that file is named as a temporary, so the directory is still an index, and reopening it
+    removes the file and keeps the generation before."""
+    import mmtools.steps.dedup.index as index_module
+
+    idx = SeenIndex(str(tmp_path / "idx")).open(PARAMS)
+    idx.stage(keys("a"), "/o1", "fp-1")
+    idx.promote()
+
+    def power_cut(path):
+        raise OSError(f"power cut syncing {os.path.basename(path)}")
+
+    monkeypatch.setattr(index_module, "fsync_path", power_cut)
+    model = {"centroids": np.zeros((1, 2))} if with_model else None
+    with pytest.raises(OSError, match="power cut"):
+        idx.stage(keys("b"), "/o2", "fp-2", model=model)
+    idx.close()
+    monkeypatch.undo()
+    left = ".tmp-model-000002.npz" if with_model else ".tmp-pending-000002.arrow"
+    assert files(tmp_path / "idx") == {"gen-000001.arrow", "_index.json", left}
+    again = SeenIndex(str(tmp_path / "idx")).open(PARAMS)
+    assert files(tmp_path / "idx") == {"gen-000001.arrow", "_index.json"}
+    assert again.load()["id"].to_pylist() == ["a"]
+
+
+def test_keys_staged_by_a_run_whose_output_never_committed_are_dropped_on_reopening(tmp_path):
+    """A run killed between staging its keys and committing its output: the next opener finds
+    the pending record, sees no committed output with that fingerprint, and drops the keys."""
+    out = tmp_path / "out"
+    idx = SeenIndex(str(tmp_path / "idx")).open(PARAMS)
+    idx.stage(keys("a", "b"), str(out), "fp-1")
+    idx.close()
+    assert files(tmp_path / "idx") == {"pending-000001.arrow", "_pending.json"}
+    again = SeenIndex(str(tmp_path / "idx")).open(PARAMS)
+    assert files(tmp_path / "idx") == set() and again.generations == []
+    assert again.load() is None and again.next_gen == 1
