@@ -409,6 +409,9 @@ def test_pass_two_finds_where_a_resumed_run_starts_and_refuses_a_changed_input()
     later = t.slice(3).to_batches()[0]
     res = step.process(later)  # no seek: found by its ids
     assert res.batch.column(C.ID).to_pylist() == ["r3", "r5"] and res.dropped == {"exact": 1}
+    step, t = scanned(["a", "b", "a"])
+    one = step.process(t.slice(2, 1).to_batches()[0])  # a single row, found by its id too
+    assert one.batch.num_rows == 0 and one.dropped == {"exact": 1}
     step, t = scanned(["a", "b", "a", "c", "b", "d"])
     step.seek(2)
     assert step.process(t.slice(2, 2).to_batches()[0]).batch.column(C.ID).to_pylist() == ["r3"]
@@ -451,10 +454,12 @@ def test_repeated_ids_resume_at_the_first_matching_place():
     logger.setLevel(logging.WARNING)
     try:
         res = step().process(t.slice(3, 2).to_batches()[0])
+        assert seen == ["dedup: resumed at one of 2 places with the same ids; took the first"]
+        single = step().process(t.slice(1, 3).to_batches()[0])  # one place only: no warning
+        assert len(seen) == 1
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
-    assert seen == ["dedup: resumed at one of 2 places with the same ids; took the first"]
     # ids x, y first appear at position 1: rows kept there
     assert res.batch.column(C.IS_DUPLICATE).to_pylist() == [False, False]
     placed = step()
@@ -462,5 +467,4 @@ def test_repeated_ids_resume_at_the_first_matching_place():
     got = placed.process(t.slice(3, 2).to_batches()[0])
     assert got.batch.column(C.IS_DUPLICATE).to_pylist() == [True, True]
     assert got.batch.column(C.DUP_KEPT_ID).to_pylist() == ["x", "y"]
-    single = step().process(t.slice(1, 3).to_batches()[0])  # one place only: no warning
     assert single.batch.column(C.IS_DUPLICATE).to_pylist() == [False, False, True]

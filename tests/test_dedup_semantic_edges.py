@@ -451,3 +451,17 @@ def test_ray_path_samples_fits_and_pairs_rows_within_clusters_in_any_bucket_spli
     np.testing.assert_allclose(m.values(dropped, kept), want, rtol=1e-12, atol=0)
     m.release()
     assert np.isnan(m.values(dropped, kept)).tolist() == [True] * 6
+
+
+def test_k_means_is_flat_up_to_flat_max_clusters_and_a_tree_beyond():
+    """At most FLAT_MAX clusters: one level, exactly k centroids; one more: a top level of
+    ceil(sqrt(k)) centroids with a model under each, about k clusters in all."""
+    from mmtools.steps.dedup.semantic import FLAT_MAX
+
+    x = np.random.default_rng(3).standard_normal((400, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    flat = KMeans.fit(x, FLAT_MAX, seed=0)
+    assert flat.children is None and flat.clusters == len(flat.centroids) == FLAT_MAX
+    tree = KMeans.fit(x, FLAT_MAX + 1, seed=0)
+    assert tree.children is not None and len(tree.centroids) == 9  # ceil(sqrt(65))
+    assert len(tree.children) == 9 and abs(tree.clusters - (FLAT_MAX + 1)) <= 9
