@@ -315,8 +315,11 @@ def test_minhash_band_matches_are_exactly_the_shared_codes():
     stored[::100] = fresh[:500]  # every band equal
     stored[7::100, 4] = fresh[600:1100, 4]  # one band equal
     stored[9::100, 2] = fresh[0:500, 2] ^ np.uint64(1)  # one bit off: no match
+    fresh[1500:1510, 3] = fresh[1500, 3]  # ten captions of the run share a code...
+    stored[11, 3] = fresh[1500, 3]  # ...that one index row has: ten pairs
     s, f = matches(fresh, [stored[:20001], stored[20001:20001], stored[20001:]])  # any chunks
     expected = {(k * 100, k) for k in range(500)} | {(7 + k * 100, 600 + k) for k in range(500)}
+    expected |= {(11, 1500 + k) for k in range(10)}
     assert sorted(zip(s.tolist(), f.tolist(), strict=True)) == sorted(expected)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from conftest import hiding, mmtools, read_dataset
 from datasketch import MinHash, MinHashLSH
@@ -20,7 +21,11 @@ from test_dedup import (
 from mmtools import columns as C
 from mmtools.errors import UsageError
 from mmtools.steps.dedup.minhash import (
+    BANDS,
+    KEY,
     LSH_WEIGHTS,
+    MinHashText,
+    band_codes,
     bands,
     candidate_pairs,
     jaccard,
@@ -126,6 +131,47 @@ def test_band_choice_is_datasketchs_at_every_threshold(num_perm, refused_from):
     assert refused == [t for t in np.round(np.arange(0.02, 1.0, 0.03), 2) if t >= refused_from]
 
 
+def test_band_codes_are_equal_exactly_where_a_bands_values_are_and_fixed_across_releases():
+    """Two signatures share band k's code exactly when their values in band k are equal (the
+    band's number is part of the code: equal values in different bands do not match). The
+    codes are kept in dedup indexes, so their values are pinned."""
+    b, r = bands(0.6, 128)
+    rng = np.random.default_rng(5)
+    sig = rng.integers(0, 2**32, (40, 128), dtype=np.uint32)
+    for k in range(20):  # row 2k+1 copies row 2k's band k
+        sig[2 * k + 1, k * r : (k + 1) * r] = sig[2 * k, k * r : (k + 1) * r]
+    sig[39, r : 2 * r] = sig[38, 0:r]  # band 0's values as band 1
+    codes = band_codes(sig, 0.6)
+    values = sig[:, : b * r].reshape(40, b, r)
+    equal_values = (values[:, None] == values[None, :]).all(axis=-1)
+    assert codes.shape == (40, b) and codes.dtype == np.uint64
+    assert np.array_equal(codes[:, None] == codes[None, :], equal_values)
+    assert equal_values.sum() == 40 * b + 2 * 20  # the diagonal and the copied bands
+    assert codes[39, 1] != codes[38, 0]
+    pinned = band_codes(np.arange(256, dtype=np.uint32).reshape(2, 128), 0.6)[:, :2]
+    assert pinned.tolist() == [
+        [0xFD1E1CA23B48E60D, 0xDA4DC83A1FCF4E30],
+        [0x8B894F7707A1E05F, 0x3EC18ED3E5D3C7BB],
+    ]
+
+
+def test_index_columns_are_the_band_codes_of_each_caption_and_zeros_without_one():
+    """A rebuild hands `index_columns` captions this run never signed: their codes are made
+    there; a row without a caption gets zeros, as do all rows when none has one."""
+    step = MinHashText(threshold=0.6, num_perm=128, shingle=2, seed=1)
+    captions = pa.array(["a red car on a street", None, "two cats on a sofa"], pa.string())
+    got = step.index_columns(pa.table({KEY: captions}))[BANDS]
+    assert got.type == pa.list_(pa.uint64(), 25)
+    sig = signatures(
+        [shingles(t, 2) for t in ("a red car on a street", "two cats on a sofa")], 128, 1
+    )
+    expected = band_codes(sig, 0.6)
+    rows = np.array(got.to_pylist(), np.uint64)
+    assert np.array_equal(rows[[0, 2]], expected) and not rows[1].any()
+    none = step.index_columns(pa.table({KEY: pa.array([None, None], pa.string())}))[BANDS]
+    assert none.to_pylist() == [[0] * 25, [0] * 25]
+
+
 def test_found_pairs_agree_with_brute_force_jaccard():
     texts, _, _ = edited_captions(150, seed=2)
     sets = [shingles(t.lower(), 2) for t in texts]
@@ -161,7 +207,6 @@ def test_minhash_finds_captions_with_small_edits(tmp_path):
 def test_band_buckets_give_the_same_groups_as_the_local_search():
     """Ray's buckets of LSH band codes, each checked by signature and Jaccard, make the same
     duplicate groups as the local search: edited captions, exact copies, nulls, lone rows."""
-    import pyarrow as pa
 
     from mmtools.steps.dedup.minhash import KEY, MinHashText
 
@@ -176,7 +221,6 @@ def test_band_buckets_give_the_same_groups_as_the_local_search():
 
 
 def test_a_threshold_lsh_cannot_band_is_refused_in_one_line(tmp_path):
-    import pyarrow as pa
     import pyarrow.parquet as pq
     from conftest import mmtools
 
@@ -218,7 +262,6 @@ def test_a_bucket_links_exactly_the_captions_sharing_a_band_code(rows, edges):
     """Ray's bucket check of MinHash candidates: each caption once per code, whatever the
     order of the codes and rows in the bucket; a pair at exactly the Jaccard threshold
     (3/5) is a duplicate."""
-    import pyarrow as pa
 
     from mmtools.step import POSITION
     from mmtools.steps.dedup.minhash import MinHashText
