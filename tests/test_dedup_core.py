@@ -204,6 +204,8 @@ def test_parse_fields():
     assert str(e.value) == "dedup --method exact needs a string text column, not int32"
     assert parse_fields("text", pa.schema([(C.TEXT, pa.large_string())])) == [C.TEXT]
     assert parse_fields("text", pa.schema([(C.TEXT, pa.null())])) == [C.TEXT]
+    numbered = pa.schema([(C.IMAGE, C.MEDIA_TYPE), (C.TEXT, pa.int32())])
+    assert parse_fields("image", numbered) == [C.IMAGE]  # a text column not keyed: any type
 
 
 def test_exact_binds_to_the_stored_hash_when_there_is_one():
