@@ -19,7 +19,7 @@ from test_dedup import (
 )
 
 from mmtools import columns as C
-from mmtools.errors import UsageError
+from mmtools.errors import DataContractError, UsageError
 from mmtools.steps.dedup.minhash import (
     BANDS,
     KEY,
@@ -170,6 +170,27 @@ def test_index_columns_are_the_band_codes_of_each_caption_and_zeros_without_one(
     assert np.array_equal(rows[[0, 2]], expected) and not rows[1].any()
     none = step.index_columns(pa.table({KEY: pa.array([None, None], pa.string())}))[BANDS]
     assert none.to_pylist() == [[0] * 25, [0] * 25]
+
+
+def test_labels_keep_copies_and_near_copies_apart_wherever_their_captions_fall():
+    """Lone captions get no group; a caption repeated word for word is a group of its own,
+    never merged into a group of near copies (whatever the captions' order, which numbers
+    them)."""
+    captions = ["one lone caption", "two lone captions here", "a dog", "a dog"]
+    captions += ["a b c d e f g h", "a b c d e f g x"]
+    step = MinHashText(threshold=0.5, num_perm=128, shingle=1, seed=1)
+    batch = pa.record_batch({C.TEXT: pa.array(captions, pa.string())})
+    step.scan(pa.record_batch(step.keys(batch)), 0)
+    got = step.labels(np.arange(6)).tolist()
+    assert got[0] == got[1] == -1
+    assert got[2] == got[3] >= 0 and got[4] == got[5] >= 0 and got[2] != got[4]
+
+
+def test_a_dataset_without_captions_is_refused_naming_the_method():
+    step = MinHashText(threshold=0.6, num_perm=128, shingle=2, seed=1)
+    with pytest.raises(DataContractError) as e:
+        step.bind(pa.schema([(C.ID, pa.string()), (C.IMAGE, C.MEDIA_TYPE)]))
+    assert str(e.value).startswith("dedup --method minhash needs")
 
 
 def test_found_pairs_agree_with_brute_force_jaccard():
