@@ -53,23 +53,23 @@ def bands(threshold: float, num_perm: int) -> tuple[int, int]:
 
     Both chances are integrals of polynomials of degree at most `num_perm`, which Gauss-Legendre
     quadrature with num_perm // 2 + 1 nodes integrates exactly."""
-    b, r = np.array(
-        [(b, r) for b in range(1, num_perm + 1) for r in range(1, num_perm // b + 1)], float
-    ).T.reshape(2, -1, 1)
-    x, w = np.polynomial.legendre.leggauss(num_perm // 2 + 1)
-    below = threshold * (x + 1) / 2  # nodes on [0, threshold] and [threshold, 1]
-    above = threshold + (1 - threshold) * (x + 1) / 2
-    false_pos = (1 - (1 - below**r) ** b) @ w * threshold / 2
-    false_neg = (1 - above**r) ** b @ w * (1 - threshold) / 2
-    error = LSH_WEIGHTS[0] * false_pos + LSH_WEIGHTS[1] * false_neg
-    best = int(np.argmin(error)) if len(error) else 0  # the first of equal errors, as datasketch
-    if num_perm < 2 or b[best, 0] < 2:
-        raise UsageError(
-            f"dedup --threshold {threshold:g} with --num-perm {num_perm} leaves MinHash LSH "
-            "fewer than two bands; lower --threshold or raise --num-perm (identical captions: "
-            "-m exact --exact-key text)"
-        )
-    return int(b[best, 0]), int(r[best, 0])
+    if num_perm >= 2:
+        b, r = np.array(
+            [(b, r) for b in range(1, num_perm + 1) for r in range(1, num_perm // b + 1)], float
+        ).T.reshape(2, -1, 1)
+        x, w = np.polynomial.legendre.leggauss(num_perm // 2 + 1)
+        below = threshold * (x + 1) / 2  # nodes on [0, threshold] and [threshold, 1]
+        above = threshold + (1 - threshold) * (x + 1) / 2
+        false_pos = (1 - (1 - below**r) ** b) @ w * threshold / 2
+        false_neg = (1 - above**r) ** b @ w * (1 - threshold) / 2
+        best = int(np.argmin(LSH_WEIGHTS[0] * false_pos + LSH_WEIGHTS[1] * false_neg))
+        if b[best, 0] >= 2:  # argmin: the first of equal errors, as datasketch takes
+            return int(b[best, 0]), int(r[best, 0])
+    raise UsageError(
+        f"dedup --threshold {threshold:g} with --num-perm {num_perm} leaves MinHash LSH "
+        "fewer than two bands; lower --threshold or raise --num-perm (identical captions: "
+        "-m exact --exact-key text)"
+    )
 
 
 @functools.cache
