@@ -9,9 +9,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -39,7 +42,7 @@ from test_ray import (
 from mmtools import columns as C
 from mmtools import engines
 from mmtools.engines.local import LocalExecutor
-from mmtools.errors import PartialError
+from mmtools.errors import EXIT_LOCKED, EXIT_TEMPORARY, PartialError, TemporaryError
 from mmtools.io.dataset import DatasetSink
 from mmtools.io.source import Source
 from mmtools.step import Result, Step
@@ -139,6 +142,33 @@ def test_step_raising_a_fourth_time_is_exit_4_and_a_rerun_resumes(ray_address, r
     assert_same_output(out, whole, manifest, expected)
 
 
+@pytest.mark.ray
+def test_a_killed_workers_task_is_rerun_and_its_actor_restarted_up_to_3_times(ray_address, rows):
+    """The bounds the executor hands Ray Data for each kind of stage. A real kill on every try
+    is test_ray's test_worker_that_always_dies_stops_the_run_after_bounded_retries (tasks);
+    an actor pool killed on every try takes about 10 s to spend its 3 restarts."""
+    from mmtools.engines.ray import executor as ray_engine
+    from mmtools.engines.ray.cluster import RayOptions, connect
+
+    ray = connect(RayOptions())
+    ds = ray_engine._input(ray, Source([str(rows)]), BATCH, 0)
+    bounds = {}
+    for actor in (False, True):
+        step = test_ray.Flaky("unused", "no such id", "raise", loads_model=actor)
+        stage = ray_engine._stage(ray, ds, step, False, RayOptions())
+        bounds[actor] = stage._logical_plan.dag.ray_remote_args
+    assert bounds[False]["max_retries"] == 3  # a task whose worker died
+    assert (bounds[True]["max_restarts"], bounds[True]["max_task_retries"]) == (3, 3)
+
+
+def test_below_100_000_input_rows_a_global_step_is_decided_on_the_driver():
+    """test_ray's test_small_input_is_grouped_on_the_driver_with_the_same_result shows the
+    driver deciding below the threshold (lowered there to 1,000); this pins the threshold."""
+    from mmtools.engines.ray import executor as ray_engine
+
+    assert ray_engine.SHUFFLE_MIN_ROWS == 100_000
+
+
 # -- counters beside the row counts -----------------------------------------------------------
 
 
@@ -229,6 +259,78 @@ def test_ray_address_nothing_listens_on_is_exit_75_in_one_line(rows, tmp_path):
     )
 
 
+@pytest.mark.parametrize("how", ["RAY_ADDRESS", "recorded"])
+def test_an_address_ray_finds_itself_that_nothing_listens_on_is_exit_75_too(how, rows, tmp_path):
+    """Ray would retry such an address for minutes: RAY_ADDRESS with no --ray-address, and
+    `--ray-address auto` with a stale address recorded by an earlier `ray start --head`."""
+    pytest.importorskip("ray")
+    from ray._private.utils import get_ray_address_file
+
+    port = closed_port()
+    ray_tmp = tmp_path / "raytmp"
+    env = {"RAY_TMPDIR": str(ray_tmp)}
+    args = ["filter", rows, "--where", "true", "-o", tmp_path / "out", "--engine", "ray"]
+    if how == "RAY_ADDRESS":
+        env["RAY_ADDRESS"], named = f"127.0.0.1:{port}", "RAY_ADDRESS"
+    else:
+        env["RAY_ADDRESS"] = ""
+        old = os.environ.get("RAY_TMPDIR")
+        os.environ["RAY_TMPDIR"] = str(ray_tmp)
+        try:
+            record = Path(get_ray_address_file(None))
+        finally:
+            os.environ.pop("RAY_TMPDIR") if old is None else os.environ.update(RAY_TMPDIR=old)
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(f"127.0.0.1:{port}")
+        args += ["--ray-address", "auto"]
+        named = "the address ray start recorded"
+    proc = mmtools(*args, env=env, check=False, timeout=60)
+    assert proc.returncode == 75
+    assert proc.stderr.decode() == (
+        f"mmtools filter: error: cannot reach the Ray cluster at 127.0.0.1:{port} ([Errno 111] "
+        f"Connection refused); start it (ray start --head) or leave out {named} to run a local "
+        "one\n"
+    )
+
+
+@contextlib.contextmanager
+def silent_listener():
+    """A loopback port whose accept queue is full: a new connection's SYN goes unanswered, as
+    with a host that drops packets. Yields the port."""
+    server = socket.create_server(("127.0.0.1", 0), backlog=0)
+    fillers = [socket.socket() for _ in range(4)]
+    try:
+        for s in fillers:
+            s.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                s.connect(server.getsockname())
+        time.sleep(0.05)
+        yield server.getsockname()[1]
+    finally:
+        for s in [*fillers, server]:
+            s.close()
+
+
+def test_ray_address_that_never_answers_is_exit_75_after_the_5_s_connect_timeout(monkeypatch):
+    """The check waits CONNECT_TIMEOUT (5 s), then gives up: shortened here so that the test
+    shows the wait is that timeout, not the system's minutes of SYN retries."""
+    from mmtools.engines.ray import cluster
+
+    assert cluster.CONNECT_TIMEOUT == 5.0
+    monkeypatch.setattr(cluster, "CONNECT_TIMEOUT", 0.5)
+    with silent_listener() as port:
+        started = time.monotonic()
+        with pytest.raises(TemporaryError) as unreachable:
+            cluster._check_reachable(f"127.0.0.1:{port}", "--ray-address (MMTOOLS_RAY_ADDRESS)")
+        waited = time.monotonic() - started
+    assert 0.45 <= waited < 2
+    assert unreachable.value.exit_code == EXIT_TEMPORARY == 75
+    assert str(unreachable.value) == (
+        f"cannot reach the Ray cluster at 127.0.0.1:{port} (timed out); start it (ray start "
+        "--head) or leave out --ray-address (MMTOOLS_RAY_ADDRESS) to run a local one"
+    )
+
+
 def jobs() -> int:
     """How many drivers have joined the cluster this process is joined to."""
     from ray._private import state
@@ -248,6 +350,123 @@ def test_ray_address_auto_joins_the_cluster_ray_start_recorded(ray_address, rows
     mmtools("filter", rows, "--where", "id < 'r010'", "-o", tmp_path / "out", *ray, env=env)
     assert jobs() == before + 1
     assert read(tmp_path / "out")[C.ID].to_pylist() == [f"r{i:03d}" for i in range(10)]
+
+
+@pytest.mark.ray
+def test_with_no_ray_address_ray_joins_the_cluster_ray_address_names(ray_address, rows, tmp_path):
+    """Ray's own variable: mmtools leaves the choice to Ray when --ray-address is not given."""
+    env = {"RAY_ADDRESS": ray_address, "MMTOOLS_RAY_ADDRESS": "", "RAY_TMPDIR": str(tmp_path)}
+    before = jobs()
+    where = ["--where", "id >= 'r030'", "-o", tmp_path / "out", "--engine", "ray", "-q"]
+    mmtools("filter", rows, *where, env=env)
+    assert jobs() == before + 1
+    assert read(tmp_path / "out")[C.ID].to_pylist() == [f"r{i:03d}" for i in range(30, 40)]
+
+
+def proc_stat(pid: int) -> tuple[int, int, str] | None:
+    """(parent pid, start time, name) of a live process; None once it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    name, rest = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :]
+    fields = rest.split()  # from field 3 on: state, parent pid, ..., start time (field 22)
+    return None if fields[0] == "Z" else (int(fields[1]), int(fields[19]), name)
+
+
+def processes() -> dict[int, tuple[int, int, str]]:
+    """Every live process: pid -> (parent pid, start time, name)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (stat := proc_stat(int(entry))):
+            found[int(entry)] = stat
+    return found
+
+
+def descendants(root: int) -> dict[int, tuple[int, str]]:
+    """The live processes under `root`: pid -> (start time, name)."""
+    table = processes()
+    found, todo = {}, [root]
+    while todo:
+        parent = todo.pop()
+        for pid, (ppid, start, name) in table.items():
+            if ppid == parent and pid not in found:
+                found[pid] = (start, name)
+                todo.append(pid)
+    return found
+
+
+def still_running(seen: dict[int, tuple[int, str]]) -> set[int]:
+    """Those of the processes `seen` (pid -> (start time, name)) still running."""
+    return {pid for pid, (start, _) in seen.items() if (proc_stat(pid) or (0, -1))[1] == start}
+
+
+def naming(text: str) -> set[int]:
+    """The live processes whose command line holds `text`."""
+    found = set()
+    for pid in processes():
+        with contextlib.suppress(OSError):
+            if text.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.add(pid)
+    return found
+
+
+@pytest.mark.ray
+def test_run_with_no_ray_address_starts_its_own_cluster_holds_the_lock_and_stops_it_at_exit(
+    rows, tmp_path
+):
+    """A pipe keeps the run going once its cluster is up. Its Ray processes are told apart
+    from other tests' clusters as its descendants, and by its own Ray temporary directory (a
+    short path: Ray's socket paths have a length limit)."""
+    pytest.importorskip("ray")
+    ray_tmp = tempfile.mkdtemp(prefix="mmtools-ray-", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    for name in ("RAY_ADDRESS", "MMTOOLS_RAY_ADDRESS"):
+        env.pop(name, None)
+    stream, out = arrow_stream(ROWS, 8), tmp_path / "out"
+    head = stream_head(stream, 2)
+    command = ["filter", "-", "--where", "id < 'r020'", "--batch-size", "8", "--engine", "ray"]
+    argv = [*MMTOOLS, *command, "-q", "-o", str(out)]
+    run = subprocess.Popen(argv, stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    seen: dict[int, tuple[int, str]] = {}
+    try:
+        run.stdin.write(head)
+        run.stdin.flush()
+        deadline = time.monotonic() + 60
+        while not {"raylet", "gcs_server"} <= {name for _, name in seen.values()}:
+            assert run.poll() is None, run.stderr.read().decode()
+            assert time.monotonic() < deadline, f"no cluster started: {seen}"
+            seen |= descendants(run.pid)
+            time.sleep(0.1)
+        assert (out / "_lock").read_text() == str(run.pid)
+        # A second writer with --engine ray is refused before it looks for a cluster (past
+        # the lock, this unreachable address would be exit 75).
+        ray = ["--engine", "ray", "--ray-address", "127.0.0.1:1"]
+        second = mmtools("filter", rows, "--where", "true", "-o", out, *ray, check=False)
+        seen |= descendants(run.pid)
+        run.stdin.write(stream[len(head) :])
+        run.stdin.close()
+        code = run.wait(timeout=120)
+        assert code == 0, run.stderr.read().decode()
+        assert second.returncode == EXIT_LOCKED == 5
+        assert second.stderr.decode() == (
+            f"mmtools filter: error: {out} is being written by another mmtools process "
+            f"(pid {run.pid}); wait for it to finish, or pass --wait-lock\n"
+        )
+        assert read(out)[C.ID].to_pylist() == [f"r{i:03d}" for i in range(20)]
+        deadline = time.monotonic() + 10
+        while (left := still_running(seen)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not left, [seen[p] for p in left]
+        assert not naming(ray_tmp)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+        for pid in still_running(seen):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 # -- an object store lost mid-run -------------------------------------------------------------

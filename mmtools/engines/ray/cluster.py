@@ -42,15 +42,16 @@ def connect(options: RayOptions, actors: bool = False):
         if actors and not verbose:
             # Ray's core logs an error line for every Ray Data actor it starts (ray#53727).
             os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
-        if options.address:
-            _check_reachable(options.address)
+        where, named = _bootstrap(options.address)
+        if where:
+            _check_reachable(where, named)
         # Worker output is not forwarded: stdout may carry the Arrow stream.
         kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=level)
         with _own_signals():
             try:
                 ray.init(address=options.address, ignore_reinit_error=True, **kwargs)
             except ConnectionError as e:
-                raise _unreachable(options.address, e) from None
+                raise _unreachable(where or options.address, e, named) from None
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
@@ -74,7 +75,23 @@ def _own_signals():
                 signal.signal(signum, handler)
 
 
-def _check_reachable(address: str) -> None:
+def _bootstrap(address: str | None) -> tuple[str | None, str]:
+    """The address Ray will join, in Ray's own order (`RAY_ADDRESS` first, then the one given;
+    for "auto" the address `ray start --head` recorded), and what named it; None where Ray
+    starts a local cluster."""
+    if env := os.environ.get("RAY_ADDRESS"):
+        return env, "RAY_ADDRESS"
+    if address == "auto":
+        try:  # Ray's record of the last `ray start`; its module is private, so never fatal
+            from ray._private.utils import read_ray_address
+
+            return read_ray_address(None) or address, "the address ray start recorded"
+        except Exception:
+            return address, f"--ray-address ({ENV_ADDRESS})"
+    return address, f"--ray-address ({ENV_ADDRESS})"
+
+
+def _check_reachable(address: str, named: str) -> None:
     """Fail fast where Ray would wait minutes: a host:port that does not answer."""
     import socket
 
@@ -84,11 +101,11 @@ def _check_reachable(address: str) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT).close()
     except OSError as e:
-        raise _unreachable(address, e) from None
+        raise _unreachable(address, e, named) from None
 
 
-def _unreachable(address: str, e: Exception) -> TemporaryError:
+def _unreachable(address: str | None, e: Exception, named: str) -> TemporaryError:
     return TemporaryError(
         f"cannot reach the Ray cluster at {address} ({str(e).splitlines()[0]}); start it "
-        f"(ray start --head) or leave out --ray-address ({ENV_ADDRESS}) to run a local one"
+        f"(ray start --head) or leave out {named} to run a local one"
     )
