@@ -465,3 +465,20 @@ def test_k_means_is_flat_up_to_flat_max_clusters_and_a_tree_beyond():
     tree = KMeans.fit(x, FLAT_MAX + 1, seed=0)
     assert tree.children is not None and len(tree.centroids) == 9  # ceil(sqrt(65))
     assert len(tree.children) == 9 and abs(tree.clusters - (FLAT_MAX + 1)) <= 9
+
+
+def test_a_pair_exactly_at_the_cosine_threshold_is_not_a_duplicate_and_just_above_is():
+    """README: duplicates when cosine > 1 - eps. Rows e1 and (0.6, 0.8) have cosine exactly
+    0.6 in float32, which is 1 - 0.4; in a run and against an index alike."""
+    from mmtools.steps.dedup.semantic import close_pairs, fresh_pairs
+
+    x = np.array([[1, 0], [0.6, 0.8]], np.float32)
+    assert (x @ x.T)[0, 1] == np.float32(0.6)
+    assert close_pairs(x, 0.6)[0].tolist() == []
+    assert close_pairs(x, 0.5999)[0].tolist() == [0]
+    assert duplicate_labels(x, np.zeros(2, np.int64), 0.4).tolist() == [-1, -1]
+    assert duplicate_labels(x, np.zeros(2, np.int64), 0.4001).tolist() == [0, 0]
+    zero = np.zeros(1, np.int64)
+    for threshold, want in ((0.6, []), (0.5999, [(0, 1)])):
+        i, j = fresh_pairs(x[:1], zero, lambda b0, b1: x[1:][b0:b1], zero, threshold)
+        assert list(zip(i.tolist(), j.tolist(), strict=True)) == want
