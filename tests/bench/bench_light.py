@@ -1,9 +1,10 @@
 """Benchmark: peak RSS of the steps that run no model, each in its own process.
 
-Run: python tests/bench/bench_light.py [--rows N]
+Run: python tests/bench/bench_light.py [--quick] [--rows N]
 
-Data: N rows (default 20,000: about 20 MiB in Parquet) of id, caption, width, height,
-clip_score, a 96x96 JPEG (`image`, 500 distinct ones) and a 512-d float16 image_embedding.
+Data: N rows (default 20,000: about 20 MiB in Parquet; --quick 2,000) of id, caption, width,
+height, clip_score, a 96x96 JPEG (`image`, 500 distinct ones) and a 512-d float16
+image_embedding.
 Each command runs once in a fresh process; its peak RSS (VmHWM) is printed, and the target
 is at most 250 MiB for each: a streaming copy (`filter --where true`), `filter --where`,
 `dedup -m exact`, `dedup -m phash`, `dedup -m minhash` and `stats`. Exit 1 when one misses.
@@ -73,19 +74,21 @@ def peak_rss(*args) -> tuple[float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=20_000)
+    parser.add_argument("--quick", action="store_true", help="2,000 rows")
+    parser.add_argument("--rows", type=int, default=None, help="default 20,000 (--quick 2,000)")
     args = parser.parse_args()
+    rows = args.rows or (2_000 if args.quick else 20_000)
     targets = Targets()
     with tempfile.TemporaryDirectory(prefix="bench-light-") as tmp:
         tmp = Path(tmp)
-        make_data(tmp / "data", args.rows)
+        make_data(tmp / "data", rows)
         size = sum(f.stat().st_size for f in (tmp / "data").iterdir())
-        print(f"data: {args.rows:,} rows, {size / 2**20:.0f} MiB in Parquet")
+        print(f"data: {rows:,} rows, {size / 2**20:.0f} MiB in Parquet")
         data, out = tmp / "data", tmp / "out"
         runs = {
             "copy (filter --where true)": ("filter", data, "--where", "true"),
             "filter --where": ("filter", data, "--where", "clip_score >= 0.28 AND width >= 256"),
-            # 500 distinct images in 20k rows: image dedup drops most rows, on purpose
+            # 500 distinct images in thousands of rows: image dedup drops most rows, on purpose
             "dedup -m exact": ("dedup", data, "-m", "exact", "--max-drop-rate", "1"),
             "dedup -m phash": ("dedup", data, "-m", "phash", "--max-drop-rate", "1"),
             "dedup -m minhash": ("dedup", data, "-m", "minhash"),

@@ -43,11 +43,13 @@ def parse_size(text: str) -> int:
     return int(float(m[1]) * _UNITS[m[2]])
 
 
-def human(n: float) -> str:
-    """A byte count for people: 1.5 GiB."""
+def human(n: float, up: bool = False) -> str:
+    """A byte count for people: 1.5 GiB; `up` rounds up (a figure to give that is enough)."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+            if unit == "B":
+                return f"{math.ceil(n) if up else round(n)} B"
+            return f"{math.ceil(n * 10) / 10 if up else n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"
 
@@ -131,7 +133,7 @@ def choose(
         least = Plan("ivf", dim, nlist, codes(dim)[-1]).index_bytes(rows) * 1.1 + working
         raise UsageError(
             f"--max-memory {human(budget)} is too small for {rows} vectors of {dim} "
-            f"dimensions; give at least {human(least + BASE_BYTES)}"
+            f"dimensions; give at least {human(least + BASE_BYTES, up=True)}"
         )
     # The sample and k-means' copy of it take at most half of what is left.
     fits = int(usable // 2 // (dim * 4 * 2))
