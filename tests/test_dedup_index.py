@@ -663,3 +663,26 @@ def test_a_generation_records_its_output_and_run_and_a_rerun_there_replaces_it(t
         assert (record["gen"], record["output"]) == (gen, str(out))
         assert record["fingerprint"] == fingerprint_digest(run)
     assert index_ids(idx) == ["a", "b"]
+
+
+@pytest.mark.parametrize("keep", ["highest:clip_score", "lowest:id"])
+def test_an_index_keeps_ids_and_keys_only_whatever_column_keep_ranks_by(keep, tmp_path):
+    """The column `--keep` reads decides within a run; the index stores each kept row's id
+    and key, not that column, and never loses the ids when `--keep` ranks by id itself."""
+    table = pa.table(
+        {
+            "id": ["a", "b", "c", "d"],
+            "text": ["one caption", "one caption", "another", "a third"],
+            "clip_score": pa.array([0.1, 0.9, 0.5, 0.4], pa.float32()),
+        }
+    )
+    pq.write_table(table, tmp_path / "in.parquet")
+    config = DedupConfig(
+        methods=("exact",), exact_key="text", keep=keep, index=str(tmp_path / "ix")
+    )
+    kept, _ = dedup([tmp_path / "in.parquet"], tmp_path / "out", config)
+    winner = "b" if keep.startswith("highest") else "a"
+    assert sorted(kept["id"].to_pylist()) == sorted([winner, "c", "d"])
+    stored = key_rows(str(tmp_path / "ix"))
+    assert sorted(stored[C.ID].to_pylist()) == sorted([winner, "c", "d"])
+    assert "clip_score" not in stored.column_names

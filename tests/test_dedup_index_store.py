@@ -198,3 +198,39 @@ def test_keys_staged_by_a_run_whose_output_never_committed_are_dropped_on_reopen
     again = SeenIndex(str(tmp_path / "idx")).open(PARAMS)
     assert files(tmp_path / "idx") == set() and again.generations == []
     assert again.load() is None and again.next_gen == 1
+
+
+@pytest.mark.parametrize("case", ["committed", "other run", "stream"])
+def test_keys_staged_by_a_run_stopped_after_its_output_committed_are_kept_on_reopening(
+    case, tmp_path
+):
+    """A run killed after committing its output but before promoting its keys: the next
+    opener finds that output's manifest made by the same run and lists the keys. The same
+    output made by another run, or a run that wrote to a pipe, leaves nothing to check: the
+    keys are dropped."""
+    from conftest import write_shards
+
+    from mmtools import engines
+    from mmtools.io.dataset import DatasetSink
+    from mmtools.io.manifest import fingerprint_digest
+    from mmtools.io.source import Source
+
+    write_shards(tmp_path / "in", pa.table({"id": ["a", "b"], "text": ["x", "y"]}), 2)
+    out = tmp_path / "out"
+    _, manifest = engines.run("copy", Source([str(tmp_path / "in")]), [], DatasetSink(str(out)))
+    made_by = fingerprint_digest(manifest["fingerprint"])
+    output, fp = {
+        "committed": (str(out), made_by),
+        "other run": (str(out), "0" * len(made_by)),
+        "stream": ("-", made_by),
+    }[case]
+    idx = SeenIndex(str(tmp_path / "idx")).open(PARAMS)
+    idx.stage(keys("a", "b"), output, fp)
+    idx.close()
+    again = SeenIndex(str(tmp_path / "idx")).open(PARAMS)
+    if case == "committed":
+        assert files(tmp_path / "idx") == {"gen-000001.arrow", "_index.json"}
+        assert [g["gen"] for g in again.generations] == [1]
+        assert again.load()["id"].to_pylist() == ["a", "b"]
+    else:
+        assert files(tmp_path / "idx") == set() and again.generations == []
