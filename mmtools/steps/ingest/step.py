@@ -314,13 +314,17 @@ LOCAL_TASK_ROWS = 8  # local files per thread task at most: a task per small fil
 
 
 def _tasks(rows: list[dict], per_task: int) -> list[list[dict]]:
-    """The rows in thread tasks: a URL or object-store key alone (each waits on the network
-    by itself), runs of up to `per_task` local files together."""
+    """The rows in thread tasks, in row order (results are joined task by task): a URL or
+    object-store key alone (each waits on the network by itself), runs of up to `per_task`
+    local files together."""
     tasks: list[list[dict]] = []
     run: list[dict] = []
     for row in rows:
         location = row["location"] or ""
         if "://" in location and not location.startswith("file://"):
+            if run:  # the local files listed before it go first
+                tasks.append(run)
+                run = []
             tasks.append([row])
             continue
         run.append(row)
