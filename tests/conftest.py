@@ -284,3 +284,16 @@ sys.argv = ["mmtools", *sys.argv[1:]]
 from mmtools.cli import main
 main()
 """
+
+
+def jpeg_scans(data: bytes) -> list[tuple[int, int]]:
+    """(start, end) of each SOS segment of a JPEG, its entropy-coded data included."""
+    out, i = [], 2
+    while data[i + 1] != 0xD9:
+        end = i + 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+        if data[i + 1] == 0xDA:
+            while not (data[end] == 0xFF and data[end + 1] not in (0, *range(0xD0, 0xD8))):
+                end += 1
+            out.append((i, end))
+        i = end
+    return out

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import encode, image_bytes, read_dataset, read_rejects, wav_bytes
+from conftest import encode, image_bytes, jpeg_scans, read_dataset, read_rejects, wav_bytes
 from PIL import Image
 
 from mmtools import columns as C
@@ -296,36 +296,23 @@ def test_audio_ingest_records_each_files_byte_count_and_sha256(tmp_path):
 # -- the JPEG scan limit --------------------------------------------------------------------
 
 
-def _scans(data: bytes) -> list[tuple[int, int]]:
-    """(start, end) of each SOS segment of a JPEG, its entropy-coded data included."""
-    out, i = [], 2
-    while data[i + 1] != 0xD9:
-        end = i + 2 + int.from_bytes(data[i + 2 : i + 4], "big")
-        if data[i + 1] == 0xDA:
-            while not (data[end] == 0xFF and data[end + 1] not in (0, *range(0xD0, 0xD8))):
-                end += 1
-            out.append((i, end))
-        i = end
-    return out
-
-
-def jpeg_with_scans(total: int) -> bytes:
+def jpeg_withjpeg_scans(total: int) -> bytes:
     """A small progressive JPEG of exactly `total` scans (its last scan repeated)."""
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (32, 48, 3), np.uint8)
     data = encode(Image.fromarray(pixels), "JPEG", progressive=True, quality=90)
-    scans = _scans(data)
+    scans = jpeg_scans(data)
     start, end = scans[-1]
     out = data[:start] + data[start:end] * (total - len(scans) + 1) + data[end:]
-    assert len(_scans(out)) == out.count(b"\xff\xda") == total
+    assert len(jpeg_scans(out)) == out.count(b"\xff\xda") == total
     return out
 
 
 def test_a_jpeg_of_100_scans_is_ingested_and_one_of_101_is_a_decompression_bomb(tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()
-    (folder / "scans100.jpg").write_bytes(jpeg_with_scans(100))
-    (folder / "scans101.jpg").write_bytes(jpeg_with_scans(101))
+    (folder / "scans100.jpg").write_bytes(jpeg_withjpeg_scans(100))
+    (folder / "scans101.jpg").write_bytes(jpeg_withjpeg_scans(101))
     out = ingest(tmp_path / "ds", folder)
     row = rows_by_id(out)["scans100.jpg"]
     assert (row[C.WIDTH], row[C.HEIGHT], row[C.IMAGE_FORMAT]) == (48, 32, "jpeg")

@@ -16,7 +16,7 @@ import time
 import zlib
 
 import numpy as np
-from conftest import MMTOOLS, image_bytes, mmtools
+from conftest import MMTOOLS, image_bytes, jpeg_scans, mmtools
 from harness import THREADS, media_file, outcome, png_header, tiny_clip
 from PIL import Image
 
@@ -133,25 +133,12 @@ def test_huge_legal_images_stay_within_the_memory_budget(tmp_path):
     assert rss < BUDGET
 
 
-def _scans(data: bytes) -> list[tuple[int, int]]:
-    """(start, end) of each SOS segment of a JPEG, its entropy-coded data included."""
-    out, i = [], 2
-    while data[i + 1] != 0xD9:
-        end = i + 2 + int.from_bytes(data[i + 2 : i + 4], "big")
-        if data[i + 1] == 0xDA:
-            while not (data[end] == 0xFF and data[end + 1] not in (0, *range(0xD0, 0xD8))):
-                end += 1
-            out.append((i, end))
-        i = end
-    return out
-
-
 def scan_bomb(side: int = 4000, repeats: int = 12000) -> bytes:
     """A ~400 KB progressive JPEG whose last scan is repeated: minutes of decoding."""
     buf = io.BytesIO()
     Image.new("L", (side, side), 128).save(buf, "JPEG", progressive=True, quality=90)
     data = buf.getvalue()
-    start, end = _scans(data)[-1]
+    start, end = jpeg_scans(data)[-1]
     return data[:start] + data[start:end] * repeats + data[start:]
 
 
