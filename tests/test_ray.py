@@ -662,19 +662,33 @@ def test_concurrency_option_or_variable_sets_the_actors_of_a_model_step(
     assert len(map_actors() - before) == actors
 
 
-def gpu_demand(address: str, run: subprocess.Popen) -> list[tuple[dict, int]]:
-    """The requests for a GPU waiting on the cluster, as (resources, count), once there are."""
+def gpu_requests(address: str) -> list[tuple[dict, int]]:
+    """The requests for a GPU waiting on the cluster, as (resources, count)."""
     from ray.autoscaler.v2.sdk import get_cluster_status
 
+    demands = get_cluster_status(address).resource_demands.ray_task_actor_demand
+    found = [(b.bundle, b.count) for d in demands for b in d.bundles_by_count]
+    return [f for f in found if "GPU" in f[0]]
+
+
+def gpu_demand(address: str, run: subprocess.Popen) -> list[tuple[dict, int]]:
+    """The requests for a GPU waiting on the cluster once there are (`run`'s own: the test
+    waits for an earlier run's to clear before starting it)."""
     deadline = time.monotonic() + 60
-    while True:
-        demands = get_cluster_status(address).resource_demands.ray_task_actor_demand
-        found = [(b.bundle, b.count) for d in demands for b in d.bundles_by_count]
-        if any("GPU" in bundle for bundle, _ in found):
-            return [f for f in found if "GPU" in f[0]]
+    while not (found := gpu_requests(address)):
         assert run.poll() is None, f"it ended with no GPU asked for: {run.stderr.read()}"
         assert time.monotonic() < deadline, "no GPU was asked for"
         time.sleep(0.1)
+    return found
+
+
+def no_gpu_demand(address: str) -> None:
+    """Wait for the requests of an earlier, stopped run to leave the cluster's status: seen
+    by the next run's test, they would have it signal a process still starting up."""
+    deadline = time.monotonic() + 60
+    while gpu_requests(address):
+        assert time.monotonic() < deadline, "an earlier run's GPU request never cleared"
+        time.sleep(0.2)
 
 
 @pytest.mark.ray
@@ -691,15 +705,17 @@ def test_gpu_request_on_a_cluster_without_gpus_waits_for_a_gpu_until_stopped(
     out = tmp_path / "out"
     argv = [*MMTOOLS, "rewrite", str(ingested), "--backend", "template", "-o", str(out)]
     argv += ["--engine", "ray", "--ray-address", cluster, "-q", *args]
+    no_gpu_demand(cluster)
     run = subprocess.Popen(argv, env={**os.environ, **env}, stderr=subprocess.PIPE)
     try:
         demand = gpu_demand(cluster, run)
     finally:
         run.send_signal(signal.SIGTERM)
         code = run.wait(timeout=60)
+    stderr = run.stderr.read().decode()
     assert demand == [({"CPU": 1.0, "GPU": 0.5}, 1)]
-    assert code == 143
-    assert run.stderr.read().decode().splitlines()[-1] == (
+    assert code == 143, stderr
+    assert stderr.splitlines()[-1] == (
         "mmtools rewrite: error: stopped by SIGTERM; rerun the command to resume"
     )
     assert not (out / "_manifest.json").exists()
