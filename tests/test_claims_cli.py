@@ -23,10 +23,10 @@ from typer.testing import CliRunner
 from mmtools import columns as C
 from mmtools import engines
 from mmtools.cli import app
-from mmtools.cli.common import human_bytes
 from mmtools.errors import EXIT_DATA, EXIT_DRIFT, EXIT_USAGE, DriftError, UsageError
 from mmtools.io.dataset import DatasetSink, read_dropped
 from mmtools.io.source import Source
+from mmtools.sizes import human_bytes
 from mmtools.steps.dedup.step import Dedup, DedupConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -305,9 +305,9 @@ def test_phash_radius_table_and_the_default_four_bits_below_the_first_false_merg
         16: ["1.00", "1.00", "0.96–1.00", "1.00", "1.00", "1.00", "3 / 7"],
     }
     assert {r: _table_row(h, m, photo, edit, r) for r in table} == table
-    merges = [curve.measure(h, m, photo, edit, r, flip=True)["false_merges"] for r in range(17)]
-    first = next(r for r, v in enumerate(merges) if v)
-    assert first == 14 and DedupConfig().max_distance == first - 4
+    rows = [{"radius": r, **curve.measure(h, m, photo, edit, r, flip=True)} for r in range(17)]
+    first = next(r["radius"] for r in rows if r["false_merges"])
+    assert first == 14 and DedupConfig().max_distance == first - 4 == curve.default_radius(rows)
 
 
 def test_plain_phash_puts_mirrored_copies_beyond_every_radius_of_the_table(photo_hashes):

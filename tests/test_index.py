@@ -122,7 +122,8 @@ def test_compressed_index_recall_against_exact(tmp_path):
 
 def test_the_plan_follows_rows_and_memory():
     from mmtools.errors import UsageError
-    from mmtools.tools.index.plan import choose, parse_size
+    from mmtools.sizes import parse_size
+    from mmtools.tools.index.plan import choose
 
     assert parse_size("4GB") == 4 << 30 and parse_size("512MiB") == 512 << 20
     small = choose(50_000, 512, 4 << 30, 100_000)

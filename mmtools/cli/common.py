@@ -221,12 +221,3 @@ def report_line(text: str, c: Common, as_json: dict | None = None) -> None:
             print(json.dumps(as_json, sort_keys=True), file=sys.stderr)
     elif not c.quiet:
         print(text, file=sys.stderr)
-
-
-def human_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"

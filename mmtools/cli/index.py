@@ -105,8 +105,8 @@ def index(
     model without rebuilding (another model is refused, exit 6). --kmeans K stores K
     k-means centres of the input instead: reference centroids for `filter --near`.
     """
+    from mmtools.sizes import parse_size
     from mmtools.tools.index.build import IndexBuild, IndexConfig
-    from mmtools.tools.index.plan import parse_size
 
     setup_logging(common.verbose, common.quiet)
     if not common.output or common.output == "-":

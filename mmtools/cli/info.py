@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from mmtools.cli import options as O
-from mmtools.cli.common import Common, human_bytes, open_source, setup_logging
+from mmtools.cli.common import Common, open_source, setup_logging
+from mmtools.sizes import human_bytes
 
 
 @O.expand(common=O.DATASET.only("inputs", "verbose"))

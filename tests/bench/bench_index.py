@@ -142,8 +142,9 @@ def main() -> int:
     rows = args.rows or (100_000 if args.quick else 1_000_000)
     sys.path.insert(0, str(ROOT))
     from mmtools.io.index import IndexReader
+    from mmtools.sizes import human_bytes as human
+    from mmtools.sizes import parse_size
     from mmtools.tools.index.hits import find
-    from mmtools.tools.index.plan import human, parse_size
 
     targets = Targets()
     data, index = args.data / f"data-{rows}", args.data / f"index-{rows}"

@@ -24,8 +24,9 @@ from mmtools.errors import DriftError, UsageError, uninterrupted
 from mmtools.io import index as X
 from mmtools.io import layout as L
 from mmtools.io.fs import store
+from mmtools.sizes import human_bytes
 from mmtools.tools.index.parts import Parts
-from mmtools.tools.index.plan import Plan, centroids_plan, choose, human
+from mmtools.tools.index.plan import Plan, centroids_plan, choose
 
 log = logging.getLogger("mmtools")
 
@@ -83,7 +84,12 @@ class BuildReport:
         kind = "exact" if self.factory == "Flat" else self.factory
         if self.nprobe is not None:
             kind += f", nprobe {self.nprobe} (recall@10 ~{self.recall:.2f} vs all lists)"
-        parts += [f"{self.rows_total} vectors", kind, human(self.bytes), f"{self.seconds:.1f} s"]
+        parts += [
+            f"{self.rows_total} vectors",
+            kind,
+            human_bytes(self.bytes),
+            f"{self.seconds:.1f} s",
+        ]
         return "mmtools index: " + ", ".join(parts) + f" -> {self.output}"
 
     def as_dict(self) -> dict:

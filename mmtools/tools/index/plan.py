@@ -19,12 +19,12 @@ ten neighbours that scanning every list finds.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from mmtools.errors import UsageError
+from mmtools.sizes import human_bytes
 
 BASE_BYTES = 400 << 20  # the process before any vector: Python, pyarrow, numpy, faiss
 LABEL_BYTES = 8  # an IVF list stores an int64 label beside each code
@@ -32,26 +32,6 @@ ROW_WORK_BYTES = 12  # per dimension of a part's row: read (float16), float32, n
 MIN_PART, MAX_PART = 1024, 100_000
 RECALL_TARGET = 0.97
 CALIBRATION_WORK = 3e7  # query x row products spent finding nprobe (30 queries for 1M rows)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """'4GB', '512M', '1.5GiB' or '1000000' as bytes (K, M, G, T: powers of 1024)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", text.lower())
-    if not m:
-        raise UsageError(f"--max-memory takes a size such as 4GB or 512MB, not {text!r}")
-    return int(float(m[1]) * _UNITS[m[2]])
-
-
-def human(n: float, up: bool = False) -> str:
-    """A byte count for people: 1.5 GiB; `up` rounds up (a figure to give that is enough)."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            if unit == "B":
-                return f"{math.ceil(n) if up else round(n)} B"
-            return f"{math.ceil(n * 10) / 10 if up else n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 @dataclass(frozen=True)
@@ -118,7 +98,7 @@ def choose(
     """The index for `rows` vectors of `dim` within `budget` bytes of memory."""
     usable = budget - BASE_BYTES
     if usable <= 0:
-        raise UsageError(f"--max-memory must be more than {human(BASE_BYTES)}")
+        raise UsageError(f"--max-memory must be more than {human_bytes(BASE_BYTES)}")
     part = part_rows or int(np.clip(usable // 8 // (dim * ROW_WORK_BYTES), MIN_PART, MAX_PART))
     working = part * dim * ROW_WORK_BYTES
     if rows < exact_below and Plan("flat", dim).index_bytes(rows) + working <= usable:
@@ -132,8 +112,8 @@ def choose(
     else:
         least = Plan("ivf", dim, nlist, codes(dim)[-1]).index_bytes(rows) * 1.1 + working
         raise UsageError(
-            f"--max-memory {human(budget)} is too small for {rows} vectors of {dim} "
-            f"dimensions; give at least {human(least + BASE_BYTES, up=True)}"
+            f"--max-memory {human_bytes(budget)} is too small for {rows} vectors of {dim} "
+            f"dimensions; give at least {human_bytes(least + BASE_BYTES, up=True)}"
         )
     # The sample and k-means' copy of it take at most half of what is left.
     fits = int(usable // 2 // (dim * 4 * 2))
