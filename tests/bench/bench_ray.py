@@ -1,13 +1,16 @@
 """Benchmark: one pipeline on the local engine and on Ray (2 CPUs), and how Ray scales out.
 
-Run: python tests/bench/bench_ray.py [--quick] [--dedup-rows N]
+Run: python tests/bench/bench_ray.py [--quick] [--images N] [--dedup-rows N]
 
 1. Overhead: ingest -> embed (a tiny random open_clip model) -> score -> filter --where ->
-   dedup exact -> mixup, each step reading the previous step's output, on N generated
-   captioned JPEGs (N = 2,000; --quick 300), by the local engine and by the Ray engine on
-   a local cluster of 2 CPUs, started once beforehand (its start-up time is printed apart).
-   Prints seconds per step and the ratio Ray / local; above 1 is Ray's overhead. Then dedup
-   (exact, phash, semantic) with Ray's groupby forced on that small input: its fixed cost.
+   dedup exact -> mixup, each step reading the previous step's output with the commands'
+   default batch sizes, on N generated captioned JPEGs (N = 20,000; --quick 300), by the
+   local engine and by the Ray engine on a local cluster of 2 CPUs, started once beforehand
+   (its start-up time is printed apart). Prints seconds per step and the ratio Ray / local;
+   above 1 is Ray's overhead. Target: the whole chain on Ray in at most 1.5x the local
+   engine's time, from 20,000 images on (exit 1 when missed), with the same rows out of
+   every step. Then dedup (exact, phash, semantic) with Ray's groupby forced on that small
+   input: its fixed cost.
 2. Scaling, simulated: a model-like step that spends a fixed 0.5 s (--quick 0.2 s) per batch
    waiting (as a model step waits on its accelerator or a rewrite step on its LLM server), in
    an actor pool of 1, 2, 4 and 8 workers on a cluster of that many logical CPUs. Prints the
@@ -31,10 +34,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+from timing import Targets
 
 from mmtools.step import Result, Step
 
-BATCH = 64
+BATCH = 64  # rows per batch of the scaling test's simulated model step
+MODEL_BATCH = 256  # the default --batch-size of ingest, embed, score and mixup
+TARGET_IMAGES = 20_000  # the Ray/local target holds from this many images on
+TARGET_RATIO = 1.5
 SHARD = 1000
 TINY_CLIP = {
     "embed_dim": 32,
@@ -60,8 +67,9 @@ def make_images(root: Path, n: int) -> Path:
     return root
 
 
-def pipeline(work: Path, images: Path) -> list[tuple[str, object, object]]:
-    """(command, make_source, make_steps) for each step; each reads the previous output."""
+def pipeline(work: Path, images: Path) -> list[tuple[str, object, object, int | None]]:
+    """(command, make_source, make_steps, batch size) for each step; each reads the previous
+    output; batch size None: sized by bytes, as filter and dedup do by default."""
     from mmtools.io.source import Source
     from mmtools.steps.dedup.step import Dedup, DedupConfig
     from mmtools.steps.embed import ClipEmbed, EmbedConfig
@@ -75,7 +83,7 @@ def pipeline(work: Path, images: Path) -> list[tuple[str, object, object]]:
     model = work / "tiny-clip.json"
     model.write_text(json.dumps(TINY_CLIP))
     embed = EmbedConfig(
-        model=str(model), pretrained="none", device="cpu", batch_size=BATCH, workers=2
+        model=str(model), pretrained="none", device="cpu", batch_size=MODEL_BATCH, workers=2
     )
 
     def src(name):
@@ -86,24 +94,38 @@ def pipeline(work: Path, images: Path) -> list[tuple[str, object, object]]:
             "ingest",
             lambda: ListingSource([str(images)], ListingOptions()),
             lambda s: [Ingest(IngestConfig(), s.kinds, workers=2)],
+            MODEL_BATCH,
         ),
-        ("embed", src("ingest"), lambda s: [ClipEmbed(embed)]),
-        ("score", src("embed"), lambda s: score_steps(s.schema, None, embed)),
-        ("filter", src("score"), lambda s: [make_filter(FilterConfig(where="clip_score > -1"))]),
-        ("dedup", src("filter"), lambda s: [Dedup(DedupConfig(methods=("exact",)))]),
-        ("mixup", src("dedup"), lambda s: [Mixup(MixupConfig(fraction=0.3, seed=1))]),
+        ("embed", src("ingest"), lambda s: [ClipEmbed(embed)], MODEL_BATCH),
+        ("score", src("embed"), lambda s: score_steps(s.schema, None, embed), MODEL_BATCH),
+        (
+            "filter",
+            src("score"),
+            lambda s: [make_filter(FilterConfig(where="clip_score > -1"))],
+            None,
+        ),
+        ("dedup", src("filter"), lambda s: [Dedup(DedupConfig(methods=("exact",)))], None),
+        ("mixup", src("dedup"), lambda s: [Mixup(MixupConfig(fraction=0.3, seed=1))], MODEL_BATCH),
     ]
 
 
 def run_once(
-    executor, out: Path, command: str, make_source, make_steps, batch_size: int = BATCH, **kw
+    executor,
+    out: Path,
+    command: str,
+    make_source,
+    make_steps,
+    batch_size: int | None = BATCH,
+    **kw,
 ) -> float:
-    """Seconds for one step run into a fresh output directory (`executor`: its class)."""
+    """Seconds for one step run into a fresh output directory (`executor`: its class;
+    `batch_size` None: sized by bytes)."""
     from mmtools import engines
     from mmtools.io.dataset import DatasetSink
 
     source = make_source()
     steps = make_steps(source)
+    batch_size = batch_size or source.batch_rows()
     t0 = time.perf_counter()
     engines.run(
         command,
@@ -118,7 +140,8 @@ def run_once(
     return time.perf_counter() - t0
 
 
-def bench_overhead(n: int, tmp: Path) -> None:
+def bench_overhead(n: int, tmp: Path, targets: Targets) -> None:
+    import pyarrow.parquet as pq
     import ray
 
     from mmtools.engines.local import LocalExecutor
@@ -136,18 +159,23 @@ def bench_overhead(n: int, tmp: Path) -> None:
     print(f"{'step':8} {'local s':>8} {'ray s':>8} {'ray/local':>9}   ({n:,} images)")
     for name, eng in (("local", LocalExecutor), ("ray", ray_engine.RayExecutor)):
         work = tmp / name
-        for command, make_source, make_steps in pipeline(work, images):
-            seconds = run_once(eng, work / command, command, make_source, make_steps)
+        for command, make_source, make_steps, size in pipeline(work, images):
+            seconds = run_once(eng, work / command, command, make_source, make_steps, size)
             totals[name] += seconds
             totals[(name, command)] = seconds
     for command, *_ in pipeline(tmp / "local", images):
         a, b = totals[("local", command)], totals[("ray", command)]
-        print(f"{command:8} {a:8.2f} {b:8.2f} {b / a:9.2f}")
+        ids = [pq.read_table(tmp / e / command, columns=["id"])["id"] for e in ("local", "ray")]
+        same = "same rows" if ids[0].equals(ids[1]) else "ROWS DIFFER"
+        print(f"{command:8} {a:8.2f} {b:8.2f} {b / a:9.2f}   {len(ids[0]):,} rows, {same}")
+        targets.holds(f"{command}: the same rows on both engines", ids[0].equals(ids[1]), same)
     a, b = totals["local"], totals["ray"]
     print(
         f"{'total':8} {a:8.2f} {b:8.2f} {b / a:9.2f}   "
         f"({n / a:,.0f} vs {n / b:,.0f} images/s end to end)"
     )
+    if n >= TARGET_IMAGES:
+        targets.at_most(f"Ray / local, {n:,} images", b / a, TARGET_RATIO, "x")
     bench_forced_shuffle(tmp)
     ray.shutdown()
 
@@ -306,6 +334,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small run (CI smoke test)")
     parser.add_argument(
+        "--images", type=int, default=None, help=f"images (default {TARGET_IMAGES:,}; --quick 300)"
+    )
+    parser.add_argument(
         "--dedup-rows", type=int, default=0, help="also time dedup on this many rows"
     )
     args = parser.parse_args()
@@ -314,12 +345,14 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(2)  # the local engine gets the same 2 CPUs as the Ray cluster
-    n = 300 if args.quick else 2000
+    n = args.images or (300 if args.quick else TARGET_IMAGES)
+    targets = Targets()
     with tempfile.TemporaryDirectory(prefix="bench-ray-") as d:
-        bench_overhead(n, Path(d))
+        bench_overhead(n, Path(d), targets)
         bench_scaling(args.quick, Path(d))
         if args.dedup_rows:
             bench_dedup_rows(args.dedup_rows, Path(d))
+    return targets.exit_code()
 
 
 if __name__ == "__main__":
