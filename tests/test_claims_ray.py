@@ -401,13 +401,14 @@ def still_running(seen: dict[int, tuple[int, str]]) -> set[int]:
     return {pid for pid, (start, _) in seen.items() if (proc_stat(pid) or (0, -1))[1] == start}
 
 
-def naming(text: str) -> set[int]:
-    """The live processes whose command line holds `text`."""
+def naming(text: str, where: tuple[str, ...] = ("cmdline",)) -> set[int]:
+    """The live processes whose command line (or other /proc files `where`) holds `text`."""
     found = set()
     for pid in processes():
-        with contextlib.suppress(OSError):
-            if text.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-                found.add(pid)
+        for name in where:
+            with contextlib.suppress(OSError):
+                if text.encode() in Path(f"/proc/{pid}/{name}").read_bytes():
+                    found.add(pid)
     return found
 
 
@@ -464,6 +465,41 @@ def test_run_with_no_ray_address_starts_its_own_cluster_holds_the_lock_and_stops
             run.kill()
             run.wait()
         for pid in still_running(seen):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.ray
+def test_a_run_that_fails_after_starting_its_own_cluster_stops_it(rows, tmp_path):
+    """An error leaves the process without Python's teardown (Ray's, at exit, could turn the
+    exit code into another); the cluster the run started is stopped first. Here the error
+    comes once the cluster is up: a GPU asked of a cluster with none. Its processes are told
+    apart by its own Ray temporary directory, in their environment (Ray's agents rename
+    themselves, which clears it from their command lines)."""
+    pytest.importorskip("ray")
+    ray_tmp = tempfile.mkdtemp(prefix="mmtools-ray-", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    for name in ("RAY_ADDRESS", "MMTOOLS_RAY_ADDRESS"):
+        env.pop(name, None)
+    try:
+        ray = ["--engine", "ray", "--num-gpus-per-worker", "0.5"]
+        argv = [*MMTOOLS, "rewrite", str(rows), "--backend", "template", *ray, "-q"]
+        run = subprocess.run([*argv, "-o", str(tmp_path / "out")], env=env, capture_output=True)
+        assert run.returncode == 2, run.stderr.decode()
+        assert run.stderr.decode().splitlines()[-1].startswith(
+            "mmtools rewrite: error: each worker asks for 0.5 GPU and the Ray cluster has 0"
+        )
+        # A cluster left behind goes on starting its agents for a while: watch for 8 s.
+        seen: set[int] = set()
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            seen |= naming(ray_tmp, ("environ", "cmdline"))
+            time.sleep(0.1)
+        left = seen & naming(ray_tmp, ("environ", "cmdline"))
+        assert not left, [Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in left]
+    finally:
+        for pid in naming(ray_tmp, ("environ", "cmdline")):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -105,6 +106,7 @@ def main() -> None:
     except (BrokenPipeError, DownstreamClosed):
         # Leave at once: the reader is gone, and tearing down torch/Ray can take seconds.
         code = _quiet_pipe()
+        _stop_own_ray_cluster()
         sys.stderr.flush()
         os._exit(code)
     except MmtoolsError as e:
@@ -113,7 +115,7 @@ def main() -> None:
 
             traceback.print_exc()
         print(f"{prefix}: error: {_one_line(e)}", file=sys.stderr)
-        sys.exit(e.exit_code)
+        _leave(e.exit_code)
     except Exception as e:
         if verbose:
             raise
@@ -121,7 +123,30 @@ def main() -> None:
             f"{prefix}: error: {type(e).__name__}: {_one_line(e)} (rerun with -v for details)",
             file=sys.stderr,
         )
-        sys.exit(1)
+        _leave(1)
+
+
+def _leave(code: int) -> None:
+    """Exit with `code` after an error or a signal. A Ray driver leaves without Python's
+    teardown: Ray's own, at exit, races the pipeline the error stopped and can end the process
+    with another code (1, or killed by SIGTERM). A cluster this process started is stopped
+    first."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        sys.exit(code)
+    _stop_own_ray_cluster()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
+
+
+def _stop_own_ray_cluster() -> None:
+    if "ray" in sys.modules:
+        from mmtools.engines.ray.cluster import stop_own_cluster
+
+        with contextlib.suppress(Exception):  # leaving anyway; the run's error is reported
+            stop_own_cluster()
 
 
 def _one_line(e: BaseException) -> str:

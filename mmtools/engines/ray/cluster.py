@@ -45,6 +45,8 @@ def connect(options: RayOptions, actors: bool = False):
         where, named = _bootstrap(options.address)
         if where:
             _check_reachable(where, named)
+        global _started_here
+        _started_here = where is None
         # Worker output is not forwarded: stdout may carry the Arrow stream.
         kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=level)
         with _own_signals():
@@ -58,6 +60,19 @@ def connect(options: RayOptions, actors: bool = False):
     ctx.retried_map_errors = True  # a step that raises on a batch: the batch is run again
     ctx.max_map_retries = options.retries
     return ray
+
+
+_started_here = False  # whether `connect` started the local cluster it joined
+
+
+def stop_own_cluster() -> None:
+    """Stop the local cluster this process started, if any (before leaving without Python's
+    teardown, which would have stopped it)."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if _started_here and ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 @contextlib.contextmanager
