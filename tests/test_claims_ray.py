@@ -487,8 +487,12 @@ def test_a_run_that_fails_after_starting_its_own_cluster_stops_it(rows, tmp_path
         argv = [*MMTOOLS, "rewrite", str(rows), "--backend", "template", *ray, "-q"]
         run = subprocess.run([*argv, "-o", str(tmp_path / "out")], env=env, capture_output=True)
         assert run.returncode == 2, run.stderr.decode()
-        assert run.stderr.decode().splitlines()[-1].startswith(
-            "mmtools rewrite: error: each worker asks for 0.5 GPU and the Ray cluster has 0"
+        assert (
+            run.stderr.decode()
+            .splitlines()[-1]
+            .startswith(
+                "mmtools rewrite: error: each worker asks for 0.5 GPU and the Ray cluster has 0"
+            )
         )
         # A cluster left behind goes on starting its agents for a while: watch for 8 s.
         seen: set[int] = set()
@@ -503,6 +507,27 @@ def test_a_run_that_fails_after_starting_its_own_cluster_stops_it(rows, tmp_path
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.ray
+def test_main_called_from_python_with_a_cluster_already_joined_returns_its_error(rows, tmp_path):
+    """Only a process whose command joined Ray leaves without Python's teardown; a caller
+    that joined its own cluster first (a notebook, a test) gets SystemExit as usual."""
+    pytest.importorskip("ray")
+    bad = ["filter", str(rows), "--where", "no_such_column > 1", "--engine", "ray", "-q"]
+    code = (
+        "import sys, ray\n"
+        "ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)\n"
+        "from mmtools.cli import main\n"
+        f"sys.argv = ['mmtools', *{bad!r}, '-o', {str(tmp_path / 'out')!r}]\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    print('returned', e.code)\n"
+        "print('cluster still joined:', ray.is_initialized())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MMTOOLS_RAY_ADDRESS")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, timeout=120)
+    assert proc.stdout.decode().splitlines() == ["returned 2", "cluster still joined: True"], (
+        proc.stderr.decode()[-2000:]
+    )
 
 
 # -- an object store lost mid-run -------------------------------------------------------------

@@ -130,9 +130,9 @@ def _leave(code: int) -> None:
     """Exit with `code` after an error or a signal. A Ray driver leaves without Python's
     teardown: Ray's own, at exit, races the pipeline the error stopped and can end the process
     with another code (1, or killed by SIGTERM). A cluster this process started is stopped
-    first."""
-    ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized():
+    first. A process that joined its cluster before the command ran (`main()` called from
+    Python) keeps it, and exits as usual."""
+    if not _joined_ray_here():
         sys.exit(code)
     _stop_own_ray_cluster()
     for stream in (sys.stdout, sys.stderr):
@@ -141,8 +141,16 @@ def _leave(code: int) -> None:
     os._exit(code)
 
 
+def _joined_ray_here() -> bool:
+    if not sys.modules.get("ray"):
+        return False
+    from mmtools.engines.ray.cluster import joined_here
+
+    return joined_here()
+
+
 def _stop_own_ray_cluster() -> None:
-    if "ray" in sys.modules:
+    if sys.modules.get("ray"):
         from mmtools.engines.ray.cluster import stop_own_cluster
 
         with contextlib.suppress(Exception):  # leaving anyway; the run's error is reported

@@ -45,8 +45,8 @@ def connect(options: RayOptions, actors: bool = False):
         where, named = _bootstrap(options.address)
         if where:
             _check_reachable(where, named)
-        global _started_here
-        _started_here = where is None
+        global _joined_here, _started_here
+        _joined_here, _started_here = True, where is None
         # Worker output is not forwarded: stdout may carry the Arrow stream.
         kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=level)
         with _own_signals():
@@ -62,16 +62,24 @@ def connect(options: RayOptions, actors: bool = False):
     return ray
 
 
-_started_here = False  # whether `connect` started the local cluster it joined
+_joined_here = False  # whether `connect` joined a cluster (not one joined before it was called)
+_started_here = False  # whether that cluster is a local one it started
+
+
+def joined_here() -> bool:
+    """Whether this process's `connect` joined the Ray cluster it is connected to."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    return _joined_here and ray is not None and ray.is_initialized()
 
 
 def stop_own_cluster() -> None:
     """Stop the local cluster this process started, if any (before leaving without Python's
     teardown, which would have stopped it)."""
-    import sys
+    if _started_here and joined_here():
+        import ray
 
-    ray = sys.modules.get("ray")
-    if _started_here and ray is not None and ray.is_initialized():
         ray.shutdown()
 
 
