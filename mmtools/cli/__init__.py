@@ -99,6 +99,8 @@ def main() -> None:
     prefix = f"mmtools {cmd}" if cmd else "mmtools"
     verbose = any(a in ("-v", "--verbose") for a in sys.argv[1:])
     lean_arrow()
+    global _ray_before
+    _ray_before = _ray_joined()
     try:
         app(
             prog_name="mmtools"
@@ -106,7 +108,8 @@ def main() -> None:
     except (BrokenPipeError, DownstreamClosed):
         # Leave at once: the reader is gone, and tearing down torch/Ray can take seconds.
         code = _quiet_pipe()
-        _stop_own_ray_cluster()
+        if not _ray_before:
+            _stop_own_ray_cluster()
         sys.stderr.flush()
         os._exit(code)
     except MmtoolsError as e:
@@ -130,9 +133,9 @@ def _leave(code: int) -> None:
     """Exit with `code` after an error or a signal. A Ray driver leaves without Python's
     teardown: Ray's own, at exit, races the pipeline the error stopped and can end the process
     with another code (1, or killed by SIGTERM). A cluster this process started is stopped
-    first. A process that joined its cluster before the command ran (`main()` called from
-    Python) keeps it, and exits as usual."""
-    if not _joined_ray_here():
+    first. A process that had joined its cluster before the command ran (`main()` called
+    from Python) keeps it, and exits as usual."""
+    if _ray_before or not _ray_joined():
         sys.exit(code)
     _stop_own_ray_cluster()
     for stream in (sys.stdout, sys.stderr):
@@ -141,12 +144,15 @@ def _leave(code: int) -> None:
     os._exit(code)
 
 
-def _joined_ray_here() -> bool:
+_ray_before = False  # whether this process was connected to Ray before the command ran
+
+
+def _ray_joined() -> bool:
     if not sys.modules.get("ray"):
         return False
-    from mmtools.engines.ray.cluster import joined_here
+    from mmtools.engines.ray.cluster import joined
 
-    return joined_here()
+    return joined()
 
 
 def _stop_own_ray_cluster() -> None:

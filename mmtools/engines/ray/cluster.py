@@ -45,8 +45,8 @@ def connect(options: RayOptions, actors: bool = False):
         where, named = _bootstrap(options.address)
         if where:
             _check_reachable(where, named)
-        global _joined_here, _started_here
-        _joined_here, _started_here = True, where is None
+        global _started_here
+        _started_here = where is None
         # Worker output is not forwarded: stdout may carry the Arrow stream.
         kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=level)
         with _own_signals():
@@ -62,22 +62,21 @@ def connect(options: RayOptions, actors: bool = False):
     return ray
 
 
-_joined_here = False  # whether `connect` joined a cluster (not one joined before it was called)
-_started_here = False  # whether that cluster is a local one it started
+_started_here = False  # whether the last `connect` that joined a cluster started it
 
 
-def joined_here() -> bool:
-    """Whether this process's `connect` joined the Ray cluster it is connected to."""
+def joined() -> bool:
+    """Whether this process is connected to a Ray cluster (without importing Ray)."""
     import sys
 
     ray = sys.modules.get("ray")
-    return _joined_here and ray is not None and ray.is_initialized()
+    return bool(ray) and ray.is_initialized()
 
 
 def stop_own_cluster() -> None:
     """Stop the local cluster this process started, if any (before leaving without Python's
     teardown, which would have stopped it)."""
-    if _started_here and joined_here():
+    if _started_here and joined():
         import ray
 
         ray.shutdown()
