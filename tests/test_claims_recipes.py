@@ -8,7 +8,6 @@ import os
 import re
 import stat
 import subprocess
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import pytest
 from conftest import mmtools, read_dataset
 from llm_server import LLMServer
 from PIL import Image
-from test_recipes import shapes  # noqa: F401  (module fixture: 40 ingested shape images)
+from test_recipes import _tar, shapes  # noqa: F401  (shapes: module fixture, 40 ingested images)
 from test_recipes_filter import RECIPES, pool, run_recipe  # noqa: F401
 
 from mmtools import columns as C
@@ -200,14 +199,7 @@ def test_query_filter_recipe_defaults_to_three_queries_at_0_25(tmp_path):
 def test_cron_recipe_skips_while_another_run_holds_the_lock(tmp_path):
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     inbox.mkdir()
-    with tarfile.open(inbox / "00000.tar", "w") as tar:
-        for i, s in enumerate(synth.generate(2, seed=0)):
-            buf = io.BytesIO()
-            s.image.save(buf, "JPEG")
-            for ext, data in (("jpg", buf.getvalue()), ("txt", s.caption.encode())):
-                info = tarfile.TarInfo(f"{i:09d}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+    _tar(inbox / "00000.tar", 0, 2)
     (out / "curated").mkdir(parents=True)
     env = {"MODEL": "mmtools-shapes", "PRETRAINED": "", "WHERE": "clip_score > -1"}
     with open(out / ".cron.lock", "w") as lock:
