@@ -197,6 +197,10 @@ class Step:
     # Loads something heavy in `setup()` (a model): on Ray it runs in an actor pool, loaded
     # once per actor, not in tasks that would load it per batch.
     loads_model: ClassVar[bool] = False
+    # Works on column values only (no model, no media to decode), at little cost per row: on
+    # Ray, a run of such steps over a small input computes in the driver process
+    # (`engines.ray.executor.DRIVER_ROWS`), where Ray's per-task cost would outweigh it.
+    light: ClassVar[bool] = False
     # Attributes that stay behind when the step is pickled; `setup()` rebuilds them.
     transient: ClassVar[tuple[str, ...]] = ()
     # Every input row either succeeds (an output row) or is rejected (ingest): the summary

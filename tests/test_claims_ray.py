@@ -169,14 +169,27 @@ def test_below_100_000_input_rows_a_global_step_is_decided_on_the_driver():
     assert ray_engine.SHUFFLE_MIN_ROWS == 100_000
 
 
+def test_below_100_000_input_rows_light_steps_compute_on_the_driver():
+    """test_ray's test_light_steps_over_a_small_input_compute_in_the_driver shows it (the
+    threshold lowered there); this pins the threshold."""
+    from mmtools.engines.ray import executor as ray_engine
+
+    assert ray_engine.DRIVER_ROWS == 100_000
+
+
 # -- counters beside the row counts -----------------------------------------------------------
 
 
 @pytest.mark.ray
-def test_filter_invert_counts_per_rule_add_up_the_same_on_both_engines(ray_address, tmp_path):
+def test_filter_invert_counts_per_rule_add_up_the_same_on_both_engines(
+    ray_address, tmp_path, monkeypatch
+):
     """Two rules, each the only one to drop its rows: `where` the 5 highest keys, the top
-    fraction the 20 lowest; spread over 4 files in shuffled order."""
+    fraction the 20 lowest; spread over 4 files in shuffled order; on the Ray workers."""
+    from mmtools.engines.ray import executor as ray_engine
     from mmtools.steps.filter.step import FilterConfig, make_filter
+
+    monkeypatch.setattr(ray_engine, "DRIVER_ROWS", 0)
 
     order = np.random.default_rng(5).permutation(40)
     table = pa.table({C.ID: [f"r{i:03d}" for i in order], "key": order.astype(np.float64)})

@@ -260,9 +260,13 @@ def test_info_and_rebuild_from_the_datasets_that_fed_it(tmp_path):
     assert not_index.returncode == 2 and "is not a dedup index" in not_index.stderr.decode()
 
 
-def test_index_dedup_on_ray_equals_local(tmp_path):
+def test_index_dedup_on_ray_equals_local(tmp_path, monkeypatch):
     pytest.importorskip("ray")
     from test_ray import assert_same, run_both
+
+    from mmtools.engines.ray import executor as ray_engine
+
+    monkeypatch.setattr(ray_engine, "DRIVER_ROWS", 0)  # on the workers
 
     table, batch = captions_and_embeddings(n_base=40)
     files = batch_files(tmp_path, table, batch % 2)[:2]

@@ -60,9 +60,11 @@ def cluster():
 
 
 @pytest.fixture(autouse=True)
-def shuffle_small_inputs(monkeypatch):
-    """Global steps use Ray Data's sort and groupby even on these small inputs."""
+def workers_for_small_inputs(monkeypatch):
+    """Light steps compute on the workers, and global steps use Ray Data's sort and groupby,
+    even on these small inputs."""
     monkeypatch.setattr(ray_engine, "SHUFFLE_MIN_ROWS", 0)
+    monkeypatch.setattr(ray_engine, "DRIVER_ROWS", 0)
 
 
 @pytest.fixture(scope="module")
@@ -380,6 +382,89 @@ def test_mixup_on_ray_equals_local(cluster, ingested, tmp_path):
     assert manifests["ray"]["generated"] > 0
     mixed = rows.num_rows - rows.column(C.MIXUP_PARENTS).null_count
     assert mixed == manifests["ray"]["generated"]
+
+
+# -- where the steps compute ---------------------------------------------------------------
+
+
+class Pid(Step):
+    """Adds the id of the process that computed each row; `light` as given."""
+
+    name = "pid"
+
+    def __init__(self, light: bool):
+        super().__init__()
+        self.light = light
+
+    def output_schema(self, schema: pa.Schema) -> pa.Schema:
+        return schema.append(pa.field("pid", pa.int64()))
+
+    def process(self, batch: pa.RecordBatch) -> Result:
+        pids = pa.array([os.getpid()] * batch.num_rows, pa.int64())
+        return Result(batch.append_column("pid", pids))
+
+
+def pids(tmp: Path, source, steps: list, caplog) -> set[int]:
+    """The processes that computed the rows of one Ray run of `steps` over `source`."""
+    caplog.clear()
+    with caplog.at_level("INFO", logger="mmtools"):
+        run_ray("pid", source, steps, DatasetSink(str(tmp), shard_rows=SHARD), quiet=True)
+    return set(read(tmp)["pid"].to_pylist())
+
+
+@pytest.mark.ray
+def test_light_steps_over_a_small_input_compute_in_the_driver(
+    cluster, ingested, tmp_path, monkeypatch, caplog
+):
+    """Below DRIVER_ROWS input rows; heavy steps, larger inputs and streams go to the workers."""
+    from mmtools.steps.filter.step import FilterConfig, make_filter
+
+    monkeypatch.setattr(ray_engine, "DRIVER_ROWS", 34)  # the input has 33 rows
+    source = dataset_source(ingested)
+    me = os.getpid()
+    light = [make_filter(FilterConfig(where="true")), Pid(light=True)]
+    assert pids(tmp_path / "light", source(), light, caplog) == {me}
+    assert "pid: 33 input rows, no model and no media to decode" in caplog.text
+    assert read(tmp_path / "light").drop_columns("pid").equals(read(ingested))
+    heavy = [make_filter(FilterConfig(where="true")), Pid(light=False)]
+    assert me not in pids(tmp_path / "heavy", source(), heavy, caplog)
+    assert "computed in this process" not in caplog.text
+    monkeypatch.setattr(ray_engine, "DRIVER_ROWS", 33)
+    assert me not in pids(tmp_path / "large", source(), [Pid(light=True)], caplog)
+    monkeypatch.setattr(ray_engine, "DRIVER_ROWS", 34)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, read(ingested).schema) as writer:
+        writer.write_table(read(ingested))
+    stream = Source(["-"], stdin=pa.BufferReader(sink.getvalue()))
+    assert me not in pids(tmp_path / "stream", stream, [Pid(light=True)], caplog)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize(
+    ("methods", "light"), [(("exact", "minhash"), True), (("exact", "phash"), False)]
+)
+def test_dedup_is_light_unless_a_method_decodes_images(methods, light):
+    from mmtools.steps.dedup.step import Dedup, DedupConfig
+    from mmtools.steps.filter.step import FilterConfig, make_filter
+
+    assert Dedup(DedupConfig(methods=methods)).light is light
+    assert make_filter(FilterConfig(where="true", presets=("laion", "datacomp-basic"))).light
+    assert not make_filter(FilterConfig(presets=("audio-basic",))).light
+    assert not make_filter(FilterConfig(max_silence=0.5)).light
+
+
+@pytest.mark.ray
+def test_light_dedup_on_the_driver_equals_local(scored, tmp_path, monkeypatch):
+    """The same rows, ledger and manifest as the local engine, computed in the driver."""
+    from mmtools.steps.dedup.step import Dedup, DedupConfig
+
+    monkeypatch.setattr(ray_engine, "DRIVER_ROWS", 100_000)
+    config = DedupConfig(methods=("exact", "minhash"), threshold=0.5)
+    manifests = run_both(
+        tmp_path, "dedup", lambda src: [Dedup(config)], dataset_source(scored[0] / "local")
+    )
+    rows = assert_same(tmp_path, manifests)
+    assert rows.num_rows < 33 and sum(manifests["ray"]["dropped"].values()) > 0
 
 
 # -- failures: retried, reported, resumed ---------------------------------------------------

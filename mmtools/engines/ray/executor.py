@@ -16,6 +16,10 @@ SHUFFLE_MIN_ROWS rows on, the step is decided with Ray Data's own sort or groupb
 offers one (`global_ops`), else the driver scans the keys in input order. Its second pass
 runs on the workers, which receive the step with its decision.
 
+Steps that are all `light` (column values only: no model, no media to decode) over a Parquet
+input of fewer than DRIVER_ROWS rows compute in the driver process, as the local engine
+computes them: there, Ray's cost per task and per stage outweighs what the workers would do.
+
 A step that raises on a batch is run again on it (Ray Data's `max_map_retries`); a worker
 process that dies has its task re-run elsewhere, or its actor restarted and the batch re-run,
 a bounded number of times (then: exit 4, rerun resumes). An mmtools error (bad option, data
@@ -33,6 +37,7 @@ from contextlib import contextmanager
 import numpy as np
 import pyarrow as pa
 
+from mmtools.engines.local import LocalExecutor
 from mmtools.engines.ray import global_ops
 from mmtools.engines.ray.cluster import ENV_ADDRESS, RETRIES, RayOptions, connect
 from mmtools.engines.ray.envelope import Envelope, pack, unpack, wrap
@@ -53,6 +58,9 @@ log = logging.getLogger("mmtools")
 # Below this many rows a global step's keys are decided on the driver: the same result as
 # Ray Data's sort or groupby without their fixed cost (seconds of shuffle on a small input).
 SHUFFLE_MIN_ROWS = 100_000
+# Below this many input rows, light steps (`Step.light`) compute in the driver process: the
+# local engine's work, without Ray's seconds of per-stage and per-task cost.
+DRIVER_ROWS = 100_000
 
 
 # -- what runs on the workers -------------------------------------------------------------
@@ -275,18 +283,48 @@ class RayExecutor:
         require_module("ray", "ray")  # before the output is touched
         self.ray = None
         self._opened: list[Step] = []  # steps set up on the driver
+        self._steps: list[Step] = []
+        self._here: bool | None = None  # whether the steps compute in this process
 
     def setup(self, steps: list[Step]) -> None:
         """Join or start the cluster; the steps set up on the workers."""
         self.ray = connect(self.options, any(loads_model(s) for s in steps))
+        self._steps = steps
+
+    def _on_driver(self, source: Source) -> bool:
+        """Whether the steps compute in this process: all light, over a Parquet input of
+        fewer than DRIVER_ROWS rows (decided once, logged once)."""
+        from mmtools.io import source as files
+
+        if self._here is None:
+            rows = source.total_rows if isinstance(source, files.Source) else None
+            light = bool(self._steps) and all(s.light for s in self._steps)
+            self._here = light and rows is not None and rows < DRIVER_ROWS
+            if self._here:
+                log.info(
+                    "%s: %d input rows, no model and no media to decode: computed in this "
+                    "process (Ray's per-task cost would outweigh the work below %d rows)",
+                    ", ".join(s.name for s in self._steps),
+                    rows,
+                    DRIVER_ROWS,
+                )
+        return self._here
+
+    def _set_up_here(self, steps: list[Step]) -> None:
+        for step in steps:
+            if not any(step is s for s in self._opened):
+                self._opened.append(step)
+                step.setup()
 
     def scan(self, source: Source, step: GlobalStep, batch_size: int) -> None:
         """Pass 1: the workers compute the keys of their batches (`step.keys`: hashes,
         scores; never media); from SHUFFLE_MIN_ROWS rows on, Ray Data decides where the step
         offers a sort or a groupby (`global_ops`), else the driver scans the keys in input
         order."""
-        self._opened.append(step)
-        step.setup()
+        self._set_up_here([step])
+        if self._on_driver(source):
+            LocalExecutor().scan(source, step, batch_size)
+            return
         ds = _input(self.ray, source, batch_size, 0, list(step.scan_columns))
         decided = False
         if ds is not None:
@@ -308,6 +346,9 @@ class RayExecutor:
     ) -> Iterator[tuple[int, Result]]:
         """Pass 2 from input row `start`: one `map_batches` stage per step; the envelopes
         back in input order as results (an mmtools error from a worker raised here)."""
+        if self._on_driver(source):
+            self._set_up_here(steps)
+            return LocalExecutor().results(source, steps, start, batch_size)
         ds = _input(self.ray, source, batch_size, start)
         for i, step in enumerate(steps):
             seek = i == 0 and isinstance(step, GlobalStep)

@@ -106,6 +106,7 @@ class BucketGrouped:
     """
 
     bucket_columns: tuple[str, ...] = ()  # key columns the driver then does not need
+    light = True  # keys from column values (`Step.light`); False where media are decoded
     # With a dedup index: the model it keeps (set by `Dedup`), the one this run fitted for it
     # (staged with the run's keys), and whether the method's keys depend on one.
     index_model = None

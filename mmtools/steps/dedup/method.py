@@ -23,6 +23,7 @@ class DedupMethod(Bucketed, Protocol):
 
     name: ClassVar[str]
     failures: dict[int, tuple[str, str]]
+    light: ClassVar[bool]  # its keys come from column values, not decoded media (`Step.light`)
 
     def bind(self, schema: pa.Schema) -> list[str]:
         """Check the input schema; return the columns pass 1 must read."""

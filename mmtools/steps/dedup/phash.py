@@ -165,6 +165,7 @@ class PHash(BucketGrouped):
     """
 
     name = "phash"
+    light = False  # each key decodes an image
 
     def __init__(self, max_distance: int, max_pixels: int = DEFAULT_MAX_PIXELS, flip: bool = False):
         self.max_distance = max_distance

@@ -116,6 +116,11 @@ class Dedup(GlobalStep):
         self._key_rows: list[pa.RecordBatch] = []  # pass-1 keys, staged for the index
         self._seen_ids = pa.array([], pa.large_string())
 
+    @property
+    def light(self) -> bool:  # type: ignore[override]
+        """No method decodes media (pHash does)."""
+        return all(m.light for m in self.methods)
+
     def params(self) -> dict:
         """The options, JSON-ready, for the resume fingerprint."""
         out = {**super().params(), "methods": list(self.config.methods)}

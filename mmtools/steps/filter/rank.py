@@ -42,6 +42,7 @@ class TopFraction(GlobalStep):
     """
 
     name = "top_fraction"
+    light = True
 
     def __init__(self, config: TopFractionConfig):
         super().__init__(config)

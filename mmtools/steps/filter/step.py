@@ -96,6 +96,11 @@ class Filter(Step):
         self._exprs = None
         self._pool: ThreadPoolExecutor | None = None
 
+    @property
+    def light(self) -> bool:  # type: ignore[override]
+        """No audio rule (those decode the audio)."""
+        return not any(isinstance(r, AudioRule) for r in self.rules)
+
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
         """The input schema, after checking every rule against it (before any row is read)."""
         self._active = self._plan(schema)

@@ -78,6 +78,7 @@ class Score(Step):
     """Add the cosine of a media embedding and the text embedding as a float32 column."""
 
     name = "score"
+    light = True
 
     def __init__(self, config: ScoreConfig | None = None):
         super().__init__(config or ScoreConfig())
