@@ -338,6 +338,13 @@ class GlobalStep(Step):
 
     scan_columns: tuple[str, ...] = ()
 
+    @property
+    def light_keys(self) -> bool:
+        """Whether `keys` works on column values only (as `light` for the whole step): on Ray,
+        pass 1 over a small input then computes in the driver process. A step whose pass 2
+        decodes media may still have light keys (mixup's: ids)."""
+        return self.light
+
     def keys(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         """Pass 1, where the batch is (a Ray worker): what `scan` needs of a batch of the
         `scan_columns` (hashes, not media). A pure function of the batch."""

@@ -32,7 +32,7 @@ from mmtools.errors import PartialError, UsageError
 from mmtools.io.dataset import DatasetSink
 from mmtools.io.layout import DROPPED_DIR, REJECTS_DIR
 from mmtools.io.source import Source
-from mmtools.step import Result, Step
+from mmtools.step import GlobalStep, Result, Step
 
 BATCH, SHARD = 8, 12
 SUMMARY_KEYS = (
@@ -437,6 +437,49 @@ def test_light_steps_over_a_small_input_compute_in_the_driver(
         writer.write_table(read(ingested))
     stream = Source(["-"], stdin=pa.BufferReader(sink.getvalue()))
     assert me not in pids(tmp_path / "stream", stream, [Pid(light=True)], caplog)
+
+
+class PidKeys(GlobalStep, Pid):
+    """A global step whose pass 1 notes the processes that computed its keys; a heavy pass 2
+    (its rows computed on the workers), keys `light_keys` as given."""
+
+    name = "pid_keys"
+    scan_columns = (C.ID,)
+    light, light_keys = False, False
+
+    def __init__(self, light_keys: bool):
+        Step.__init__(self)
+        self.light_keys, self.key_pids = light_keys, set()
+
+    def keys(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        return pa.record_batch({"pid": [os.getpid()] * batch.num_rows})
+
+    def scan(self, batch: pa.RecordBatch) -> None:
+        self.key_pids |= set(batch.column(0).to_pylist())
+
+
+@pytest.mark.ray
+def test_light_keys_over_a_small_input_compute_in_the_driver(
+    cluster, ingested, tmp_path, monkeypatch, caplog
+):
+    """A global step's pass 1 (mixup's: ids) below DRIVER_ROWS rows; its pass 2 on the
+    workers."""
+    from mmtools.steps.mixup import Mixup, MixupConfig
+
+    assert Mixup(MixupConfig(fraction=0.3)).light_keys and not Mixup(MixupConfig()).light
+    monkeypatch.setattr(ray_engine, "DRIVER_ROWS", 34)  # the input has 33 rows
+    source, me = dataset_source(ingested), os.getpid()
+    step = PidKeys(light_keys=True)
+    assert me not in pids(tmp_path / "light", source(), [step], caplog)
+    assert step.key_pids == {me}
+    assert "pid_keys keys: 33 input rows" in caplog.text
+    heavy = PidKeys(light_keys=False)
+    assert me not in pids(tmp_path / "heavy", source(), [heavy], caplog)
+    assert heavy.key_pids and me not in heavy.key_pids
+    monkeypatch.setattr(ray_engine, "DRIVER_ROWS", 33)
+    large = PidKeys(light_keys=True)
+    assert me not in pids(tmp_path / "large", source(), [large], caplog)
+    assert large.key_pids and me not in large.key_pids
 
 
 @pytest.mark.ray

@@ -19,6 +19,7 @@ runs on the workers, which receive the step with its decision.
 Steps that are all `light` (column values only: no model, no media to decode) over a Parquet
 input of fewer than DRIVER_ROWS rows compute in the driver process, as the local engine
 computes them: there, Ray's cost per task and per stage outweighs what the workers would do.
+So does a global step's pass 1 when its keys are light (`GlobalStep.light_keys`).
 
 A step that raises on a batch is run again on it (Ray Data's `max_map_retries`); a worker
 process that dies has its task re-run elsewhere, or its actor restarted and the batch re-run,
@@ -294,20 +295,9 @@ class RayExecutor:
     def _on_driver(self, source: Source) -> bool:
         """Whether the steps compute in this process: all light, over a Parquet input of
         fewer than DRIVER_ROWS rows (decided once, logged once)."""
-        from mmtools.io import source as files
-
         if self._here is None:
-            rows = source.total_rows if isinstance(source, files.Source) else None
             light = bool(self._steps) and all(s.light for s in self._steps)
-            self._here = light and rows is not None and rows < DRIVER_ROWS
-            if self._here:
-                log.info(
-                    "%s: %d input rows, no model and no media to decode: computed in this "
-                    "process (Ray's per-task cost would outweigh the work below %d rows)",
-                    ", ".join(s.name for s in self._steps),
-                    rows,
-                    DRIVER_ROWS,
-                )
+            self._here = light and _small(source, ", ".join(s.name for s in self._steps))
         return self._here
 
     def _set_up_here(self, steps: list[Step]) -> None:
@@ -322,7 +312,7 @@ class RayExecutor:
         offers a sort or a groupby (`global_ops`), else the driver scans the keys in input
         order."""
         self._set_up_here([step])
-        if self._on_driver(source):
+        if self._on_driver(source) or (step.light_keys and _small(source, f"{step.name} keys")):
             LocalExecutor().scan(source, step, batch_size)
             return
         ds = _input(self.ray, source, batch_size, 0, list(step.scan_columns))
@@ -359,6 +349,24 @@ class RayExecutor:
         """Release the steps set up on the driver."""
         while self._opened:
             self._opened.pop().close()
+
+
+def _small(source: Source, what: str) -> bool:
+    """Whether `source` is a Parquet input of fewer than DRIVER_ROWS rows (where light work,
+    `what`, computes in this process: logged)."""
+    from mmtools.io import source as files
+
+    rows = source.total_rows if isinstance(source, files.Source) else None
+    if rows is None or rows >= DRIVER_ROWS:
+        return False
+    log.info(
+        "%s: %d input rows, no model and no media to decode: computed in this process (Ray's "
+        "per-task cost would outweigh the work below %d rows)",
+        what,
+        rows,
+        DRIVER_ROWS,
+    )
+    return True
 
 
 def _results(ds, start: int) -> Iterator[tuple[int, Result]]:

@@ -88,6 +88,7 @@ class Mixup(GlobalStep):
     name = "mixup"
     # Workers get the plan and the partners, not the thread pool or the spool file.
     transient = ("_pool", "_spool")
+    light_keys = True  # ids, and the column pairs are chosen by (`Step.light`)
 
     def __init__(self, config: MixupConfig, workers: int = 2):
         config.validate()
