@@ -484,10 +484,19 @@ def test_run_with_no_ray_address_starts_its_own_cluster_holds_the_lock_and_stops
 
 
 @pytest.mark.ray
-def test_a_run_that_fails_after_starting_its_own_cluster_stops_it(rows, tmp_path):
+@pytest.mark.parametrize(
+    ("ask", "error"),
+    [
+        (["--num-gpus-per-worker", "0.5"], "each worker asks for 0.5 GPU and the Ray cluster"),
+        (["--ray-concurrency", "64"], "64 model actors of 1 CPU each would leave no CPU of the"),
+    ],
+    ids=["gpu", "every-cpu"],
+)
+def test_a_run_that_fails_after_starting_its_own_cluster_stops_it(rows, tmp_path, ask, error):
     """An error leaves the process without Python's teardown (Ray's, at exit, could turn the
     exit code into another); the cluster the run started is stopped first. Here the error
-    comes once the cluster is up: a GPU asked of a cluster with none. Its processes are told
+    comes once the cluster is up: a GPU asked of a cluster with none, or model actors that
+    would hold every CPU (Ray Data would wait for ever to read their input). Its processes are told
     apart by its own Ray temporary directory, in their environment (Ray's agents rename
     themselves, which clears it from their command lines)."""
     pytest.importorskip("ray")
@@ -496,17 +505,13 @@ def test_a_run_that_fails_after_starting_its_own_cluster_stops_it(rows, tmp_path
     for name in ("RAY_ADDRESS", "MMTOOLS_RAY_ADDRESS"):
         env.pop(name, None)
     try:
-        ray = ["--engine", "ray", "--num-gpus-per-worker", "0.5"]
-        argv = [*MMTOOLS, "rewrite", str(rows), "--backend", "template", *ray, "-q"]
-        run = subprocess.run([*argv, "-o", str(tmp_path / "out")], env=env, capture_output=True)
-        assert run.returncode == 2, run.stderr.decode()
-        assert (
-            run.stderr.decode()
-            .splitlines()[-1]
-            .startswith(
-                "mmtools rewrite: error: each worker asks for 0.5 GPU and the Ray cluster has 0"
-            )
+        argv = [*MMTOOLS, "rewrite", str(rows), "--backend", "template", "--engine", "ray"]
+        run = subprocess.run(
+            [*argv, *ask, "-q", "-o", str(tmp_path / "out")], env=env, capture_output=True
         )
+        assert run.returncode == 2, run.stderr.decode()
+        last = run.stderr.decode().splitlines()[-1]
+        assert last.startswith(f"mmtools rewrite: error: {error}"), last
         # A cluster left behind goes on starting its agents for a while: watch for 8 s.
         seen: set[int] = set()
         deadline = time.monotonic() + 8

@@ -767,7 +767,7 @@ def map_actors() -> set[str]:
 @pytest.mark.parametrize(
     ("command", "args", "env", "actors"),
     [
-        ("rewrite", ["--concurrency", "1"], {}, 2),
+        ("rewrite", ["--concurrency", "1"], {}, 1),
         ("rewrite", ["--ray-concurrency", "1"], {}, 1),
         ("rewrite", [], {ENV_CONCURRENCY: "1"}, 1),
         ("filter", ["--concurrency", "1"], {}, 1),
@@ -778,7 +778,8 @@ def test_concurrency_option_or_variable_sets_the_actors_of_a_model_step(
     cluster, ingested, embedded, tmp_path, command, args, env, actors
 ):
     """`rewrite` and `filter --near` run in an actor pool. Without a Ray concurrency the pool
-    grows to one actor per CPU (2 here): rewrite's own --concurrency is requests in flight."""
+    grows to one actor per CPU but one, left to read the input (1 here): rewrite's own
+    --concurrency is requests in flight."""
     inputs = {
         "rewrite": [ingested, "--backend", "template"],
         "filter": [embedded, "--near", embedded, "--min-sim", 0.5],
@@ -895,6 +896,34 @@ def test_missing_ray_says_how_to_install_it(ingested, tmp_path):
     assert not (tmp_path / "out").exists()  # refused before the output is touched
 
 
+def test_model_actors_that_would_take_every_cpu_are_refused_on_a_cluster_of_the_runs_own(
+    caplog,
+):
+    """Ray Data starts a model step's actors first: holding every CPU, they leave none for
+    the tasks that read their input, and the run would wait for ever. A cluster joined may
+    add nodes: a warning."""
+    from mmtools.engines.ray.cluster import RayOptions
+
+    own = RayOptions()
+    with pytest.raises(UsageError) as e:
+        ray_engine.check_cpus(2, 2, own)
+    assert str(e.value) == (
+        "2 model actors of 1 CPU each would leave no CPU of the 2-CPU Ray cluster to read "
+        "their input: ask for at most 1 (--concurrency; rewrite: --ray-concurrency)"
+    )
+    with pytest.raises(UsageError, match="run with --engine local, or join a larger cluster"):
+        ray_engine.check_cpus(1, 1, own)
+    for fits in ((1, 2), (7, 8)):
+        ray_engine.check_cpus(*fits, own)
+    with caplog.at_level("WARNING", logger="mmtools"):
+        ray_engine.check_cpus(4, 4, RayOptions(address="auto"))
+    assert caplog.messages == [
+        "4 model actors of 1 CPU each would leave no CPU of the 4-CPU Ray cluster to read "
+        "their input; waiting until the cluster adds CPUs (stop the run to give up)"
+    ]
+
+
+@pytest.mark.ray
 def test_a_gpu_request_no_gpu_can_meet_is_refused_on_a_cluster_of_the_runs_own(caplog):
     """A cluster the run starts itself gets no GPU later: refused at once, in one line. A
     cluster joined may add GPU nodes on demand: a warning, and the run waits."""

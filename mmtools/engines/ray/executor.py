@@ -180,11 +180,15 @@ def _stage(ray, ds, step: Step, seek: bool, options: RayOptions):
     if gpus is None:  # a model on each GPU when there are GPUs, as the local engine would
         cpu = getattr(getattr(step, "config", None), "device", None) == "cpu"
         gpus = step.num_gpus or (1.0 if res.get("GPU", 0) and not cpu else 0.0)
+    # Each actor holds a CPU (Ray Data's default, with a GPU too); one CPU stays for the
+    # tasks around the pool (reading the input), which would otherwise wait for ever.
+    cpus = res.get("CPU", 0)
     concurrency = options.concurrency
     if concurrency is None:
-        most = res.get("GPU", 0) / gpus if gpus else res.get("CPU", 1)
-        concurrency = (1, max(1, int(most)))
+        most = res.get("GPU", 0) / gpus if gpus else cpus
+        concurrency = (1, max(1, min(int(most), int(cpus) - 1)))
     check_gpus(gpus, res.get("GPU", 0), options.address)
+    check_cpus(concurrency if isinstance(concurrency, int) else concurrency[1], cpus, options)
     extra = {"num_gpus": gpus} if gpus else {}
     extra |= dict(max_restarts=options.retries, max_task_retries=options.retries)
     args = (step, seek)
@@ -204,6 +208,26 @@ def check_gpus(per_worker: float, cluster: float, address: str | None) -> None:
             "leave --num-gpus-per-worker out"
         )
     log.warning("%s; waiting until the cluster adds GPUs (stop the run to give up)", what)
+
+
+def check_cpus(actors: int, cluster: float, options: RayOptions) -> None:
+    """`actors` of a model step hold a CPU each; with none left for the tasks that feed them,
+    Ray Data waits for ever (ray#44687): refused on the cluster a run starts itself, a warning
+    on a cluster joined, which may add nodes as they are asked for."""
+    if actors < cluster:
+        return
+    what = (
+        f"{actors} model actor{'s' if actors > 1 else ''} of 1 CPU each would leave no CPU of "
+        f"the {cluster:g}-CPU Ray cluster to read their input"
+    )
+    if options.address is None:
+        fix = (
+            f"ask for at most {int(cluster) - 1} (--concurrency; rewrite: --ray-concurrency)"
+            if cluster >= 2
+            else "run with --engine local, or join a larger cluster (--ray-address)"
+        )
+        raise UsageError(f"{what}: {fix}")
+    log.warning("%s; waiting until the cluster adds CPUs (stop the run to give up)", what)
 
 
 def _map(ds, fn, **kwargs):
