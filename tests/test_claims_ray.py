@@ -151,11 +151,11 @@ def test_a_killed_workers_task_is_rerun_and_its_actor_restarted_up_to_3_times(ra
     from mmtools.engines.ray.cluster import RayOptions, connect
 
     ray = connect(RayOptions())
-    ds = ray_engine._input(ray, Source([str(rows)]), BATCH, 0)
+    ds, per_call = ray_engine._input(ray, Source([str(rows)]), BATCH, 0)
     bounds = {}
     for actor in (False, True):
         step = test_ray.Flaky("unused", "no such id", "raise", loads_model=actor)
-        stage = ray_engine._stage(ray, ds, step, False, RayOptions())
+        stage = ray_engine._stage(ray, ds, step, False, RayOptions(), per_call)
         bounds[actor] = stage._logical_plan.dag.ray_remote_args
     assert bounds[False]["max_retries"] == 3  # a task whose worker died
     assert (bounds[True]["max_restarts"], bounds[True]["max_task_retries"]) == (3, 3)

@@ -510,6 +510,49 @@ def test_light_dedup_on_the_driver_equals_local(scored, tmp_path, monkeypatch):
     assert rows.num_rows < 33 and sum(manifests["ray"]["dropped"].values()) > 0
 
 
+class CallSize(Step):
+    """Adds to each row how many input batches the call that computed it was given."""
+
+    name = "call_size"
+
+    def __init__(self, loads_model: bool):
+        super().__init__()
+        self.loads_model = loads_model
+
+    def output_schema(self, schema: pa.Schema) -> pa.Schema:
+        return schema.append(pa.field("call_batches", pa.int64()))
+
+    def run(self, batches):
+        batches = list(batches)
+        for batch in batches:
+            given = pa.array([len(batches)] * batch.num_rows, pa.int64())
+            yield Result(batch.append_column("call_batches", given))
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("actor", [False, True], ids=["tasks", "actors"])
+def test_each_ray_call_gets_several_batches_but_every_cpu_gets_calls(
+    cluster, ingested, tmp_path, monkeypatch, actor
+):
+    """33 rows in batches of 2: 17 batches, and at least 4 calls for each of the 2 CPUs, so
+    2 batches a call; with CALL_ROWS at 2 rows, one. The rows are the input's either way."""
+
+    def call_sizes(out: Path, **kw) -> list[int]:
+        sink = DatasetSink(str(out), shard_rows=SHARD)
+        steps = [CallSize(actor)]
+        ex = ray_engine.RayExecutor()
+        engines.run("calls", Source([str(ingested)]), steps, sink, executor=ex, batch_size=2)
+        rows = read(out)
+        assert rows.drop_columns("call_batches").equals(read(ingested))
+        return rows["call_batches"].to_pylist()
+
+    assert ray_engine.CALL_ROWS == 2048 and ray_engine.CALLS_PER_CPU == 4
+    sizes = call_sizes(tmp_path / "default")
+    assert max(sizes) == 2 and sizes.count(2) >= 28
+    monkeypatch.setattr(ray_engine, "CALL_ROWS", 2)
+    assert set(call_sizes(tmp_path / "one")) == {1}
+
+
 # -- failures: retried, reported, resumed ---------------------------------------------------
 
 

@@ -62,6 +62,11 @@ SHUFFLE_MIN_ROWS = 100_000
 # Below this many input rows, light steps (`Step.light`) compute in the driver process: the
 # local engine's work, without Ray's seconds of per-stage and per-task cost.
 DRIVER_ROWS = 100_000
+# Rows a Ray call (a task, or an actor's call) gets, in whole input batches: Ray's cost per
+# call (some 40 ms) spread over several, and a step's own pipeline (decoding the next batch
+# while the model runs) kept going across them; but never so few calls that a CPU idles.
+CALL_ROWS = 2048
+CALLS_PER_CPU = 4
 
 
 # -- what runs on the workers -------------------------------------------------------------
@@ -146,33 +151,45 @@ def loads_model(step: Step) -> bool:
 
 def _input(ray, source: Source, batch_size: int, skip: int, columns: list[str] | None = None):
     """A dataset of one envelope per input batch (of `columns`, default all), starting after
-    `skip` rows; None if empty."""
+    `skip` rows, and how many input batches each Ray call gets (`_per_call`); None if
+    empty."""
     from mmtools.io import source as files
 
     if isinstance(source, files.Source) and source.shards is not None:
-        items, offset = [], 0
+        items, offset, batches = [], 0, 0
         for shard in source.shards:
             if offset + shard.rows > skip:
                 path = shard.path if is_remote(shard.path) else os.path.abspath(shard.path)
                 items.append({"path": path, "start": max(offset, skip), "skip": skip - offset})
+                batches += -(-(offset + shard.rows - max(offset, skip)) // batch_size)
             offset += shard.rows
         if not items:
-            return None
+            return None, 1
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         reader = _ShardReader(batch_size, columns)
         ds = ds.map_batches(reader, batch_format="pyarrow", batch_size=1)
         # One envelope per block, so that one input shard's batches spread over the workers.
-        return ds.repartition(target_num_rows_per_block=1)
+        return ds.repartition(target_num_rows_per_block=1), _per_call(ray, batch_size, batches)
     refs, start = [], skip
     for batch in source.batches(columns, batch_size=batch_size, skip_rows=skip):
         refs.append(ray.put(wrap(start, batch)))
         start += batch.num_rows
-    return ray.data.from_arrow_refs(refs) if refs else None
+    if not refs:
+        return None, 1
+    return ray.data.from_arrow_refs(refs), _per_call(ray, batch_size, len(refs))
 
 
-def _stage(ray, ds, step: Step, seek: bool, options: RayOptions):
-    """One `map_batches` over envelopes: an actor pool for a model step, else tasks."""
-    common = dict(batch_format="pyarrow", batch_size=1, zero_copy_batch=True)
+def _per_call(ray, batch_size: int, batches: int) -> int:
+    """Input batches per Ray call: CALL_ROWS rows' worth, but at most as many as leave
+    CALLS_PER_CPU calls for each CPU of the cluster."""
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return max(1, min(CALL_ROWS // max(1, batch_size), batches // (CALLS_PER_CPU * cpus)))
+
+
+def _stage(ray, ds, step: Step, seek: bool, options: RayOptions, per_call: int):
+    """One `map_batches` over envelopes, `per_call` of them a call: an actor pool for a
+    model step, else tasks."""
+    common = dict(batch_format="pyarrow", batch_size=per_call, zero_copy_batch=True)
     if not loads_model(step):
         return _map(ds, _StepFn(step, seek), max_retries=options.retries, **common)
     res = ray.cluster_resources()
@@ -339,10 +356,10 @@ class RayExecutor:
         if self._on_driver(source) or (step.light_keys and _small(source, f"{step.name} keys")):
             LocalExecutor().scan(source, step, batch_size)
             return
-        ds = _input(self.ray, source, batch_size, 0, list(step.scan_columns))
+        ds, per_call = _input(self.ray, source, batch_size, 0, list(step.scan_columns))
         decided = False
         if ds is not None:
-            common = dict(batch_format="pyarrow", batch_size=1, zero_copy_batch=True)
+            common = dict(batch_format="pyarrow", batch_size=per_call, zero_copy_batch=True)
             keys = _map(ds, _KeysFn(step), max_retries=self.options.retries, **common)
             with _worker_errors():
                 keys = keys.materialize()
@@ -363,10 +380,10 @@ class RayExecutor:
         if self._on_driver(source):
             self._set_up_here(steps)
             return LocalExecutor().results(source, steps, start, batch_size)
-        ds = _input(self.ray, source, batch_size, start)
+        ds, per_call = _input(self.ray, source, batch_size, start)
         for i, step in enumerate(steps):
             seek = i == 0 and isinstance(step, GlobalStep)
-            ds = None if ds is None else _stage(self.ray, ds, step, seek, self.options)
+            ds = None if ds is None else _stage(self.ray, ds, step, seek, self.options, per_call)
         return _results(ds, start)
 
     def close(self, steps: list[Step]) -> None:
