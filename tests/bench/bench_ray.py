@@ -7,13 +7,16 @@ Run: python tests/bench/bench_ray.py [--quick] [--images N] [--dedup-rows N]
    default batch sizes, on N generated captioned JPEGs (N = 20,000; --quick 300), by the
    local engine and by the Ray engine on a local cluster of 2 CPUs, started once beforehand
    (its start-up time is printed apart). Prints seconds per step and the ratio Ray / local;
-   above 1 is Ray's overhead. Target: the whole chain on Ray in at most 1.5x the local
-   engine's time, from 20,000 images on (exit 1 when missed), with the same rows out of
-   every step. Then dedup (exact, phash, semantic) with Ray's groupby forced on that small
-   input: its fixed cost.
+   above 1 is Ray's overhead. Below 100,000 rows the Ray engine computes score, filter,
+   dedup exact and mixup's first pass in the driver (column values only), as it would for a
+   user. Target: the whole chain on Ray in at most 1.5x the local engine's time, from 20,000
+   images on (exit 1 when missed), with the same rows out of every step. Then dedup (exact,
+   phash, semantic) with its keys made on the workers and Ray's groupby forced on that small
+   input: their fixed cost.
 2. Scaling, simulated: a model-like step that spends a fixed 0.5 s (--quick 0.2 s) per batch
    waiting (as a model step waits on its accelerator or a rewrite step on its LLM server), in
-   an actor pool of 1, 2, 4 and 8 workers on a cluster of that many logical CPUs. Prints the
+   an actor pool of 1, 2, 4 and 8 workers on a cluster of that many logical CPUs and one more
+   (to read the input), one batch per call. Prints the
    actors' start-up time and the steady-state batches/s (first to last output batch), with
    the speed-up over 1 worker next to the ideal: how throughput grows when each worker has
    its own core or GPU, which this 2-core machine cannot show with real compute.
@@ -182,13 +185,15 @@ def bench_overhead(n: int, tmp: Path, targets: Targets) -> None:
 
 def bench_forced_shuffle(tmp: Path) -> None:
     """dedup with Ray Data's groupby, which only runs from SHUFFLE_MIN_ROWS rows on, forced
-    on this small input: the fixed cost the threshold saves."""
+    on this small input (and its keys made on the workers, not in the driver as below
+    DRIVER_ROWS): the fixed cost the thresholds save."""
     from mmtools.engines.local import LocalExecutor
     from mmtools.engines.ray import executor as ray_engine
     from mmtools.io.source import Source
     from mmtools.steps.dedup.step import Dedup, DedupConfig
 
     threshold, ray_engine.SHUFFLE_MIN_ROWS = ray_engine.SHUFFLE_MIN_ROWS, 0
+    driver, ray_engine.DRIVER_ROWS = ray_engine.DRIVER_ROWS, 0
     print(f"\ndedup with Ray's groupby forced (it runs from {threshold:,} rows on):")
     for methods in (("exact",), ("phash",), ("semantic",)):
         config = DedupConfig(methods=methods, clusters=4)
@@ -204,7 +209,7 @@ def bench_forced_shuffle(tmp: Path) -> None:
         ]
         a, b = seconds
         print(f"dedup -m {methods[0]:8} local {a:6.2f} s, ray {b:6.2f} s, ray/local {b / a:6.2f}")
-    ray_engine.SHUFFLE_MIN_ROWS = threshold
+    ray_engine.SHUFFLE_MIN_ROWS, ray_engine.DRIVER_ROWS = threshold, driver
 
 
 def bench_dedup_rows(n: int, tmp: Path) -> None:
@@ -297,6 +302,8 @@ def bench_scaling(quick: bool, tmp: Path) -> None:
             return super().write(batch, *args, **kw)
 
     wait, batches = (0.2, 32) if quick else (0.5, 64)
+    # One batch per actor call, so that each batch's arrival times the steady state.
+    ray_engine.CALL_ROWS = BATCH
     path = tmp / "rows.parquet"
     pq.write_table(pa.table({"id": [f"{i:08d}" for i in range(batches * BATCH)]}), path)
     print(f"\nsimulated scaling: {batches} batches of {BATCH} rows, {wait} s of work per batch")
