@@ -5,8 +5,10 @@ the run lifecycle is the one of every engine. Each input batch travels through R
 *envelope* row: the batch as Arrow IPC bytes, the reject and drop ledger rows so far, the
 dropped and generated counts and its input offset. Every step is one `map_batches` stage over
 envelopes: Ray tasks for a plain step, an actor pool for a step that loads something in
-`setup()` (a model), so the model loads once per actor. The driver takes the envelopes back
-in input order (`preserve_order`) as one result per input batch.
+`setup()` (a model), so the model loads once per actor. Each call gets several envelopes
+(about CALL_ROWS rows, while every CPU still gets CALLS_PER_CPU calls): Ray's cost per call
+spread, and a step's own pipeline kept going across them. The driver takes the envelopes
+back in input order (`preserve_order`) as one result per input batch.
 
 Parquet inputs are read by Ray tasks, one per input shard, batched as the local engine
 batches them, one envelope per block so that a shard's batches spread over the workers;
