@@ -403,11 +403,8 @@ def _small(source: Source, what: str) -> bool:
     if rows is None or rows >= DRIVER_ROWS:
         return False
     log.info(
-        "%s: %d input rows, no model and no media to decode: computed in this process (Ray's "
-        "per-task cost would outweigh the work below %d rows)",
-        what,
-        rows,
-        DRIVER_ROWS,
+        f"{what}: {rows:,} input rows, no model and no media to decode: computed in this "
+        f"process (Ray's per-task cost would outweigh the work below {DRIVER_ROWS:,} rows)"
     )
     return True
 
