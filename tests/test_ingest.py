@@ -182,3 +182,37 @@ def test_tar_members_keep_their_bytes_under_paths_only(tmp_path):
     assert cells["loose.jpg"] == {"bytes": None, "path": str(tmp_path / "folder" / "loose.jpg")}
     mmtools("dedup", out, "-m", "phash", "-o", tmp_path / "deduped")
     assert read_dataset(tmp_path / "deduped").num_rows == 4
+
+
+def ingest_threads(inputs: list[str], workers: int) -> tuple[int, dict[str, int]]:
+    """Ingest `inputs` with `workers` threads; the rows made and how many threads the step
+    started, by pool (a pool starts a thread per task until it is full)."""
+    import collections
+    import threading
+
+    from mmtools.steps.ingest.listing import ListingOptions
+    from mmtools.steps.ingest.step import Ingest, IngestConfig, ListingSource
+
+    before = set(threading.enumerate())
+    source = ListingSource(inputs, ListingOptions())
+    step = Ingest(IngestConfig(), source.kinds, workers=workers)
+    step.output_schema(source.schema)
+    step.setup()
+    try:
+        rows = sum(r.batch.num_rows for r in step.run(source.batches(batch_size=64)))
+        started = [t.name for t in set(threading.enumerate()) - before]
+        return rows, dict(collections.Counter(n.split("_")[0] for n in started if "ingest" in n))
+    finally:
+        step.close()
+
+
+def test_local_files_take_one_thread_per_cpu_urls_all_workers(tmp_path, slow_listing):
+    """Threads past one per CPU only contend for Python's lock on local files (8 take about
+    twice as long as 2 on small JPEGs); a URL waits on the network, so every worker helps."""
+    from conftest import make_image_folder
+
+    from mmtools.steps.ingest.step import cpus
+
+    folder = make_image_folder(tmp_path / "imgs", 64)
+    assert ingest_threads([str(folder)], workers=cpus() + 8) == (64, {"ingest-local": cpus()})
+    assert ingest_threads([str(slow_listing)], workers=cpus() + 8) == (400, {"ingest": cpus() + 8})

@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from mmtools import columns as C
 from mmtools.errors import UsageError
+from mmtools.io.fs import is_remote
 from mmtools.io.http import DISALLOWED_DIRECTIVES, MAX_BYTES, USER_AGENT, DownloadOptions
 from mmtools.media import DEFAULT_MAX_PIXELS, MediaError, probe_audio, probe_image, read_path
 from mmtools.step import Result, Step, reject_batch
@@ -133,7 +134,7 @@ class Ingest(Step):
     """Read, verify and describe each listed media file."""
 
     name = "ingest"
-    transient = ("_pool",)
+    transient = ("_pool", "_local")
     counts_successes = True
 
     def __init__(self, config: IngestConfig, kinds: set[str], workers: int = 8):
@@ -148,6 +149,7 @@ class Ingest(Step):
         self._download = config.download()
         self._restored: dict = {}  # set by output_schema
         self._pool: ThreadPoolExecutor | None = None
+        self._local: ThreadPoolExecutor | None = None  # for batches of local files only
         self._tar_bytes_noted = False  # --paths-only met a tar (warned once)
 
     def params(self) -> dict:
@@ -184,17 +186,31 @@ class Ingest(Step):
         return dict(self._restored)
 
     def setup(self) -> None:
-        """Start the I/O and decoding threads (Pillow and hashlib release the GIL)."""
+        """Start the I/O and decoding threads (Pillow and hashlib release the GIL): `workers`
+        for batches that wait on a network (URLs, object stores), at most one per CPU for
+        local files, where more only contend for Python's lock (2,000 small JPEGs on 2 CPUs:
+        8 threads take about twice as long as 2)."""
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="ingest")
+        self._local_width = min(self.workers, cpus())
+        self._local = self._pool
+        if self._local_width < self.workers:
+            self._local = ThreadPoolExecutor(self._local_width, thread_name_prefix="ingest-local")
 
     def close(self) -> None:
         """Stop the threads."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in {id(p): p for p in (self._pool, self._local) if p is not None}.values():
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _pool_for(self, rows: list[dict]) -> tuple[ThreadPoolExecutor, int]:
+        """The threads for a batch of `rows`, and how many: few where all are local."""
+        if all(not is_remote(row["location"] or "") for row in rows):
+            return self._local, self._local_width
+        return self._pool, self.workers
 
     def process(self, batch: pa.RecordBatch) -> Result:
         """Read and probe every listed file of the batch in parallel."""
-        return self._result(batch, list(self._pool.map(self._one, _listed(batch))))
+        rows = _listed(batch)
+        return self._result(batch, list(self._pool_for(rows)[0].map(self._one, rows)))
 
     def run(self, batches) -> Iterator[Result]:
         """Like `process` per batch, with the next batch's files already reading while one
@@ -202,8 +218,9 @@ class Ingest(Step):
         window: deque = deque()
         for batch in batches:
             rows = _listed(batch)
-            per_task = max(1, min(LOCAL_TASK_ROWS, len(rows) // self.workers))
-            tasks = [self._pool.submit(self._many, run) for run in _tasks(rows, per_task)]
+            pool, width = self._pool_for(rows)
+            per_task = max(1, min(LOCAL_TASK_ROWS, len(rows) // width))
+            tasks = [pool.submit(self._many, run) for run in _tasks(rows, per_task)]
             window.append((batch, tasks))
             if len(window) > 1:
                 yield self._finish(*window.popleft())
@@ -307,6 +324,13 @@ class Ingest(Step):
             C.IMAGE_SHA256: hashlib.sha256(data).hexdigest(),
             **out,
         }, data
+
+
+def cpus() -> int:
+    """The CPUs this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 LOCAL_TASK_ROWS = 8  # local files per thread task at most: a task per small file costs as
