@@ -116,6 +116,16 @@ OPTIONS = O.Bundle(
 )
 
 
+Workers = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        help="Parallel readers of URLs and object-store keys; local files take at most "
+        "one per CPU (more only contend for Python's lock).",
+    ),
+]
+
+
 @O.expand(
     listing=LISTING,
     resize=RESIZE,
@@ -135,14 +145,7 @@ def ingest(
     resize: ResizeOptions,
     config: IngestConfig,
     common: Common,
-    workers: Annotated[
-        int,
-        typer.Option(
-            min=1,
-            help="Parallel readers of URLs and object-store keys; local files take at most "
-            "one per CPU (more only contend for Python's lock).",
-        ),
-    ] = min(16, 4 * (os.cpu_count() or 1)),
+    workers: Workers = min(16, 4 * (os.cpu_count() or 1)),
     retry_failed: Annotated[
         bool,
         typer.Option(
