@@ -378,15 +378,15 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, hold: bool =
 def decoded_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator:
     """`decode_image` as a context: the image's pixels count against the shared decoding
     budget (`MMTOOLS_DECODE_PIXELS`) until the caller is done with it."""
-    img = _open_image(data, max_pixels)
+    img = _open_image(data, max_pixels, quick=True)
     with PIXEL_BUDGET.hold(img.width * img.height):
-        yield _upright_rgb(img)
+        yield _upright_rgb(img, _decodes_quickly(img, len(data)))
 
 
-def _upright_rgb(img):
+def _upright_rgb(img, inline: bool = False):
     from PIL import Image, ImageOps
 
-    _load(img)
+    _load(img, inline)
     with contextlib.suppress(Exception):  # a broken EXIF block should not cost the image
         ImageOps.exif_transpose(img, in_place=True)
     if img.mode in ("LA", "PA") or (img.mode == "P" and "transparency" in img.info):

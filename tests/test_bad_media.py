@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 from conftest import encode, image_bytes, mmtools, read_dataset, read_rejects
@@ -119,6 +121,39 @@ def test_missing_file_in_listing(tmp_path, image_folder):
         "duplicate_id",
         "missing_file",
     ]
+
+
+def test_small_jpegs_and_pngs_decode_for_a_model_in_the_calling_thread(monkeypatch):
+    """Handing a 2 ms decode to a helper thread and back cost embed's decoding threads more
+    than the decode (they queued for Python's lock); other images keep the time limit."""
+    from mmtools import media
+
+    noise = np.random.default_rng(5).integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    large = np.random.default_rng(6).integers(0, 256, (1100, 1000, 3), dtype=np.uint8)
+    helped = []
+    real = media.within_time_limit
+    monkeypatch.setattr(media, "within_time_limit", lambda fn: helped.append(1) or real(fn))
+    cases = {
+        "small jpeg": (encode(Image.fromarray(noise), "JPEG"), 0),
+        "small png": (encode(Image.fromarray(noise), "PNG"), 0),
+        "small webp": (encode(Image.fromarray(noise), "WEBP"), 1),
+        "large jpeg": (encode(Image.fromarray(large), "JPEG"), 1),
+    }
+    for name, (data, helper_calls) in cases.items():
+        helped.clear()
+        assert decode_image(data).size == Image.open(io.BytesIO(data)).size
+        assert len(helped) == helper_calls, name
+
+
+def test_a_decode_time_limit_below_a_second_still_stops_a_small_image_decoded_for_a_model(
+    monkeypatch,
+):
+    noise = np.random.default_rng(3).integers(0, 256, (1000, 1000, 3), dtype=np.uint8)
+    data = encode(Image.fromarray(noise), "JPEG", quality=95)
+    monkeypatch.setenv(ENV_DECODE_TIMEOUT, "0.000001")
+    with pytest.raises(MediaError) as e:
+        decode_image(data)
+    assert e.value.reason == "decode_timeout"
 
 
 def test_the_decode_time_limit_rejects_an_overrun_and_reuses_its_threads(monkeypatch):
