@@ -390,6 +390,52 @@ def test_embedding_equals_open_clip_own_preprocess_and_forward(clip_json, good_t
     assert np.allclose(matrix(table, C.IMAGE_EMBEDDING), expected, atol=1e-5)
 
 
+def test_8bit_pixels_normalised_on_the_device_give_the_same_embeddings_bit_for_bit(clip_json):
+    """On a GPU the decoding threads stop at the resized 8-bit pixels and the device
+    normalises them; the model must see the same inputs as on the CPU, on real photographs."""
+    import torch
+    from test_shapes_domain import photo_variants
+
+    photos = []
+    for im in photo_variants():
+        buf = io.BytesIO()
+        im.convert("RGB").save(buf, "JPEG", quality=90)
+        photos.append(buf.getvalue())
+    table = media_table(photos, [f"photo {i}" for i in range(len(photos))])
+    on_cpu = ClipEmbed(_config(clip_json, dtype="float32"))
+    reference = _run(on_cpu, table, 5)
+    as_on_gpu = ClipEmbed(_config(clip_json, dtype="float32"))
+    as_on_gpu.setup()
+    tower = as_on_gpu._towers["image"]
+    assert not tower.raw  # a CPU run normalises in the decoding threads
+    tower.raw = True  # what a CUDA device chooses
+    assert tower.alloc(2, pin=False)["pixels"].dtype == torch.uint8
+    table_gpu_layout = _run(as_on_gpu, table, 5)
+    for column in (C.IMAGE_EMBEDDING, C.TEXT_EMBEDDING):
+        assert np.array_equal(matrix(table_gpu_layout, column), matrix(reference, column))
+
+
+def test_the_normalisation_table_is_torchvisions_to_tensor_and_normalize(clip_json):
+    """Every level of every channel: the table equals ToTensor + Normalize of the model's
+    own transform (within float32 rounding; numpy's float32 arithmetic exactly)."""
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from mmtools.steps.embed.clip import normalised_levels
+    from mmtools.steps.embed.step import split_preprocess
+
+    step = ClipEmbed(_config(clip_json))
+    step.setup()
+    _, mean, std = split_preprocess(step._towers["image"].encoder.preprocess)
+    table = normalised_levels(mean, std)
+    assert table.shape == (3, 256) and table.dtype == np.float32
+    levels = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)  # 1x256 RGB
+    expected = T.Normalize(mean.tolist(), std.tolist())(T.ToTensor()(Image.fromarray(levels)))
+    assert np.allclose(table, expected.numpy()[:, 0, :], rtol=0, atol=1e-6)
+    numpy_way = ((levels[0].astype(np.float32) / 255.0 - mean) / std).T
+    assert np.array_equal(table, numpy_way)
+
+
 def test_resume_fingerprint_is_json_stable_and_ignores_device_and_batching(clip_json):
     one = ClipEmbed(_config(clip_json, batch_size=8, workers=1, device="cpu"))
     other = ClipEmbed(_config(clip_json, batch_size=64, workers=4, device="auto"))

@@ -98,7 +98,7 @@ def baseline(step, images: list[bytes], batch: int) -> tuple[float, float]:
     def forward(start: int) -> None:
         x = pixels[start : start + batch].to(device, non_blocking=True)
         t = tokens[start : start + batch].to(device, non_blocking=True)
-        image_tower.encode({"pixels": x}).cpu()
+        encoder.encode_image(x).cpu()
         text_tower.encode({"tokens": t}).cpu()
 
     forward(0)  # warm-up

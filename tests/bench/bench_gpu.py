@@ -161,9 +161,11 @@ def forward_rate(step, batch: int, seconds: float, util: GpuUtil) -> float:
         shape = (batch, towers["text"].length)
         chunk["text"] = {"tokens": torch.randint(0, vocab, shape, device=device, generator=gen)}
 
-    def once() -> None:
-        for m, inputs in chunk.items():
-            towers[m].encode(inputs)
+    def once() -> None:  # the model alone: normalised pixels and token ids
+        if "image" in chunk:
+            towers["image"].encoder.encode_image(chunk["image"]["pixels"])
+        if "text" in chunk:
+            towers["text"].encode(chunk["text"])
 
     for _ in range(2):  # warm-up: kernel selection, allocator
         once()
@@ -194,7 +196,7 @@ def decode_rate(step, data: Path, batch: int, workers: int, rows: int | None = N
         for b in Source([str(data)]).batches(list(step.requires), batch_size=batch):
             if rows is not None and done >= rows:
                 break
-            window.append(step._submit(pool, b)[1])
+            window.append([f for fs in step._submit(pool, b)[1].values() for f in fs])
             done += b.num_rows
             if len(window) > PREFETCH:
                 [f.result() for f in window.popleft()]

@@ -21,6 +21,8 @@ CLAP_TEXT_TOKENS = 77  # LAION-CLAP pads and truncates captions to 77 tokens
 class _AudioTower:
     """Decode, resample, mix down and cut audio to the model's window; CLAP features."""
 
+    serial = False  # filled in slices by every decoding worker at once
+
     def __init__(self, encoder: models.ClapEncoder):
         self.encoder = encoder
         sr = encoder.sample_rate
@@ -61,6 +63,8 @@ class _AudioTower:
 
 class _ClapTextTower:
     """Tokenise captions for CLAP's text tower, padded to a fixed length."""
+
+    serial = True  # one task at a time (the tokenizer is not thread-safe): whole batches
 
     def __init__(self, encoder: models.ClapEncoder):
         self.encoder = encoder

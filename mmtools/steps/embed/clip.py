@@ -21,18 +21,34 @@ log = logging.getLogger(__name__)
 
 
 class _ImageTower:
-    """Decode + preprocess images into a pixel buffer; encode with open_clip."""
+    """Decode + preprocess images into a pixel buffer; encode with open_clip.
 
-    def __init__(self, encoder: models.ClipEncoder, max_pixels: int):
+    With open_clip's usual transform (PIL resize and crop, then ToTensor + Normalize) the
+    decoding threads stop at the resized 8-bit pixels. On a GPU the buffer holds those bytes
+    (a quarter of the floats' size to copy) and the device normalises them; on the CPU the
+    threads normalise as they go. Either way through one table of the normalised value of
+    each channel's 256 levels, computed as ToTensor + Normalize compute them: the model sees
+    the same float32 inputs, bit for bit, on every device.
+    """
+
+    serial = False  # filled in slices by every decoding worker at once
+
+    def __init__(self, encoder: models.ClipEncoder, max_pixels: int, on_device: bool):
         from PIL import Image
 
         self.encoder, self.max_pixels = encoder, max_pixels
         self.shape = tuple(encoder.preprocess(Image.new("RGB", (8, 8))).shape)
         self.resize, self.mean, self.std = split_preprocess(encoder.preprocess)
+        self.levels = None if self.resize is None else normalised_levels(self.mean, self.std)
+        self.raw = on_device and self.levels is not None  # the buffer holds 8-bit pixels
+        self._device_levels = None
 
     def alloc(self, n: int, pin: bool) -> dict:
         import torch
 
+        if self.raw:
+            c, h, w = self.shape
+            return {"pixels": torch.empty((n, h, w, c), dtype=torch.uint8, pin_memory=pin)}
         return {"pixels": torch.empty((n, *self.shape), pin_memory=pin)}
 
     def fill(self, bufs: dict, offset: int, values: list) -> list[Reason]:
@@ -43,26 +59,54 @@ class _ImageTower:
         for i, value in enumerate(values):
             try:
                 with decoded_image(read(value, "image"), self.max_pixels) as img:
-                    pixels[offset + i] = self._pixels(img)
+                    self._put(img, pixels[offset + i])
                 reasons.append(None)
             except MediaError as e:
                 reasons.append((e.reason, e.detail))
         return reasons
 
-    def _pixels(self, img) -> np.ndarray:
+    def _put(self, img, out: np.ndarray) -> None:
+        """Write one image's model input into its row of the buffer."""
         if self.resize is None:
-            return self.encoder.preprocess(img).numpy()
-        # ToTensor + Normalize in numpy: torch ops from many threads would oversubscribe the
-        # cores the model runs on.
-        arr = np.asarray(self.resize(img), dtype=np.float32) / 255.0
-        return ((arr - self.mean) / self.std).transpose(2, 0, 1)
+            out[:] = self.encoder.preprocess(img).numpy()
+            return
+        rgb = np.asarray(self.resize(img))  # (H, W, 3) uint8
+        if self.raw:
+            out[:] = rgb
+            return
+        for k in range(3):  # ToTensor + Normalize in place, the same float32 operations
+            np.divide(rgb[..., k], np.float32(255.0), out=out[k], dtype=np.float32)
+            np.subtract(out[k], self.mean[k], out=out[k])
+            np.divide(out[k], self.std[k], out=out[k])
 
     def encode(self, chunk: dict):
-        return self.encoder.encode_image(chunk["pixels"])
+        pixels = chunk["pixels"]
+        return self.encoder.encode_image(self._normalise(pixels) if self.raw else pixels)
+
+    def _normalise(self, pixels):
+        """(n, H, W, 3) uint8 on the device -> (n, 3, H, W) float32, through the table."""
+        import torch
+
+        if self._device_levels is None or self._device_levels.device != pixels.device:
+            self._device_levels = torch.from_numpy(self.levels).to(pixels.device)
+        n, h, w, c = pixels.shape
+        out = torch.empty((n, c, h, w), dtype=torch.float32, device=pixels.device)
+        for k in range(c):
+            out[:, k] = self._device_levels[k][pixels[..., k].int()]
+        return out
+
+
+def normalised_levels(mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """(3, 256) float32: channel c's value for level v, as ToTensor + Normalize compute it
+    (v / 255 in float32, minus the mean, over the std)."""
+    levels = np.arange(256, dtype=np.float32)[:, None] / np.float32(255.0)
+    return np.ascontiguousarray(((levels - mean) / std).astype(np.float32).T)
 
 
 class _ClipTextTower:
     """Tokenise captions (one thread at a time: tokenizers are not thread-safe)."""
+
+    serial = True  # one task at a time (the tokenizer is not thread-safe): whole batches
 
     def __init__(self, encoder: models.ClipEncoder):
         self.encoder = encoder
@@ -105,7 +149,7 @@ class ClipEmbed(EmbedStep):
     def _load(self, device) -> dict:
         encoder = models.load_clip(self.spec(), device, self.config.precision)
         towers = {
-            "image": lambda: _ImageTower(encoder, self.config.max_pixels),
+            "image": lambda: _ImageTower(encoder, self.config.max_pixels, device.type == "cuda"),
             "text": lambda: _ClipTextTower(encoder),
         }
         return {m: towers[m]() for m in self.modalities}
@@ -121,15 +165,15 @@ class ClipEmbed(EmbedStep):
         generated shapes (photographs, say): its embeddings and scores mean little there."""
         from mmtools.models import shapes
 
-        bufs, futures = job
+        bufs, jobs = job
         tower = self._towers["image"]
-        if tower.mean is None:
+        if tower.levels is None:
             return
-        decoded = [r is None for f in futures for r in f.result()["image"]]
+        decoded = [r is None for f in jobs["image"] for r in f.result()]
         pixels = bufs["image"]["pixels"].numpy()[np.flatnonzero(decoded)]
         if not len(pixels):  # no image of the batch decoded: nothing to look at
             return
-        rgb = (pixels.transpose(0, 2, 3, 1) * tower.std + tower.mean) * 255
+        rgb = pixels if tower.raw else (pixels.transpose(0, 2, 3, 1) * tower.std + tower.mean) * 255
         self._checked += len(rgb)
         self._outside += int((shapes.palette_share(rgb) < shapes.IN_DOMAIN_SHARE).sum())
         if self._checked >= DOMAIN_MIN and 2 * self._outside > self._checked:

@@ -158,28 +158,32 @@ class EmbedStep(Step):
             pool.shutdown(wait=False, cancel_futures=True)
 
     def _submit(self, pool: ThreadPoolExecutor, batch: pa.RecordBatch):
+        """Start filling a batch's buffers: per modality, the futures of its slices' reasons
+        in row order. Media are split among the workers; a tower that fills under a lock
+        (a tokenizer) takes the whole batch in one task, which holds no worker waiting."""
         n = batch.num_rows
         pin = self.device.type == "cuda"
         bufs = {m: t.alloc(n, pin) for m, t in self._towers.items()}
-        step = max(MIN_PIECE, math.ceil(n / self.config.workers))
-        futures = [
-            pool.submit(self._fill, bufs, batch, start, min(n, start + step))
-            for start in range(0, n, step)
-        ]
-        return bufs, futures
+        piece = max(MIN_PIECE, math.ceil(n / self.config.workers))
+        jobs: dict[str, list[Future]] = {}
+        for m in sorted(self._towers, key=lambda m: not self._towers[m].serial):
+            size = max(n, 1) if self._towers[m].serial else piece
+            jobs[m] = [
+                pool.submit(self._fill, m, bufs[m], batch, start, min(n, start + size))
+                for start in range(0, n, size)
+            ]
+        return bufs, jobs
 
-    def _fill(self, bufs: dict, batch: pa.RecordBatch, start: int, end: int) -> dict:
-        piece = batch.slice(start, end - start)
-        reasons = {}
-        for m, tower in self._towers.items():
-            values = column_values(piece, C.TEXT if m == "text" else self.media)
-            reasons[m] = tower.fill(bufs[m], start, values)
-        return reasons
+    def _fill(self, modality: str, bufs: dict, batch: pa.RecordBatch, start: int, end: int):
+        values = column_values(batch.slice(start, end - start), self._column(modality))
+        return self._towers[modality].fill(bufs, start, values)
 
-    def _finish(self, batch: pa.RecordBatch, job: tuple[dict, list[Future]]) -> Result:
-        bufs, futures = job
-        pieces = [f.result() for f in futures]
-        reasons = {m: [r for p in pieces for r in p[m]] for m in self._towers}
+    def _column(self, modality: str) -> str:
+        return C.TEXT if modality == "text" else self.media
+
+    def _finish(self, batch: pa.RecordBatch, job: tuple[dict, dict[str, list[Future]]]) -> Result:
+        bufs, jobs = job
+        reasons = {m: [r for f in futures for r in f.result()] for m, futures in jobs.items()}
         embeddings = {m: self._encode(m, bufs[m], reasons[m]) for m in self._towers}
         row_reason = [
             next((r[i] for r in reasons.values() if r[i]), None) for i in range(batch.num_rows)
