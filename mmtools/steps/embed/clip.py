@@ -24,11 +24,10 @@ class _ImageTower:
     """Decode + preprocess images into a pixel buffer; encode with open_clip.
 
     With open_clip's usual transform (PIL resize and crop, then ToTensor + Normalize) the
-    decoding threads stop at the resized 8-bit pixels. On a GPU the buffer holds those bytes
-    (a quarter of the floats' size to copy) and the device normalises them; on the CPU the
-    threads normalise as they go. Either way through one table of the normalised value of
-    each channel's 256 levels, computed as ToTensor + Normalize compute them: the model sees
-    the same float32 inputs, bit for bit, on every device.
+    decoding threads normalise the resized 8-bit pixels in place, with ToTensor + Normalize's
+    float32 operations. On a GPU the buffer holds the 8-bit pixels instead (a quarter of the
+    floats' size to copy) and the device looks each value up in a table of every level's
+    result of those same operations: the model sees the same inputs, bit for bit.
     """
 
     serial = False  # filled in slices by every decoding worker at once

@@ -175,11 +175,9 @@ class EmbedStep(Step):
         return bufs, jobs
 
     def _fill(self, modality: str, bufs: dict, batch: pa.RecordBatch, start: int, end: int):
-        values = column_values(batch.slice(start, end - start), self._column(modality))
+        column = C.TEXT if modality == "text" else self.media
+        values = column_values(batch.slice(start, end - start), column)
         return self._towers[modality].fill(bufs, start, values)
-
-    def _column(self, modality: str) -> str:
-        return C.TEXT if modality == "text" else self.media
 
     def _finish(self, batch: pa.RecordBatch, job: tuple[dict, dict[str, list[Future]]]) -> Result:
         bufs, jobs = job
