@@ -228,6 +228,39 @@ def test_bad_rows_become_rejects_and_good_rows_all_come_out(mixed):
     assert "20 in, 14 out, 6 rejected" in proc.stderr.decode()
 
 
+def test_rejects_land_on_their_rows_when_a_batch_is_split_among_decoding_threads(clip_json):
+    """A batch of 40 decoded in slices of 10 by 4 threads, its captions in one task: each
+    reason stays on its row, a row with a bad image and a blank caption gets the image's."""
+    images = [image_bytes(i) for i in range(40)]
+    texts = [f"caption {i}" for i in range(40)]
+    for i in (3, 14, 27, 39):
+        images[i] = b"not an image"
+    for i in (0, 14, 22):
+        texts[i] = "  "
+    table = media_table(images, texts)
+    out = ClipEmbed(_config(clip_json, workers=4, batch_size=16))
+    out.setup()
+    (result,) = list(out.run(table.to_batches(max_chunksize=40)))
+    rejects = result.rejects.to_pydict()
+    assert dict(zip(rejects[C.ID], rejects["reason"], strict=True)) == {
+        "r000": "no_text",
+        "r003": "not_image",
+        "r014": "not_image",
+        "r022": "no_text",
+        "r027": "not_image",
+        "r039": "not_image",
+    }
+    bad = {0, 3, 14, 22, 27, 39}
+    assert result.batch.column(C.ID).to_pylist() == [f"r{i:03d}" for i in range(40) if i not in bad]
+    whole = _run(
+        ClipEmbed(_config(clip_json, workers=1)),
+        table.filter(pa.array([i not in bad for i in range(40)])),
+        40,
+    )
+    for column in (C.IMAGE_EMBEDDING, C.TEXT_EMBEDDING):
+        assert np.allclose(matrix(result.batch, column), matrix(whole, column), atol=1e-3)
+
+
 def test_embeddings_stable_across_batch_sizes_and_dtypes(clip_json, good_table):
     small = _run(ClipEmbed(_config(clip_json, batch_size=3, dtype="float32")), good_table, 7)
     large = _run(

@@ -181,7 +181,7 @@ class EmbedStep(Step):
 
     def _finish(self, batch: pa.RecordBatch, job: tuple[dict, dict[str, list[Future]]]) -> Result:
         bufs, jobs = job
-        reasons = {m: [r for f in futures for r in f.result()] for m, futures in jobs.items()}
+        reasons = {m: [r for f in jobs[m] for r in f.result()] for m in self._towers}
         embeddings = {m: self._encode(m, bufs[m], reasons[m]) for m in self._towers}
         row_reason = [
             next((r[i] for r in reasons.values() if r[i]), None) for i in range(batch.num_rows)
