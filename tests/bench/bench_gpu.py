@@ -15,8 +15,8 @@ Per model and precision, with the model loaded once:
 - forward: the same model's image and text forward passes over random tensors already on the
   device, at the same batch size, timed alone (the GPU's capacity);
 - decode: the embed step's own decoding workers (threads) turning the Parquet rows into pixel
-  and token buffers with no model behind them, and with one thread for scale (the CPU's
-  capacity to feed the GPU);
+  and token buffers with no model behind them, with one thread for scale, and with a thread
+  per CPU but one when that is more than --workers (the CPU's capacity to feed the GPU);
 - embed: the embed step end to end through the engine (Parquet in, decode in the workers,
   forward, normalise, dataset directory out), the path `mmtools embed` runs;
 with the GPU's utilisation sampled while forward and embed run (torch.cuda.utilization, or
@@ -207,6 +207,19 @@ def decode_rate(step, data: Path, batch: int, workers: int, rows: int | None = N
         pool.shutdown()
 
 
+def decode_all(step, data: Path, batch: int, rows: int) -> tuple[int, float] | None:
+    """(threads, img/s) of decoding with a thread per CPU but one (the main thread's), when
+    that is more threads than the step has: what a larger --workers would give."""
+    threads, workers = max(1, (os.cpu_count() or 1) - 1), step.config.workers
+    if threads <= workers:
+        return None
+    step.config.workers = threads
+    try:
+        return threads, decode_rate(step, data, batch, threads, rows=rows)
+    finally:
+        step.config.workers = workers
+
+
 def measure(args, model: str, precision: str, data: Path, tmp: Path, decoded: dict) -> dict:
     """The figures of one model and precision (see the module docstring); `decoded` keeps
     the decoding figures of each model."""
@@ -236,8 +249,9 @@ def measure(args, model: str, precision: str, data: Path, tmp: Path, decoded: di
         decoded[model] = (
             decode_rate(step, data, args.batch_size, workers),
             decode_rate(step, data, args.batch_size, 1, rows=one),
+            decode_all(step, data, args.batch_size, max(args.batch_size, args.images // 2)),
         )
-    out["decode"], out["decode_1"] = decoded[model]
+    out["decode"], out["decode_1"], out["decode_all"] = decoded[model]
     with util:
         out["embed"] = end_to_end(steps, data, tmp / "out", args.batch_size)
     out["embed_util"] = util.mean()
@@ -317,9 +331,11 @@ def main() -> int:
                 if not gpu:
                     continue
                 if r["decode"] < r["forward"]:
+                    more = r["decode_all"]
                     print(
                         f"  decoding is the bottleneck: {r['decode']:.0f} img/s with "
-                        f"{r['workers']} threads < {r['forward']:.0f} img/s forward",
+                        f"{r['workers']} threads < {r['forward']:.0f} img/s forward"
+                        + (f" ({more[1]:.0f} img/s with {more[0]} threads)" if more else ""),
                         flush=True,
                     )
                 targets.at_least(f"embed / forward, {label} {precision}", ratio, RATIO)
