@@ -211,7 +211,7 @@ def test_local_files_take_one_thread_per_cpu_urls_all_workers(tmp_path, slow_lis
     twice as long as 2 on small JPEGs); a URL waits on the network, so every worker helps."""
     from conftest import make_image_folder
 
-    from mmtools.steps.ingest.step import cpus
+    from mmtools.models.device import cpus
 
     folder = make_image_folder(tmp_path / "imgs", 64)
     assert ingest_threads([str(folder)], workers=cpus() + 8) == (64, {"ingest-local": cpus()})

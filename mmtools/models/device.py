@@ -1,12 +1,21 @@
-"""Device and precision choice for every model mmtools runs (open_clip, CLAP, captioners)."""
+"""Device and precision choice for every model mmtools runs (open_clip, CLAP, captioners),
+and the CPUs a process may use."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 
 from mmtools.errors import UsageError
 
 PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def cpus() -> int:
+    """The CPUs this process may run on (its affinity, where the system has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 def resolve_device(spec: str = "auto"):

@@ -20,6 +20,7 @@ from mmtools.errors import UsageError
 from mmtools.io.fs import is_remote
 from mmtools.io.http import DISALLOWED_DIRECTIVES, MAX_BYTES, USER_AGENT, DownloadOptions
 from mmtools.media import DEFAULT_MAX_PIXELS, MediaError, probe_audio, probe_image, read_path
+from mmtools.models.device import cpus
 from mmtools.step import Result, Step, reject_batch
 from mmtools.steps.ingest.listing import (
     LISTING_SCHEMA,
@@ -324,13 +325,6 @@ class Ingest(Step):
             C.IMAGE_SHA256: hashlib.sha256(data).hexdigest(),
             **out,
         }, data
-
-
-def cpus() -> int:
-    """The CPUs this process may run on."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
 
 
 LOCAL_TASK_ROWS = 8  # local files per thread task at most: a task per small file costs as
