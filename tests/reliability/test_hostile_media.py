@@ -1,6 +1,8 @@
 """Hostile media must not push a worker past a memory budget (2 GiB RSS) or hang it.
 
-Each run's peak RSS comes from the kernel (wait4's ru_maxrss). Files that lie about their
+Each run's peak RSS is the kernel's high-water mark of its own address space (VmHWM, read
+while it runs: wait4's ru_maxrss would report this test process's own peak, which Linux
+carries into a child across fork and exec). Files that lie about their
 size, carry compressed-metadata bombs or thousands of frames are cheap to reject; images
 that are legal but huge, and JPEGs that take minutes to decode, need a pixel budget and a
 per-item decode time limit.
@@ -31,19 +33,29 @@ def run_measured(argv: list, log, timeout: float, env: dict | None = None):
         proc = subprocess.Popen(
             [*MMTOOLS, *map(str, argv)], stderr=err, env={**os.environ, **THREADS, **(env or {})}
         )
-    t0, code = time.monotonic(), None
+    t0, code, peak = time.monotonic(), None, 0
     while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        peak = max(peak, _high_water(proc.pid))
+        pid, status, _ = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             code = os.waitstatus_to_exitcode(status)
             break
         if time.monotonic() - t0 > timeout:
             proc.kill()
-            _, status, usage = os.wait4(proc.pid, 0)
+            os.wait4(proc.pid, 0)
             break
-        time.sleep(0.05)
+        time.sleep(0.01)
     proc.returncode = code  # reaped here; keep Popen from waiting again
-    return code, usage.ru_maxrss * 1024, time.monotonic() - t0
+    return code, peak, time.monotonic() - t0
+
+
+def _high_water(pid: int) -> int:
+    """Bytes of the peak RSS of `pid`'s address space so far (0 once it has exited)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return 0
 
 
 def _chunk(kind: bytes, body: bytes) -> bytes:
