@@ -252,3 +252,95 @@ def test_a_batch_size_left_to_mmtools_holds_about_4_mib_of_the_columns_read(tmp_
     assert source.batch_rows(["id"]) == AUTO_BATCH_ROWS
     sizes = [b.num_rows for b in source.batches(batch_size=source.batch_rows())]
     assert sizes == [63, 37, 30]  # each file in its own batches
+
+
+def _embedding_files(root, sizes: list[int]) -> pa.Table:
+    """Files of ids and a 4-d float16 embedding (the reader threads' kind), `sizes` rows each;
+    the rows of all of them, in order."""
+    root.mkdir()
+    tables, start = [], 0
+    for k, n in enumerate(sizes):
+        emb = pa.FixedSizeListArray.from_arrays(
+            pa.array(np.arange(start * 4, (start + n) * 4, dtype=np.float16)),
+            type=C.embedding_type(4, "float16"),
+        )
+        t = pa.table({"id": [f"r{i:05d}" for i in range(start, start + n)], C.IMAGE_EMBEDDING: emb})
+        pq.write_table(t, root / f"part-{k}.parquet", row_group_size=300)
+        tables.append(t)
+        start += n
+    return pa.concat_tables(tables)
+
+
+def _readers() -> list[str]:
+    import threading
+
+    return [t.name for t in threading.enumerate() if t.name.startswith("read part-")]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="files are read ahead on 2+ CPUs")
+def test_files_read_at_once_come_out_in_order_from_any_resume_point(tmp_path):
+    """On two or more CPUs the next file is read while one is consumed (two reader threads at
+    the first batch); the batches are those of one file after the other: `batch_size` rows,
+    each file's last one shorter, every value in place, from any resume point."""
+    from mmtools.io.source import Source
+
+    table = _embedding_files(tmp_path / "in", [700, 450, 1000, 1])
+    source = Source([str(tmp_path / "in")])
+    batches = source.batches(batch_size=40)  # the second file: more than its reader may hold
+    first = next(batches)
+    assert len(_readers()) == 2
+    got = [first, *batches]
+    assert [b.num_rows for b in got] == [40] * 17 + [20] + [40] * 11 + [10] + [40] * 25 + [1]
+    assert pa.Table.from_batches(got, schema=table.schema).equals(table)
+    for skip in (3, 700, 1149, 1151, 2150):
+        got = list(source.batches(batch_size=400, skip_rows=skip))
+        assert pa.Table.from_batches(got, schema=table.schema).equals(table.slice(skip)), skip
+
+
+def test_files_over_the_read_ahead_budget_are_read_one_at_a_time(tmp_path, monkeypatch):
+    from mmtools.io import source as S
+
+    table = _embedding_files(tmp_path / "in", [500, 500, 500])
+    monkeypatch.setattr(S, "READ_AHEAD_BYTES", 1000)  # less than one file
+    seen = []
+    for b in S.Source([str(tmp_path / "in")]).batches(batch_size=200):
+        seen.append(len(_readers()))
+        assert b.num_rows
+    assert max(seen) <= 1
+    monkeypatch.setattr(S, "READ_AHEAD_BYTES", 1 << 30)
+    got = list(S.Source([str(tmp_path / "in")]).batches(batch_size=200))
+    assert pa.Table.from_batches(got, schema=table.schema).equals(table)
+
+
+def test_a_reader_stopped_early_lets_go_of_its_threads(tmp_path):
+    """A consumer that stops after one batch (an error downstream, `head`) leaves no reader
+    thread behind, even one blocked on its full queue."""
+    from mmtools.io.source import Source
+
+    _embedding_files(tmp_path / "in", [3000, 3000, 3000])
+    batches = Source([str(tmp_path / "in")]).batches(batch_size=10)
+    next(batches)
+    batches.close()
+    deadline = time.monotonic() + 5
+    while _readers() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not _readers()
+
+
+def test_a_damaged_file_among_those_read_ahead_is_a_clear_error_after_the_rows_before_it(
+    tmp_path,
+):
+    """A page of the second file is overwritten (its footer intact): the first file's rows come
+    out whole, then the error names the second file; the third is never handed out."""
+    from mmtools.io.source import Source
+
+    table = _embedding_files(tmp_path / "in", [600, 600, 600])
+    bad = tmp_path / "in" / "part-1.parquet"
+    data = bytearray(bad.read_bytes())
+    data[4:2000] = b"\xff" * 1996
+    bad.write_bytes(bytes(data))
+    got = []
+    with pytest.raises(DataContractError, match=r"cannot read .*part-1\.parquet"):
+        for b in Source([str(tmp_path / "in")]).batches(batch_size=250):
+            got.append(b)
+    assert pa.Table.from_batches(got, schema=table.schema).equals(table.slice(0, 600))

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import glob
 import os
+import queue
 import sys
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections import deque
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -17,6 +21,7 @@ from mmtools.errors import DataContractError, UsageError
 from mmtools.io.fs import is_remote, join, locate, reaching, stat, store
 from mmtools.io.layout import MANIFEST, RUN_FILE
 from mmtools.io.stream import read_stream
+from mmtools.models.device import cpus
 
 READ_BUFFER = 1 << 20  # bytes of a column chunk read from the file at a time
 # A batch size chosen by bytes: about this much decoded data per batch. Reading a batch of
@@ -24,6 +29,8 @@ READ_BUFFER = 1 << 20  # bytes of a column chunk read from the file at a time
 # narrow rows would multiply a wide dataset's peak memory.
 BATCH_BYTES = 4 << 20
 AUTO_BATCH_ROWS = 8192  # the most rows of a batch sized by bytes
+READ_AHEAD_BYTES = 512 << 20  # bytes of input files read ahead of the one being consumed
+AHEAD_BATCHES = 8  # decoded batches a file read ahead holds at most
 
 
 @dataclass(frozen=True)
@@ -245,12 +252,14 @@ class Source:
             stream = (b.select(columns) if columns is not None else b for b in self._stream)
             yield from _rebatch(stream, batch_size, skip_rows)
         else:
+            todo = []
             for shard in self.shards:
                 if skip_rows >= shard.rows:
                     skip_rows -= shard.rows
                     continue
-                yield from _read_parquet(shard.path, columns, batch_size, skip_rows)
+                todo.append((shard, skip_rows))
                 skip_rows = 0
+            yield from _read_shards(todo, columns, batch_size)
 
 
 def _absolute(path: str) -> str:
@@ -274,6 +283,88 @@ def _spooled(path: str, columns) -> Iterator[pa.RecordBatch]:
         yield batch.select(columns) if columns is not None else batch
 
 
+def _read_shards(todo: list[tuple[Shard, int]], columns, batch_size: int):
+    """The batches of each (shard, rows to skip) of `todo`, in order. Where polars reads the
+    files (local, with a list column), the next ones are read ahead in threads: polars decodes
+    a row group on one core, so two files read at once take about half the time of one after
+    the other. At most one reader per CPU, and READ_AHEAD_BYTES of files ahead of the one being
+    consumed; each reader holds at most AHEAD_BATCHES batches besides polars' own row group."""
+    if len(todo) < 2 or cpus() < 2 or not all(_by_polars(s.path, columns) for s, _ in todo):
+        for shard, skip in todo:
+            yield from _read_parquet(shard.path, columns, batch_size, skip)
+        return
+    readers: deque[_Reader] = deque()
+    try:
+        for i, (shard, skip) in enumerate(todo):
+            readers.append(_Reader(shard, skip, columns, batch_size))
+            while readers and not _room(readers, todo[i + 1 :]):
+                yield from _drain(readers.popleft(), columns, batch_size)
+        while readers:
+            yield from _drain(readers.popleft(), columns, batch_size)
+    finally:
+        for reader in readers:
+            reader.stopped.set()
+
+
+def _room(readers: deque, rest: list) -> bool:
+    """Whether another reader may start: a CPU and read-ahead bytes free for the next file."""
+    if not rest or len(readers) >= cpus():
+        return False
+    ahead = sum(r.shard.size for r in list(readers)[1:])
+    return ahead + rest[0][0].size <= READ_AHEAD_BYTES
+
+
+def _drain(reader: _Reader, columns, batch_size: int) -> Iterator[pa.RecordBatch]:
+    """The batches of one reader's file, as they come."""
+    try:
+        read = yield from reader.batches()
+    finally:
+        reader.stopped.set()
+    # all of it, or up to where polars gave up: pyarrow goes on from there and reports it
+    fs, inner = locate(reader.shard.path)
+    yield from _read_arrow(fs, inner, reader.shard.path, columns, batch_size, reader.skip + read)
+
+
+class _Reader(threading.Thread):
+    """One local file read by polars in a thread; its batches wait in a short queue."""
+
+    def __init__(self, shard: Shard, skip: int, columns, batch_size: int):
+        super().__init__(daemon=True, name=f"read {os.path.basename(shard.path)}")
+        self.shard, self.skip = shard, skip
+        self._args = (shard.path, columns, batch_size, skip)
+        self._queue: queue.Queue = queue.Queue(AHEAD_BATCHES)
+        self.stopped = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        read = 0
+        try:
+            for batch in _read_local(*self._args):
+                read += batch.num_rows
+                if not self._put(batch):
+                    return
+            self._put(read)
+        except BaseException as e:  # handed to the consuming thread, which raises it
+            self._put(e)
+
+    def _put(self, item) -> bool:
+        while not self.stopped.is_set():
+            with contextlib.suppress(queue.Full):
+                self._queue.put(item, timeout=0.1)
+                return True
+        return False
+
+    def batches(self) -> Generator[pa.RecordBatch, None, int]:
+        """The file's batches; returns how many rows polars read."""
+        while True:
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if isinstance(item, int):
+                return item
+            yield item
+
+
 def _read_parquet(path: str, columns, batch_size: int, skip: int) -> Iterator[pa.RecordBatch]:
     fs, inner = locate(path)
     if fs is None:
@@ -285,19 +376,30 @@ def _read_parquet(path: str, columns, batch_size: int, skip: int) -> Iterator[pa
     yield from _read_arrow(fs, inner, path, columns, batch_size, skip)
 
 
-def _read_local(path: str, columns, batch_size: int, skip: int) -> Iterator[pa.RecordBatch]:
-    """A local file with a list column (an embedding) through polars' reader, which decodes
-    wide columns (a dictionary-encoded float16 embedding: about 2x) faster than pyarrow's, in
-    the file's own Arrow types; nothing where a type is not plain, or where no column is a
-    list (no faster there, and polars' import alone costs about 35 MiB). It stops at the first
-    error: pyarrow's reader then goes on from there and reports it."""
+def _by_polars(path: str, columns) -> pa.Schema | None:
+    """The schema of `columns` of a local file that polars reads faster than pyarrow: one with
+    a list column (an embedding: a dictionary-encoded float16 one decodes about 2x faster) in
+    plain types polars gives back exactly; None for other files (no faster there, and polars'
+    import alone costs about 35 MiB)."""
+    if locate(path)[0] is not None:
+        return None
     try:
         schema = pq.read_schema(path).remove_metadata()
         if columns is not None:
             schema = pa.schema([schema.field(c) for c in columns])
     except (pa.ArrowException, OSError, KeyError):
-        return
+        return None
     if not all(_plain(f.type) for f in schema) or not any(_is_list(f.type) for f in schema):
+        return None
+    return schema
+
+
+def _read_local(path: str, columns, batch_size: int, skip: int) -> Iterator[pa.RecordBatch]:
+    """A local file through polars' reader (see _by_polars), in the file's own Arrow types;
+    nothing for other files. It stops at the first error: pyarrow's reader then goes on from
+    there and reports it."""
+    schema = _by_polars(path, columns)
+    if schema is None:
         return
     import polars as pl
 
@@ -306,21 +408,32 @@ def _read_local(path: str, columns, batch_size: int, skip: int) -> Iterator[pa.R
     try:
         frame = pl.scan_parquet(path).select(schema.names).slice(skip)
         # polars hands out chunks of its own sizes; batches keep pyarrow's: `batch_size`
-        # rows each, the last one shorter.
+        # rows, the last one shorter. Most chunks are already that size: they pass as they
+        # are, since joining chunks copies every column.
         pending: list[pa.Table] = []
         held = 0
         for chunk in frame.collect_batches(chunk_size=batch_size):
             pending.append(chunk.to_arrow().cast(schema))
             held += pending[-1].num_rows
             if held >= batch_size:
-                table = pa.concat_tables(pending).combine_chunks()
+                table = _joined(pending)
                 whole = held - held % batch_size
                 yield from table.slice(0, whole).to_batches(batch_size)
-                pending, held = [table.slice(whole)], held - whole
+                held -= whole
+                pending = [table.slice(whole)] if held else []
         if held:
-            yield from pa.concat_tables(pending).combine_chunks().to_batches(batch_size)
+            yield from _joined(pending).to_batches(batch_size)
     except (pl.exceptions.PolarsError, pa.ArrowException, OSError):
         return
+
+
+def _joined(tables: list[pa.Table]) -> pa.Table:
+    """One table of contiguous columns (a copy only where there are several)."""
+    return (
+        tables[0].combine_chunks()
+        if len(tables) == 1
+        else pa.concat_tables(tables).combine_chunks()
+    )
 
 
 def _is_list(t: pa.DataType) -> bool:
