@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -107,3 +108,23 @@ def test_every_dataset_command_takes_the_shared_options():
         assert {"--model", "--pretrained", "--device", "--precision"} <= options[name], name
     for name in ("dedup", "mixup", "rewrite"):
         assert "--seed" in options[name], name
+
+
+def _on_one_cpu() -> None:
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+
+
+@pytest.mark.parametrize(("command", "default"), [("ingest", 4), ("embed", 1), ("mixup", 1)])
+def test_thread_defaults_count_the_cpus_the_process_may_use(command, default):
+    """Pinned to one CPU (taskset, a container's cpuset), a command's default --workers is
+    sized for that one CPU, not for every CPU of the machine."""
+    proc = subprocess.run(
+        [*MMTOOLS, command, "--help"],
+        capture_output=True,
+        env={**os.environ, "COLUMNS": "200"},
+        preexec_fn=_on_one_cpu,
+        check=True,
+    )
+    help_text = " ".join(proc.stdout.decode().split())
+    workers = re.search(r"--workers <int range> (.*?)\]", help_text).group(1)
+    assert f"[default: {default};" in workers

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from typing import Annotated
 
@@ -10,6 +9,7 @@ import typer
 
 from mmtools.cli import options as O
 from mmtools.cli.common import Common, execute, setup_logging
+from mmtools.models.device import cpus
 from mmtools.steps.ingest.listing import ListingOptions
 from mmtools.steps.ingest.resize import ResizeOptions
 from mmtools.steps.ingest.step import IngestConfig
@@ -145,7 +145,7 @@ def ingest(
     resize: ResizeOptions,
     config: IngestConfig,
     common: Common,
-    workers: Workers = min(16, 4 * (os.cpu_count() or 1)),
+    workers: Workers = min(16, 4 * cpus()),
     retry_failed: Annotated[
         bool,
         typer.Option(

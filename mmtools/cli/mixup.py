@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from typing import Annotated
 
@@ -10,6 +9,7 @@ import typer
 
 from mmtools.cli import options as O
 from mmtools.cli.common import Common, execute, open_source
+from mmtools.models.device import cpus
 from mmtools.steps.mixup.step import MixupConfig
 
 OPTIONS = O.Bundle(
@@ -74,7 +74,7 @@ OPTIONS = O.Bundle(
 def mixup(
     config: MixupConfig,
     common: Common,
-    workers: Annotated[int, typer.Option(min=1, help="Decoding threads.")] = os.cpu_count() or 1,
+    workers: Annotated[int, typer.Option(min=1, help="Decoding threads.")] = cpus(),
 ) -> None:
     """Write mixed rows (MixGen, audio or embedding mixup) with their provenance.
 

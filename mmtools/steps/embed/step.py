@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,7 +24,7 @@ from mmtools import columns as C
 from mmtools import models
 from mmtools.errors import DataContractError, UsageError
 from mmtools.media import DEFAULT_MAX_PIXELS, cells
-from mmtools.models.device import PRECISIONS, check_precision, resolve_device
+from mmtools.models.device import PRECISIONS, check_precision, cpus, resolve_device
 from mmtools.step import Result, Step, rejects_at
 
 log = logging.getLogger("mmtools")
@@ -51,7 +50,7 @@ class EmbedConfig:
     precision: str = "fp32"
     dtype: str = "float16"
     batch_size: int = 256
-    workers: int = min(8, os.cpu_count() or 1)
+    workers: int = min(8, cpus())
     max_pixels: int = DEFAULT_MAX_PIXELS
 
 
