@@ -289,7 +289,8 @@ def _read_shards(todo: list[tuple[Shard, int]], columns, batch_size: int):
     a row group on one core, so two files read at once take about half the time of one after
     the other. At most one reader per CPU, and READ_AHEAD_BYTES of files ahead of the one being
     consumed; each reader holds at most AHEAD_BATCHES batches besides polars' own row group."""
-    if len(todo) < 2 or cpus() < 2 or not all(_by_polars(s.path, columns) for s, _ in todo):
+    local = all(not is_remote(s.path) for s, _ in todo)  # the files share one schema
+    if len(todo) < 2 or cpus() < 2 or not local or not _by_polars(todo[0][0].path, columns):
         for shard, skip in todo:
             yield from _read_parquet(shard.path, columns, batch_size, skip)
         return
