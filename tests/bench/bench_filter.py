@@ -29,6 +29,7 @@ import timing
 from timing import Targets, timed_cpu
 
 WHERE = "clip_score >= 0.28 AND width >= 256"
+HERE = str(Path(__file__).parent)
 BLOCK = 65_536
 DIM = 512
 
@@ -75,6 +76,13 @@ def plain_polars(src: Path, out: Path) -> None:
 
     frame = pl.scan_parquet(str(src / "*.parquet"))
     frame.filter((pl.col("clip_score") >= 0.28) & (pl.col("width") >= 256)).sink_parquet(out)
+
+
+def polars_peak(src: Path, out: Path) -> int:
+    """Peak RSS (MiB) of plain_polars run in a process of its own."""
+    code = f"import sys; sys.path.insert(0, {HERE!r}); import bench_filter as b; "
+    code += f"b.plain_polars(b.Path({str(src)!r}), b.Path({str(out)!r}))"
+    return timing.run_python("-c", code)[2]
 
 
 def run_mmtools(*args) -> tuple[float, float, int]:
@@ -124,6 +132,8 @@ def bench_where(data: Path, tmp: Path, rows: int, repeat: int, targets: Targets)
         f"mmtools / polars: {t / tp:.2f}x wall, {cpu / cp:.2f}x CPU (1.0 = as fast)"
     )
     targets.at_most("mmtools filter --where / polars, wall", t / tp, 1.0, "x")
+    polars_rss = polars_peak(data, tmp / "polars-rss.parquet")
+    print(f"  peak RSS: mmtools --where {rss} MiB, polars {polars_rss} MiB (a process of its own)")
     t0, cpu0 = startup(tmp)
     print(
         f"  without the fixed cost of starting mmtools ({t0:.1f} s, CPU {cpu0:.1f} s): "

@@ -24,12 +24,16 @@ def timed_cpu(fn, *args) -> tuple[float, float]:
 
 def run_mmtools(*args) -> tuple[float, float, int]:
     """Run mmtools; return (seconds, CPU seconds, peak RSS in MiB) of that process alone."""
+    return run_python("-m", "mmtools", *args)
+
+
+def run_python(*args) -> tuple[float, float, int]:
+    """Run this Python with `args`; return (seconds, CPU seconds, peak RSS in MiB) of that
+    process alone."""
     # VmHWM of the child's own address space: getrusage would report the parent's peak,
     # which Linux carries into a child across fork and exec.
     t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mmtools", *map(str, args)], stdout=subprocess.DEVNULL
-    )
+    proc = subprocess.Popen([sys.executable, *map(str, args)], stdout=subprocess.DEVNULL)
     peak, done = 0, 0
     while not done:
         done, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -42,7 +46,7 @@ def run_mmtools(*args) -> tuple[float, float, int]:
         time.sleep(0.01)
     code = os.waitstatus_to_exitcode(status)
     if code:
-        raise SystemExit(f"mmtools {' '.join(map(str, args))} failed ({code})")
+        raise SystemExit(f"python {' '.join(map(str, args))} failed ({code})")
     return time.perf_counter() - t0, usage.ru_utime + usage.ru_stime, peak
 
 
