@@ -680,3 +680,15 @@ def test_run_that_lost_its_store_is_resumed_by_a_rerun_to_the_unbroken_output(s3
         parts = [pq.read_table(f"data/{name}/{s}", filesystem=admin) for s, _ in shards[name]]
         assert pa.concat_tables(parts).equals(ROWS), name
         assert store_lost[name]["rows"] == 40
+
+
+@pytest.mark.ray
+def test_a_model_step_on_ray_leaves_nothing_of_rays_own_on_stderr(rows, tmp_path):
+    """A model step's actors would each put a line of Ray's core on stderr, and the log level
+    that keeps them off is announced with a line of its own: a quiet run's stderr is empty."""
+    pytest.importorskip("ray")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MMTOOLS_RAY"))}
+    argv = [*MMTOOLS, "rewrite", str(rows), "--backend", "template", "--engine", "ray", "-q"]
+    run = subprocess.run([*argv, "-o", str(tmp_path / "out")], env=env, capture_output=True)
+    assert run.returncode == 0, run.stderr.decode()
+    assert run.stderr.decode() == ""

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -39,9 +40,10 @@ def connect(options: RayOptions, actors: bool = False):
     for name in ("ray", "ray.data"):
         logging.getLogger(name).setLevel(level)
     if not ray.is_initialized():
-        if actors and not verbose:
+        quiet = actors and not verbose and "RAY_BACKEND_LOG_LEVEL" not in os.environ
+        if quiet:
             # Ray's core logs an error line for every Ray Data actor it starts (ray#53727).
-            os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+            os.environ["RAY_BACKEND_LOG_LEVEL"] = "fatal"
         where, named = _bootstrap(options.address)
         if where:
             _check_reachable(where, named)
@@ -49,7 +51,7 @@ def connect(options: RayOptions, actors: bool = False):
         _started_here = where is None
         # Worker output is not forwarded: stdout may carry the Arrow stream.
         kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=level)
-        with _own_signals():
+        with _own_signals(), _muted_stderr(quiet):
             try:
                 ray.init(address=options.address, ignore_reinit_error=True, **kwargs)
             except ConnectionError as e:
@@ -67,8 +69,6 @@ _started_here = False  # whether the last `connect` that joined a cluster starte
 
 def joined() -> bool:
     """Whether this process is connected to a Ray cluster (without importing Ray)."""
-    import sys
-
     ray = sys.modules.get("ray")
     return bool(ray) and ray.is_initialized()
 
@@ -80,6 +80,25 @@ def stop_own_cluster() -> None:
         import ray
 
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def _muted_stderr(mute: bool):
+    """Standard error sent to /dev/null meanwhile, when `mute`: setting Ray's core log level
+    makes it print a line of its own on the driver's stderr when it starts. A failure still
+    raises, and the processes Ray starts write to their own log files."""
+    if not mute:
+        yield
+        return
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
 
 
 @contextlib.contextmanager
