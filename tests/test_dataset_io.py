@@ -344,3 +344,21 @@ def test_a_damaged_file_among_those_read_ahead_is_a_clear_error_after_the_rows_b
         for b in Source([str(tmp_path / "in")]).batches(batch_size=250):
             got.append(b)
     assert pa.Table.from_batches(got, schema=table.schema).equals(table.slice(0, 600))
+
+
+def test_batches_polars_reads_reach_the_steps_without_a_copy(tmp_path):
+    """polars' chunks of `batch_size` rows pass as they are: holding every batch of a file
+    takes next to nothing from Arrow's memory pool (a copy would take the embeddings' size)."""
+    from mmtools.io.source import Source
+
+    n, dim = 20_000, 64
+    values = np.random.default_rng(0).standard_normal(n * dim).astype(np.float16)
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(values), type=C.embedding_type(dim, "float16"))
+    pq.write_table(
+        pa.table({"id": [f"r{i}" for i in range(n)], C.IMAGE_EMBEDDING: emb}),
+        tmp_path / "t.parquet",
+    )
+    before = pa.total_allocated_bytes()
+    got = list(Source([str(tmp_path / "t.parquet")]).batches(batch_size=1000))
+    assert sum(b.num_rows for b in got) == n
+    assert pa.total_allocated_bytes() - before < values.nbytes / 4

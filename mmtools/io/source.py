@@ -409,32 +409,23 @@ def _read_local(path: str, columns, batch_size: int, skip: int) -> Iterator[pa.R
     try:
         frame = pl.scan_parquet(path).select(schema.names).slice(skip)
         # polars hands out chunks of its own sizes; batches keep pyarrow's: `batch_size`
-        # rows, the last one shorter. Most chunks are already that size: they pass as they
-        # are, since joining chunks copies every column.
+        # rows, the last one shorter. Most chunks are already that size and pass as they are:
+        # no empty leftover is kept, as joining it to the next chunk would copy every column.
         pending: list[pa.Table] = []
         held = 0
         for chunk in frame.collect_batches(chunk_size=batch_size):
             pending.append(chunk.to_arrow().cast(schema))
             held += pending[-1].num_rows
             if held >= batch_size:
-                table = _joined(pending)
+                table = pa.concat_tables(pending).combine_chunks()
                 whole = held - held % batch_size
                 yield from table.slice(0, whole).to_batches(batch_size)
                 held -= whole
                 pending = [table.slice(whole)] if held else []
         if held:
-            yield from _joined(pending).to_batches(batch_size)
+            yield from pa.concat_tables(pending).combine_chunks().to_batches(batch_size)
     except (pl.exceptions.PolarsError, pa.ArrowException, OSError):
         return
-
-
-def _joined(tables: list[pa.Table]) -> pa.Table:
-    """One table of contiguous columns (a copy only where there are several)."""
-    return (
-        tables[0].combine_chunks()
-        if len(tables) == 1
-        else pa.concat_tables(tables).combine_chunks()
-    )
 
 
 def _is_list(t: pa.DataType) -> bool:
