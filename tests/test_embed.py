@@ -441,7 +441,7 @@ def test_8bit_pixels_normalised_on_the_device_give_the_same_embeddings_bit_for_b
     as_on_gpu.setup()
     tower = as_on_gpu._towers["image"]
     assert not tower.raw  # a CPU run normalises in the decoding threads
-    tower.raw = True  # what a CUDA device chooses
+    tower.decoder.raw = True  # what a CUDA device chooses
     assert tower.alloc(2, pin=False)["pixels"].dtype == torch.uint8
     table_gpu_layout = _run(as_on_gpu, table, 5)
     for column in (C.IMAGE_EMBEDDING, C.TEXT_EMBEDDING):

@@ -149,6 +149,15 @@ Dtype = Annotated[str, typer.Option("--dtype", help="Stored embedding type: floa
 Workers = Annotated[
     int, typer.Option("--workers", min=1, help="Threads decoding media ahead of the model.")
 ]
+DecodeIn = Annotated[
+    str,
+    typer.Option(
+        "--decode-in",
+        help="Where images are decoded: threads (of this process) or processes (--workers "
+        "of them; faster past ~6 workers, where threads queue for Python's lock, e.g. to feed "
+        "a GPU from many cores; Linux; a few seconds to start). Audio: always threads.",
+    ),
+]
 AudioModel = Annotated[
     str,
     typer.Option(
@@ -284,5 +293,6 @@ MODEL = Bundle(
         "precision": Precision,
         "dtype": Dtype,
         "workers": Workers,
+        "decode_in": DecodeIn,
     },
 )

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from mmtools import columns as C
 from mmtools import models
 from mmtools.media import MediaError, read
+from mmtools.steps.embed.decoders import tensors
 from mmtools.steps.embed.step import (
     EmbedStep,
     Reason,
@@ -20,40 +23,32 @@ from mmtools.steps.embed.step import (
 log = logging.getLogger(__name__)
 
 
-class _ImageTower:
-    """Decode + preprocess images into a pixel buffer; encode with open_clip.
+@dataclass
+class ImageDecoder:
+    """Image cells -> rows of the model's input: what a decoding worker (a thread, or a
+    process: it is picklable) needs. With open_clip's usual transform (PIL resize and crop,
+    then ToTensor + Normalize) it normalises the resized 8-bit pixels in place, with
+    ToTensor + Normalize's float32 operations; `raw` keeps the 8-bit pixels instead."""
 
-    With open_clip's usual transform (PIL resize and crop, then ToTensor + Normalize) the
-    decoding threads normalise the resized 8-bit pixels in place, with ToTensor + Normalize's
-    float32 operations. On a GPU the buffer holds the 8-bit pixels instead (a quarter of the
-    floats' size to copy) and the device looks each value up in a table of every level's
-    result of those same operations: the model sees the same inputs, bit for bit.
-    """
+    preprocess: Any  # the model's whole transform
+    resize: Any  # its PIL part, or None when it does not end in ToTensor + Normalize
+    mean: Any
+    std: Any
+    shape: tuple  # (channels, height, width) of the model's input
+    max_pixels: int
+    raw: bool = False
 
-    serial = False  # filled in slices by every decoding worker at once
-
-    def __init__(self, encoder: models.ClipEncoder, max_pixels: int, on_device: bool):
-        from PIL import Image
-
-        self.encoder, self.max_pixels = encoder, max_pixels
-        self.shape = tuple(encoder.preprocess(Image.new("RGB", (8, 8))).shape)
-        self.resize, self.mean, self.std = split_preprocess(encoder.preprocess)
-        self.levels = None if self.resize is None else normalised_levels(self.mean, self.std)
-        self.raw = on_device and self.levels is not None  # the buffer holds 8-bit pixels
-        self._device_levels = None
-
-    def alloc(self, n: int, pin: bool) -> dict:
-        import torch
-
+    def specs(self, n: int) -> dict:
+        """The buffers of `n` rows: {key: (shape, numpy dtype)}."""
         if self.raw:
             c, h, w = self.shape
-            return {"pixels": torch.empty((n, h, w, c), dtype=torch.uint8, pin_memory=pin)}
-        return {"pixels": torch.empty((n, *self.shape), pin_memory=pin)}
+            return {"pixels": ((n, h, w, c), np.uint8)}
+        return {"pixels": ((n, *self.shape), np.float32)}
 
-    def fill(self, bufs: dict, offset: int, values: list) -> list[Reason]:
+    def fill(self, arrays: dict, offset: int, values: list) -> list[Reason]:
         from mmtools.media import decoded_image
 
-        pixels = bufs["pixels"].numpy()
+        pixels = arrays["pixels"]
         reasons: list[Reason] = []
         for i, value in enumerate(values):
             try:
@@ -67,7 +62,7 @@ class _ImageTower:
     def _put(self, img, out: np.ndarray) -> None:
         """Write one image's model input into its row of the buffer."""
         if self.resize is None:
-            out[:] = self.encoder.preprocess(img).numpy()
+            out[:] = self.preprocess(img).numpy()
             return
         rgb = np.asarray(self.resize(img))  # (H, W, 3) uint8
         if self.raw:
@@ -77,6 +72,42 @@ class _ImageTower:
             np.divide(rgb[..., k], np.float32(255.0), out=out[k], dtype=np.float32)
             np.subtract(out[k], self.mean[k], out=out[k])
             np.divide(out[k], self.std[k], out=out[k])
+
+
+class _ImageTower:
+    """Decode + preprocess images into a pixel buffer (`ImageDecoder`); encode with open_clip.
+
+    On a GPU the buffer holds the 8-bit pixels (a quarter of the floats' size to copy) and
+    the device looks each value up in a table of every level's result of ToTensor +
+    Normalize's operations: the model sees the same inputs as on the CPU, bit for bit.
+    """
+
+    serial = False  # filled in slices by every decoding worker at once
+
+    def __init__(self, encoder: models.ClipEncoder, max_pixels: int, on_device: bool):
+        from PIL import Image
+
+        self.encoder = encoder
+        shape = tuple(encoder.preprocess(Image.new("RGB", (8, 8))).shape)
+        resize, mean, std = split_preprocess(encoder.preprocess)
+        self.levels = None if resize is None else normalised_levels(mean, std)
+        raw = on_device and self.levels is not None  # the buffer holds 8-bit pixels
+        self.decoder = ImageDecoder(encoder.preprocess, resize, mean, std, shape, max_pixels, raw)
+        self._device_levels = None
+
+    @property
+    def shape(self) -> tuple:
+        return self.decoder.shape
+
+    @property
+    def raw(self) -> bool:
+        return self.decoder.raw
+
+    def alloc(self, n: int, pin: bool) -> dict:
+        return tensors(self.decoder.specs(n), pin)
+
+    def fill(self, bufs: dict, offset: int, values: list) -> list[Reason]:
+        return self.decoder.fill({k: v.numpy() for k, v in bufs.items()}, offset, values)
 
     def encode(self, chunk: dict):
         pixels = chunk["pixels"]
@@ -172,7 +203,8 @@ class ClipEmbed(EmbedStep):
         pixels = bufs["image"]["pixels"].numpy()[np.flatnonzero(decoded)]
         if not len(pixels):  # no image of the batch decoded: nothing to look at
             return
-        rgb = pixels if tower.raw else (pixels.transpose(0, 2, 3, 1) * tower.std + tower.mean) * 255
+        dec = tower.decoder
+        rgb = pixels if dec.raw else (pixels.transpose(0, 2, 3, 1) * dec.std + dec.mean) * 255
         self._checked += len(rgb)
         self._outside += int((shapes.palette_share(rgb) < shapes.IN_DOMAIN_SHARE).sum())
         if self._checked >= DOMAIN_MIN and 2 * self._outside > self._checked:

@@ -1,7 +1,8 @@
 """The machinery `embed`'s model families share: schema, prefetching run loop, rejects.
 
-Decoding and preprocessing run in a thread pool for the next batches while the model runs
-the current one; each batch's inputs are written straight into one preallocated (pinned, on
+Decoding and preprocessing run in worker threads (images in worker processes with
+`--decode-in processes`: see `decoders`) for the next batches while the model runs the
+current one; each batch's inputs are written straight into one preallocated (pinned, on
 CUDA) tensor, so the model never waits on a copy. A row is rejected (never output) when one
 of its media cannot be decoded (the decoder's reason: corrupt, truncated, not_image, ...),
 its text is null or blank (`no_text`), or its embedding comes out NaN, infinite or zero
@@ -14,7 +15,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +27,7 @@ from mmtools.errors import DataContractError, UsageError
 from mmtools.media import DEFAULT_MAX_PIXELS, cells
 from mmtools.models.device import PRECISIONS, check_precision, cpus, resolve_device
 from mmtools.step import Result, Step, rejects_at
+from mmtools.steps.embed.decoders import Workers, check_decode_in
 
 log = logging.getLogger("mmtools")
 
@@ -52,6 +54,7 @@ class EmbedConfig:
     batch_size: int = 256
     workers: int = min(8, cpus())
     max_pixels: int = DEFAULT_MAX_PIXELS
+    decode_in: str = "threads"  # or "processes" (images; see mmtools.steps.embed.decoders)
 
 
 class EmbedStep(Step):
@@ -74,6 +77,7 @@ class EmbedStep(Step):
             raise UsageError(f"--dtype must be float16 or float32, not {config.dtype!r}")
         if config.precision not in PRECISIONS:
             raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}")
+        check_decode_in(config.decode_in)
         self.modalities = list(config.modalities)
         sources = {"text": C.TEXT, self.media: self.media}
         self.requires = (C.ID, *[sources[m] for m in self.modalities])
@@ -88,7 +92,7 @@ class EmbedStep(Step):
         raise NotImplementedError
 
     def params(self) -> dict:
-        """What changes the output; device, batch size and workers do not."""
+        """What changes the output; device, batch size and the decoding workers do not."""
         spec, c = self.spec(), self.config
         return {
             self.name: {
@@ -144,39 +148,54 @@ class EmbedStep(Step):
     def run(self, batches: Iterable[pa.RecordBatch]) -> Iterator[Result]:
         """Embed a stream, decoding up to PREFETCH batches ahead of the model."""
         self.setup()
-        pool = ThreadPoolExecutor(self.config.workers, thread_name_prefix=f"mmtools-{self.name}")
+        workers = self.start_workers()
         pending: deque = deque()
         try:
             for batch in batches:
-                pending.append((batch, self._submit(pool, batch)))
+                pending.append((batch, self._submit(workers, batch)))
                 if len(pending) > PREFETCH:
                     yield self._finish(*pending.popleft())
             while pending:
                 yield self._finish(*pending.popleft())
         finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+            workers.close()
 
-    def _submit(self, pool: ThreadPoolExecutor, batch: pa.RecordBatch):
+    def start_workers(self, count: int | None = None, where: str | None = None) -> Workers:
+        """The decoding workers of one run: `count` (default --workers) threads, or
+        processes for the images when `where` (default --decode-in) says so."""
+        c = self.config
+        return Workers.start(count or c.workers, where or c.decode_in, self._towers, self.name)
+
+    def _submit(self, workers: Workers, batch: pa.RecordBatch):
         """Start filling a batch's buffers: per modality, the futures of its slices' reasons
         in row order. Media are split among the workers; a tower that fills under a lock
         (a tokenizer) takes the whole batch in one task, which holds no worker waiting."""
         n = batch.num_rows
         pin = self.device.type == "cuda"
-        bufs = {m: t.alloc(n, pin) for m, t in self._towers.items()}
         piece = max(MIN_PIECE, math.ceil(n / self.config.workers))
+        bufs: dict[str, dict] = {}
         jobs: dict[str, list[Future]] = {}
         for m in sorted(self._towers, key=lambda m: not self._towers[m].serial):
             size = max(n, 1) if self._towers[m].serial else piece
+            starts = range(0, n, size)
+            if n and workers.runs_in_processes(m):
+                pieces = [(s, self._values(m, batch, s, min(n, s + size))) for s in starts]
+                into = self._towers[m].alloc(n, pin) if pin else None
+                bufs[m], jobs[m] = workers.submit(m, n, pieces, into)
+                continue
+            bufs[m] = self._towers[m].alloc(n, pin)
             jobs[m] = [
-                pool.submit(self._fill, m, bufs[m], batch, start, min(n, start + size))
-                for start in range(0, n, size)
+                workers.threads.submit(self._fill, m, bufs[m], batch, s, min(n, s + size))
+                for s in starts
             ]
         return bufs, jobs
 
     def _fill(self, modality: str, bufs: dict, batch: pa.RecordBatch, start: int, end: int):
+        return self._towers[modality].fill(bufs, start, self._values(modality, batch, start, end))
+
+    def _values(self, modality: str, batch: pa.RecordBatch, start: int, end: int) -> list:
         column = C.TEXT if modality == "text" else self.media
-        values = column_values(batch.slice(start, end - start), column)
-        return self._towers[modality].fill(bufs, start, values)
+        return column_values(batch.slice(start, end - start), column)
 
     def _finish(self, batch: pa.RecordBatch, job: tuple[dict, dict[str, list[Future]]]) -> Result:
         bufs, jobs = job
