@@ -134,18 +134,11 @@ def test_batches_decode_in_other_processes_and_their_buffers_are_let_go(clip_jso
     assert memfds() == []
 
 
-def _decoding_processes() -> list[int]:
-    """Processes forked by this process's fork server (its decoding workers)."""
-    me, children = os.getpid(), {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(pid))
-    servers = children.get(me, [])
-    return [p for server in servers for p in children.get(server, [])]
+def _decoding_processes(run) -> list[int]:
+    """The decoding processes of a running `step.run` generator (none of this process's
+    other children: a Ray cluster an earlier test left joined must live on)."""
+    workers = run.gi_frame.f_locals["workers"]
+    return [p.pid for p in workers.procs._processes.values()]
 
 
 @pytest.mark.parametrize("noticed", [False, True], ids=["at-once", "pool-known-broken"])
@@ -157,7 +150,7 @@ def test_a_killed_decoding_process_fails_the_run_with_one_line(clip_json, notice
     run = step.run(table.to_batches(max_chunksize=8))
     first = next(run)
     assert first.batch.num_rows == 8
-    victims = _decoding_processes()
+    victims = _decoding_processes(run)
     assert victims
     for pid in victims:
         os.kill(pid, signal.SIGKILL)
