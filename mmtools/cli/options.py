@@ -154,8 +154,8 @@ DecodeIn = Annotated[
     typer.Option(
         "--decode-in",
         help="Where images are decoded: threads (of this process) or processes (--workers "
-        "of them; faster past ~6 workers, where threads queue for Python's lock, e.g. to feed "
-        "a GPU from many cores; Linux; a few seconds to start). Audio: always threads.",
+        "of them; for many workers feeding a GPU: threads share Python's lock and stop "
+        "scaling near six; Linux; a few seconds to start). Audio: always threads.",
     ),
 ]
 AudioModel = Annotated[

@@ -1,7 +1,7 @@
 """Where an embedding step's media are decoded: threads of its process, or worker processes.
 
-Threads share Python's lock: past about six of them, decoding small images (a few
-milliseconds each, a seventh of it under the lock) stops getting faster, which is what
+Threads share Python's lock: past about six of them, decoding small images (about a
+millisecond each, a sixth of it under the lock) stops getting faster, which is what
 keeps a GPU waiting on a machine with many cores. `--decode-in processes` decodes images in
 `--workers` processes instead (started from a fork server, so a CUDA context is never
 forked), each writing its rows straight into the batch's input buffer. That buffer is
