@@ -186,3 +186,31 @@ def test_a_legal_image_slower_than_the_decode_time_limit_is_a_decode_timeout(tmp
     mmtools("ingest", folder, "-q", "-o", tmp_path / "default")  # the default limit: 60 s
     rows, rejects = outcome(tmp_path / "default")
     assert set(rows) == ok | {"slow.jpg"} and rejects == {}
+
+
+def test_decoding_processes_keep_the_bounds_on_hostile_media(tmp_path):
+    """`embed --decode-in processes`: a JPEG of thousands of scans is refused by its count, a
+    legal one slower than the decode time limit is a decode_timeout (the limit reaches the
+    processes), lying and bomb headers are rejected as in threads; the other rows come out."""
+    model = tiny_clip(tmp_path)
+    images = {
+        "scans.jpg": scan_bomb(),
+        "slow.jpg": scan_bomb(repeats=80),
+        "png_claims_10g_pixels.png": png_header(100_000, 100_000),
+        "ztxt_bomb.png": metadata_bomb(b"zTXt"),
+        **{f"ok{i}.jpg": image_bytes(i) for i in range(3)},
+    }
+    media_file(tmp_path / "in.parquet", images)
+    out = tmp_path / "out"
+    argv = ["embed", tmp_path / "in.parquet", "--model", model, "--pretrained", "none"]
+    argv += ["--device", "cpu", "--workers", "2", "--decode-in", "processes", "-q", "-o", out]
+    code, _, _ = run_measured(argv, tmp_path / "log", 120, {ENV_DECODE_TIMEOUT: "0.1"})
+    assert code == 0, (tmp_path / "log").read_text()
+    rows, rejects = outcome(out)
+    assert set(rows) == {f"ok{i}.jpg" for i in range(3)}
+    assert rejects == {
+        "scans.jpg": "decompression_bomb",
+        "slow.jpg": "decode_timeout",
+        "png_claims_10g_pixels.png": "decompression_bomb",
+        "ztxt_bomb.png": "corrupt",
+    }
