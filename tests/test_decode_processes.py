@@ -198,6 +198,22 @@ def test_cli_decode_in_processes_and_its_usage_error(clip_json, tmp_path):
         ClipEmbed(_config(clip_json, decode_in="fork"))
 
 
+def test_a_preprocessing_that_cannot_go_to_another_process_is_a_usage_error(clip_json):
+    """A model whose transform holds a local function (it cannot be pickled) is refused
+    up front, with the way out, rather than failing in the first batch with a traceback."""
+    step = ClipEmbed(_config(clip_json, decode_in="processes"))
+    step.setup()
+    decoder = step._towers["image"].decoder
+    resize = decoder.resize
+    decoder.resize = lambda img: resize(img)
+    table = media_table([image_bytes(i) for i in range(4)], ["t"] * 4)
+    with pytest.raises(UsageError, match=r"cannot be sent to another process.*--decode-in threads"):
+        list(step.run(table.to_batches()))
+    step.config.decode_in = "threads"  # the way out works
+    (result,) = list(step.run(table.to_batches()))
+    assert result.batch.num_rows == 4
+
+
 def test_ctrl_c_while_the_decoding_processes_start_stops_with_one_line(clip_json, tmp_path):
     """Ctrl-C in a terminal signals the whole process group, here while the fork server is
     still importing torch: exit 130, the one line of the parent, no process's traceback,

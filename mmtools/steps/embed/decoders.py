@@ -16,6 +16,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import pickle
 import secrets
 import signal
 import sys
@@ -144,6 +145,14 @@ class Workers:
             return cls(threads)
         from mmtools import media
 
+        try:
+            pickle.dumps(decoders)
+        except (pickle.PicklingError, AttributeError, TypeError) as e:
+            threads.shutdown()
+            raise UsageError(
+                f"--decode-in processes: this model's preprocessing cannot be sent to another "
+                f"process ({e}); use --decode-in threads"
+            ) from None
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(_PRELOAD)
         _start_fork_server()
