@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import io
 import json
@@ -297,3 +298,34 @@ def jpeg_scans(data: bytes) -> list[tuple[int, int]]:
             out.append((i, end))
         i = end
     return out
+
+
+def proc_stat(pid: int) -> tuple[int, int, str] | None:
+    """(parent pid, start time, name) of a live process; None once it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    name, rest = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :]
+    fields = rest.split()  # from field 3 on: state, parent pid, ..., start time (field 22)
+    return None if fields[0] == "Z" else (int(fields[1]), int(fields[19]), name)
+
+
+def processes() -> dict[int, tuple[int, int, str]]:
+    """Every live process: pid -> (parent pid, start time, name)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (stat := proc_stat(int(entry))):
+            found[int(entry)] = stat
+    return found
+
+
+def naming(text: str, where: tuple[str, ...] = ("cmdline",)) -> set[int]:
+    """The live processes whose command line (or other /proc files `where`) holds `text`."""
+    found = set()
+    for pid in processes():
+        for name in where:
+            with contextlib.suppress(OSError):
+                if text.encode() in Path(f"/proc/{pid}/{name}").read_bytes():
+                    found.add(pid)
+    return found

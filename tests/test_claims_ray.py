@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 import test_object_store
 import test_ray
-from conftest import MMTOOLS, mmtools, read_dataset, write_shards
+from conftest import MMTOOLS, mmtools, naming, proc_stat, processes, read_dataset, write_shards
 from test_mixup import embedding_file
 from test_ray import (
     BATCH,
@@ -376,26 +376,6 @@ def test_with_no_ray_address_ray_joins_the_cluster_ray_address_names(ray_address
     assert read(tmp_path / "out")[C.ID].to_pylist() == [f"r{i:03d}" for i in range(30, 40)]
 
 
-def proc_stat(pid: int) -> tuple[int, int, str] | None:
-    """(parent pid, start time, name) of a live process; None once it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    name, rest = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :]
-    fields = rest.split()  # from field 3 on: state, parent pid, ..., start time (field 22)
-    return None if fields[0] == "Z" else (int(fields[1]), int(fields[19]), name)
-
-
-def processes() -> dict[int, tuple[int, int, str]]:
-    """Every live process: pid -> (parent pid, start time, name)."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (stat := proc_stat(int(entry))):
-            found[int(entry)] = stat
-    return found
-
-
 def descendants(root: int) -> dict[int, tuple[int, str]]:
     """The live processes under `root`: pid -> (start time, name)."""
     table = processes()
@@ -412,17 +392,6 @@ def descendants(root: int) -> dict[int, tuple[int, str]]:
 def still_running(seen: dict[int, tuple[int, str]]) -> set[int]:
     """Those of the processes `seen` (pid -> (start time, name)) still running."""
     return {pid for pid, (start, _) in seen.items() if (proc_stat(pid) or (0, -1))[1] == start}
-
-
-def naming(text: str, where: tuple[str, ...] = ("cmdline",)) -> set[int]:
-    """The live processes whose command line (or other /proc files `where`) holds `text`."""
-    found = set()
-    for pid in processes():
-        for name in where:
-            with contextlib.suppress(OSError):
-                if text.encode() in Path(f"/proc/{pid}/{name}").read_bytes():
-                    found.add(pid)
-    return found
 
 
 @pytest.mark.ray

@@ -16,7 +16,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import image_bytes, mmtools, read_dataset, reject_reasons, tiny_clip
+from conftest import (
+    image_bytes,
+    mmtools,
+    naming,
+    proc_stat,
+    processes,
+    read_dataset,
+    reject_reasons,
+    tiny_clip,
+)
 from test_embed import matrix, media_table
 from test_shapes_domain import photo_variants
 
@@ -250,27 +259,17 @@ def test_ctrl_c_while_the_decoding_processes_start_stops_with_one_line(clip_json
     deadline, left = time.monotonic() + 30, [1]
     while left and time.monotonic() < deadline:
         time.sleep(0.2)
-        left = [p for p in filter(str.isdigit, os.listdir("/proc")) if _in_session(p, proc.pid)]
+        left = [p for p in processes() if _in_session(p, proc.pid)]
     assert not left
 
 
 def _children_named(parent: int, word: str) -> list[int]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == parent and word.encode() in cmdline:
-            found.append(int(pid))
-    return found
+    return [pid for pid in naming(word) if (proc_stat(pid) or (0,))[0] == parent]
 
 
-def _in_session(pid: str, session: int) -> bool:
+def _in_session(pid: int, session: int) -> bool:
     """Whether a live (not zombie) process belongs to `session`."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
+        return proc_stat(pid) is not None and os.getsid(pid) == session
+    except OSError:  # gone meanwhile
         return False
-    return fields[0] != "Z" and int(fields[3]) == session
