@@ -179,8 +179,7 @@ class Workers:
                 for offset, values in pieces
             ]
         except BrokenProcessPool:  # a process died while an earlier batch was decoded
-            shared.release()
-            self.live.discard(shared)
+            self._let_go(shared)
             raise _died() from None
         bufs = shared.tensors() if into is None else into  # before _gather lets go of them
         return bufs, [self.threads.submit(self._gather, futures, shared, into)]
@@ -198,16 +197,18 @@ class Workers:
                     t.copy_(torch.from_numpy(shared.arrays[key]))
             return reasons
         finally:
-            shared.release()
-            self.live.discard(shared)
+            self._let_go(shared)
+
+    def _let_go(self, shared: SharedArrays) -> None:
+        shared.release()
+        self.live.discard(shared)
 
     def close(self) -> None:
         self.threads.shutdown(wait=False, cancel_futures=True)
         if self.procs is not None:
             self.procs.shutdown(wait=False, cancel_futures=True)
         for shared in list(self.live):
-            shared.release()
-        self.live.clear()
+            self._let_go(shared)
 
 
 def _start_fork_server() -> None:
