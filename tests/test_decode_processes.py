@@ -143,6 +143,28 @@ def test_batches_decode_in_other_processes_and_their_buffers_are_let_go(clip_jso
     assert memfds() == []
 
 
+def test_the_fork_server_imports_what_the_decoders_need_once(clip_json):
+    """The fork server imports the modules the image decoder is rebuilt from (open_clip's
+    transforms: seconds of import) before it forks: a decoding process does not import them
+    again, nor does each pool a Ray call starts."""
+    from multiprocessing import forkserver
+
+    # A fork server is one per process: one that an earlier test in this worker started
+    # (with another library's preload) would be used as it is.
+    forkserver._forkserver._stop()
+    step = ClipEmbed(_config(clip_json, decode_in="processes"))
+    step.setup()
+    workers = step.start_workers()
+    try:
+        pid = forkserver._forkserver._forkserver_pid
+        preload = Path(f"/proc/{pid}/cmdline").read_bytes()
+        for module in ("open_clip.transform", "torchvision.transforms.transforms"):
+            assert f"'{module}'".encode() in preload, module
+        assert b"'builtins'" not in preload and b"'__main__'" not in preload
+    finally:
+        workers.close()
+
+
 def _decoding_processes(run) -> list[int]:
     """The decoding processes of a running `step.run` generator (none of this process's
     other children: a Ray cluster an earlier test left joined must live on)."""

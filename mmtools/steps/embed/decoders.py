@@ -13,6 +13,7 @@ buffer's name before writing. On a GPU one copy moves the filled buffer to pinne
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import multiprocessing
 import os
@@ -32,7 +33,7 @@ from mmtools.errors import MmtoolsError, UsageError
 log = logging.getLogger("mmtools")
 
 DECODE_IN = ("threads", "processes")
-_PRELOAD = ["numpy", "PIL.Image", "mmtools.media", "torchvision.transforms"]
+_PRELOAD = ["numpy", "PIL.Image", "mmtools.media"]
 
 
 def check_decode_in(value: str) -> None:
@@ -146,7 +147,7 @@ class Workers:
         from mmtools import media
 
         try:
-            pickle.dumps(decoders)
+            modules = _modules(decoders)
         except (pickle.PicklingError, AttributeError, TypeError) as e:
             threads.shutdown()
             raise UsageError(
@@ -154,7 +155,7 @@ class Workers:
                 f"process ({e}); use --decode-in threads"
             ) from None
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(_PRELOAD)
+        ctx.set_forkserver_preload(sorted(set(_PRELOAD) | modules))
         _start_fork_server()
         pixels = max(1, media.PIXEL_BUDGET.total // count)
         procs = ProcessPoolExecutor(
@@ -209,6 +210,30 @@ class Workers:
             self.procs.shutdown(wait=False, cancel_futures=True)
         for shared in list(self.live):
             self._let_go(shared)
+
+
+class _ModulePickler(pickle.Pickler):
+    """A pickler that notes the module of every class, function and instance it meets."""
+
+    def __init__(self):
+        super().__init__(io.BytesIO(), pickle.HIGHEST_PROTOCOL)
+        self.modules: set[str] = set()
+
+    def reducer_override(self, obj):
+        where = obj if isinstance(obj, type) or callable(obj) else type(obj)
+        module = getattr(where, "__module__", None)
+        if isinstance(module, str) and module not in ("__main__", "builtins"):
+            self.modules.add(module)
+        return NotImplemented
+
+
+def _modules(decoders: dict) -> set[str]:
+    """The modules that unpickling `decoders` imports (open_clip's transforms, torch's...):
+    imported once by the fork server, not again by every decoding process it forks (each
+    would spend seconds on open_clip alone), nor on every Ray call that starts a pool."""
+    pickler = _ModulePickler()
+    pickler.dump(decoders)
+    return pickler.modules
 
 
 def _start_fork_server() -> None:
