@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +20,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import MMTOOLS, image_bytes, make_image_folder, mmtools, wait_for
+from conftest import (
+    MMTOOLS,
+    image_bytes,
+    make_image_folder,
+    mmtools,
+    naming,
+    proc_stat,
+    wait_for,
+)
 from test_embed import tiny_clip
 
 from mmtools import columns as C
@@ -228,6 +237,64 @@ def test_embed_and_score_on_ray_equal_local(scored):
     rows = assert_same(tmp, manifests)
     assert {C.IMAGE_EMBEDDING, C.TEXT_EMBEDDING, C.CLIP_SCORE} <= set(rows.schema.names)
     assert manifests["ray"]["rejects"]["by_reason"] == {"no_text": 1}
+
+
+@pytest.mark.ray
+def test_embed_decoding_in_processes_on_ray_equals_local_threads(cluster, ingested, clip_json):
+    """A Ray actor decodes its batches in worker processes (forked by a fork server of its
+    own): the same rows, rejects and embeddings as the local engine's threads."""
+    from mmtools.steps.embed import ClipEmbed, EmbedConfig
+
+    tmp = ingested.parent / "decode-in"
+    manifests = {}
+
+    def embed(name: str, executor, where: str) -> None:
+        config = EmbedConfig(
+            model=str(clip_json),
+            pretrained="none",
+            device="cpu",
+            batch_size=BATCH,
+            workers=2,
+            decode_in=where,
+            modalities=("image",),
+        )
+        sink = DatasetSink(str(tmp / name), shard_rows=SHARD)
+        source = Source([str(ingested)])
+        _, manifests[name] = engines.run(
+            "embed",
+            source,
+            [ClipEmbed(config)],
+            sink,
+            executor=executor(),
+            batch_size=BATCH,
+            quiet=True,
+        )
+
+    embed("local", LocalExecutor, "threads")
+    above: set[str] = set()  # the names of the processes above the fork servers
+    stop = threading.Event()
+    watch = threading.Thread(target=_watch_fork_servers, args=(stop, above))
+    watch.start()
+    try:
+        embed("ray", ray_engine.RayExecutor, "processes")
+    finally:
+        stop.set()
+        watch.join()
+    assert any(name.startswith("ray::") for name in above), above
+    rows = assert_same(tmp, manifests)
+    assert rows.num_rows == 33 and rows[C.IMAGE_EMBEDDING].null_count == 0
+    assert len(np.unique(floats(rows[C.IMAGE_EMBEDDING]), axis=0)) == 31  # two are copies
+
+
+def _watch_fork_servers(stop: threading.Event, found: set) -> None:
+    """Until `stop`: the names of the processes above each fork server or decoding process."""
+    while not stop.wait(0.05):
+        for pid in naming("multiprocessing.forkserver"):
+            for _ in range(4):
+                if (stat := proc_stat(pid)) is None or (above := proc_stat(stat[0])) is None:
+                    break
+                pid = stat[0]
+                found.add(above[2])
 
 
 @pytest.mark.ray
