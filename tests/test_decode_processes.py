@@ -9,6 +9,7 @@ import io
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -146,23 +147,32 @@ def test_batches_decode_in_other_processes_and_their_buffers_are_let_go(clip_jso
 def test_the_fork_server_imports_what_the_decoders_need_once(clip_json):
     """The fork server imports the modules the image decoder is rebuilt from (open_clip's
     transforms: seconds of import) before it forks: a decoding process does not import them
-    again, nor does each pool a Ray call starts."""
-    from multiprocessing import forkserver
-
-    # A fork server is one per process: one that an earlier test in this worker started
-    # (with another library's preload) would be used as it is.
-    forkserver._forkserver._stop()
-    step = ClipEmbed(_config(clip_json, decode_in="processes"))
-    step.setup()
-    workers = step.start_workers()
-    try:
-        pid = forkserver._forkserver._forkserver_pid
-        preload = Path(f"/proc/{pid}/cmdline").read_bytes()
-        for module in ("open_clip.transform", "torchvision.transforms.transforms"):
-            assert f"'{module}'".encode() in preload, module
-        assert b"'builtins'" not in preload and b"'__main__'" not in preload
-    finally:
-        workers.close()
+    again, nor does each pool a Ray call starts. (In a fresh process: a fork server is one
+    per process, and an earlier test's would be used as it is.)"""
+    code = (
+        "import sys\n"
+        "from multiprocessing import forkserver\n"
+        "from mmtools.steps.embed import ClipEmbed, EmbedConfig\n"
+        "def main():\n"
+        f"    c = EmbedConfig(model={str(clip_json)!r}, pretrained='none', device='cpu',\n"
+        "                    workers=2, decode_in='processes')\n"
+        "    step = ClipEmbed(c)\n"
+        "    step.setup()\n"
+        "    workers = step.start_workers()\n"
+        "    pid = forkserver._forkserver._forkserver_pid\n"
+        "    sys.stdout.buffer.write(open(f'/proc/{pid}/cmdline', 'rb').read())\n"
+        "    workers.close()\n"
+        "if __name__ == '__main__':\n"
+        "    main()\n"
+    )
+    script = clip_json.parent / "preload.py"
+    script.write_text(code)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    preload = proc.stdout
+    for module in ("open_clip.transform", "torchvision.transforms.transforms"):
+        assert f"'{module}'".encode() in preload, module
+    assert b"'builtins'" not in preload and b"'__main__'" not in preload
 
 
 def _decoding_processes(run) -> list[int]:
