@@ -9,14 +9,17 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import typer.main
 from conftest import MMTOOLS, mmtools
 
 from mmtools.cli import app
 from mmtools.errors import EXIT_CODES, exit_code_table
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-COMMANDS = sorted(c.name for c in app.registered_commands)
+COMMANDS = sorted(typer.main.get_command(app).commands)
 
 
 def test_help_is_fast_and_imports_nothing_heavy():
@@ -31,6 +34,28 @@ def test_help_is_fast_and_imports_nothing_heavy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
     assert time.monotonic() - t0 < 5
     assert out.stdout.decode().strip().splitlines()[-1] == "[]"
+
+
+def test_a_run_builds_only_its_own_command(tmp_path):
+    """Each command's module is imported when that command runs, not on every start."""
+    pq.write_table(pa.table({"id": ["a", "b"]}), tmp_path / "a.parquet")
+    code = (
+        "import sys, runpy\n"
+        f"sys.argv = ['mmtools', 'head', '-n', '1', {str(tmp_path)!r}]\n"
+        "try: runpy.run_module('mmtools', run_name='__main__')\n"
+        "except SystemExit as e: assert not e.code, e.code\n"
+        "print(sorted(m for m in sys.modules if m.startswith('mmtools.cli.')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert out.returncode == 0, out.stderr.decode()
+    loaded = out.stdout.decode().strip().splitlines()[-1]
+    assert loaded == "['mmtools.cli.common', 'mmtools.cli.head', 'mmtools.cli.options']"
+
+
+def test_a_mistyped_command_is_named_with_the_closest_ones():
+    proc = subprocess.run([*MMTOOLS, "filtr"], capture_output=True, timeout=60)
+    assert proc.returncode == 2
+    assert "No such command 'filtr'. Did you mean 'filter'?" in proc.stderr.decode()
 
 
 @pytest.mark.parametrize("command", COMMANDS)
