@@ -14,12 +14,14 @@ import contextlib
 import io
 import os
 import queue
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit (about 0.25 GiB RGBA).
 MAX_JPEG_SCANS = 100  # progressive JPEGs have ~10; thousands take minutes to decode
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # not stuffing, a restart or fill
 ENV_DECODE_TIMEOUT = "MMTOOLS_DECODE_TIMEOUT"  # seconds one image may take to decode
 DEFAULT_DECODE_TIMEOUT = 60.0
 ENV_DECODE_PIXELS = "MMTOOLS_DECODE_PIXELS"  # pixels all decoding threads may hold at once
@@ -180,10 +182,37 @@ def _open_image(data: bytes, max_pixels: int, quick: bool = False):
             "decompression_bomb",
             f"{img.width}x{img.height} exceeds the limit of {max_pixels} pixels",
         )
-    if img.format == "JPEG" and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
-        # Entropy-coded data stuffs 0xFF with 0x00, so each FFDA is a start-of-scan marker.
+    # A phone's MPO is a JPEG with frames appended; Pillow decodes its first frame as a JPEG.
+    if img.format in ("JPEG", "MPO") and (scans := jpeg_scans(data)) > MAX_JPEG_SCANS:
         raise MediaError("decompression_bomb", f"{scans} JPEG scans (at most {MAX_JPEG_SCANS})")
     return img
+
+
+def jpeg_scans(data: bytes) -> int:
+    """The start-of-scan segments of a JPEG's first image, walked as a decoder does: each
+    segment skipped by its length, each scan's entropy-coded data to the next marker (there
+    0xFF is followed by 0x00 or a restart), up to the end of image. So FFDA bytes in
+    metadata (a comment, an EXIF thumbnail, an ICC profile) and images appended after it
+    (MPO frames) do not count, and an end-of-image hidden in a segment ends nothing."""
+    scans, i, n = 0, 2, len(data)
+    while i + 4 <= n:
+        marker = data[i + 1] if data[i] == 0xFF else None
+        if marker is None or marker == 0xFF:  # junk or a fill byte: on to the next marker
+            found = _JPEG_MARKER.search(data, i + 1)
+            if found is None:
+                break
+            i = found.start()
+            continue
+        if marker == 0xD9:
+            break
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+        if marker == 0xDA:
+            scans += 1
+            found = _JPEG_MARKER.search(data, i)
+            if found is None:
+                break
+            i = found.start()
+    return scans
 
 
 def _open_as_sniffed(data: bytes):

@@ -170,6 +170,45 @@ def test_an_image_that_takes_minutes_to_decode_is_rejected_in_seconds(tmp_path):
     assert rejects == {"slow.jpg": "decompression_bomb"}
 
 
+def grace_hopper() -> bytes:
+    """A photograph (matplotlib's sample), as its file."""
+    from matplotlib import cbook
+
+    with cbook.get_sample_data("grace_hopper.jpg") as f:
+        return f.read()
+
+
+def test_only_the_decoded_images_own_scans_count(tmp_path):
+    """A photograph with FFDA bytes in its metadata and a phone's MPO (frames appended to a
+    JPEG) are kept; an MPO whose first frame has hundreds of scans is refused by the count,
+    as a JPEG is, before it is decoded, also when an end-of-image marker hides in a comment
+    between its scans."""
+    photo = grace_hopper()
+    comment = b"\xff\xfe" + (2 + 300).to_bytes(2, "big") + b"\xff\xda" * 150  # COM
+    tagged = photo[:2] + comment + photo[2:]
+    img = Image.open(io.BytesIO(photo))
+    buf = io.BytesIO()
+    frames = [img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)] * 12
+    img.save(buf, "MPO", save_all=True, append_images=frames, progressive=True)
+    phone = buf.getvalue()
+    assert Image.open(io.BytesIO(phone)).format == "MPO"
+    start, end = jpeg_scans(phone)[-1]  # the first frame's last scan
+    bomb = phone[:start] + phone[start:end] * 300 + phone[start:]
+    # The same scans behind a comment, between two scans, that holds an end-of-image marker.
+    hidden = phone[:start] + b"\xff\xfe\x00\x04\xff\xd9" + phone[start:end] * 300 + phone[start:]
+    images = {"tagged.jpg": tagged, "phone.jpg": phone, "bomb.jpg": bomb, "hidden.jpg": hidden}
+    folder = tmp_path / "media"
+    folder.mkdir()
+    for name, data in images.items():
+        assert data.count(b"\xff\xda") > MAX_JPEG_SCANS
+        (folder / name).write_bytes(data)
+    mmtools("ingest", folder, "-q", "-o", tmp_path / "out")
+    rows, rejects = outcome(tmp_path / "out")
+    assert set(rows) == {"tagged.jpg", "phone.jpg"}
+    assert rejects == {"bomb.jpg": "decompression_bomb", "hidden.jpg": "decompression_bomb"}
+    assert all((rows[k]["width"], rows[k]["height"]) == img.size for k in rows)
+
+
 def test_a_legal_image_slower_than_the_decode_time_limit_is_a_decode_timeout(tmp_path):
     """86 scans (under the scan limit) of 4000x4000 pixels: about a second to decode."""
     slow = scan_bomb(repeats=80)
