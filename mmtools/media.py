@@ -182,10 +182,15 @@ def _open_image(data: bytes, max_pixels: int, quick: bool = False):
             "decompression_bomb",
             f"{img.width}x{img.height} exceeds the limit of {max_pixels} pixels",
         )
-    # A phone's MPO is a JPEG with frames appended; Pillow decodes its first frame as a JPEG.
-    if img.format in ("JPEG", "MPO") and (scans := jpeg_scans(data)) > MAX_JPEG_SCANS:
+    if _format(img) == "JPEG" and (scans := jpeg_scans(data)) > MAX_JPEG_SCANS:
         raise MediaError("decompression_bomb", f"{scans} JPEG scans (at most {MAX_JPEG_SCANS})")
     return img
+
+
+def _format(img) -> str:
+    """Pillow's format of an opened image; a phone's MPO (a JPEG with frames appended) is the
+    JPEG its first frame, the one decoded, is."""
+    return "JPEG" if img.format == "MPO" else (img.format or "unknown")
 
 
 def jpeg_scans(data: bytes) -> int:
@@ -358,11 +363,11 @@ def probe_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, verify: bool 
     """
     quick = os.environ.get(ENV_VERIFY, "").lower() != "full"
     img = _open_image(data, max_pixels, quick)
-    fmt = (img.format or "unknown").lower()
+    fmt = _format(img).lower()
     full_size, reduced = img.size, False
     if verify:
         inline = quick and _decodes_quickly(img, len(data))
-        if quick and img.format == "JPEG":
+        if quick and fmt == "jpeg":
             reduced = img.draft(img.mode, (1, 1)) is not None
         with PIXEL_BUDGET.hold(img.width * img.height):
             _load(img, inline)
@@ -378,7 +383,7 @@ def _decodes_quickly(img, nbytes: int) -> bool:
     the decode time limit (when one is set) is far above that."""
     limit = _seconds(ENV_DECODE_TIMEOUT, DEFAULT_DECODE_TIMEOUT)
     return (
-        img.format in _QUICK_FORMATS.values()
+        _format(img) in _QUICK_FORMATS.values()
         and img.width * img.height <= QUICK_PIXELS
         and nbytes <= QUICK_BYTES
         and (limit <= 0 or limit >= QUICK_MIN_LIMIT)

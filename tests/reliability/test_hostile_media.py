@@ -207,6 +207,7 @@ def test_only_the_decoded_images_own_scans_count(tmp_path):
     assert set(rows) == {"tagged.jpg", "phone.jpg"}
     assert rejects == {"bomb.jpg": "decompression_bomb", "hidden.jpg": "decompression_bomb"}
     assert all((rows[k]["width"], rows[k]["height"]) == img.size for k in rows)
+    assert {rows[k]["image_format"] for k in rows} == {"jpeg"}  # an MPO is a JPEG's frames
 
 
 def test_a_legal_image_slower_than_the_decode_time_limit_is_a_decode_timeout(tmp_path):
