@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -321,6 +325,32 @@ def test_offline_default_model_fails_with_one_line(tmp_path):
         "--model mmtools-shapes for the bundled offline model"
     ]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_model_download_s_retries_are_each_printed_once(tmp_path):
+    """With no network the hub retries each file five times before the one-line error. It
+    logs on a handler of its own and also passes each line to mmtools' handler: every line
+    came twice. (The hub's waits between retries, 1 to 8 s, are skipped here.)"""
+    pq.write_table(media_table([image_bytes(0)], ["a photo"]), tmp_path / "in.parquet")
+    with socket.socket() as s:  # a port nothing listens on: each request is refused
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
+    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf")}
+    for offline in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # either keeps the hub offline
+        env.pop(offline, None)
+    code = "import sys, time; time.sleep = lambda s: None; from mmtools.cli import main\n"
+    code += f"sys.argv = ['mmtools', 'embed', {str(tmp_path / 'in.parquet')!r}, '-o', 'out']\n"
+    code += "main()"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, timeout=120
+    )
+    lines = proc.stderr.decode().splitlines()
+    assert proc.returncode == 75, lines
+    assert sum("Retrying in" in line for line in lines) >= 5, lines
+    assert all(line.startswith("mmtools") for line in lines), lines  # no unprefixed copy
+    said = [line.removeprefix("mmtools: ") for line in lines]
+    assert all(a != b for a, b in itertools.pairwise(said)), lines  # nor a prefixed one
+    assert lines[-1].startswith("mmtools embed: error: cannot load ViT-B-32 weights")
 
 
 def test_offline_default_clap_fails_with_one_line(tmp_path):

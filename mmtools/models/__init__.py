@@ -187,7 +187,8 @@ def _clip_weights(model: str, pretrained: str | None, custom: bool) -> tuple[str
             f"tag for {model}; pass {known}, or {RANDOM_INIT}"
         )
     try:
-        open_clip.download_pretrained(open_clip.get_pretrained_cfg(model, pretrained))
+        with _hub_logs_once():
+            open_clip.download_pretrained(open_clip.get_pretrained_cfg(model, pretrained))
     except Exception as e:
         log.debug("download failed: %r", e)
         raise ModelDownloadError(offline_hint(model, pretrained)) from None
@@ -267,11 +268,27 @@ def _quiet_libraries():
     if log.getEffectiveLevel() > logging.DEBUG:
         root.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _hub_logs_once():
             warnings.simplefilter("ignore")
             yield
     finally:
         root.setLevel(level)
+
+
+@contextlib.contextmanager
+def _hub_logs_once():
+    """The Hugging Face hub's warnings (a download's retries, five of them on a machine
+    offline) reach stderr once, through mmtools' handler: the hub adds a handler of its own
+    and still passes each record on, so every line came twice."""
+    hub = logging.getLogger("huggingface_hub")
+    own = hub.handlers[:] if hub.propagate and logging.getLogger().handlers else []
+    for handler in own:
+        hub.removeHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in own:
+            hub.addHandler(handler)
 
 
 class ClipEncoder:
