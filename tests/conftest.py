@@ -287,6 +287,18 @@ main()
 """
 
 
+def photographs() -> dict[str, bytes]:
+    """Real photographs, as their JPEG files: matplotlib's grace_hopper.jpg (512x600) and
+    scikit-learn's china.jpg and flower.jpg (640x427)."""
+    import sklearn.datasets
+    from matplotlib import cbook
+
+    with cbook.get_sample_data("grace_hopper.jpg") as f:
+        found = {"grace_hopper.jpg": f.read()}
+    images = Path(sklearn.datasets.__file__).parent / "images"
+    return found | {name: (images / name).read_bytes() for name in ("china.jpg", "flower.jpg")}
+
+
 def jpeg_scans(data: bytes) -> list[tuple[int, int]]:
     """(start, end) of each SOS segment of a JPEG, its entropy-coded data included."""
     out, i = [], 2

@@ -15,7 +15,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import image_bytes, mmtools, read_dataset, reject_reasons, tiny_clip, wav_bytes
+from conftest import (
+    image_bytes,
+    mmtools,
+    photographs,
+    read_dataset,
+    reject_reasons,
+    tiny_clip,
+    wav_bytes,
+)
+from PIL import Image
 
 from mmtools import columns as C
 from mmtools.steps.embed import ClapEmbed, ClipEmbed, EmbedConfig
@@ -311,6 +320,54 @@ def test_local_checkpoint_loads_and_nan_weights_are_rejected(clip_json, good_tab
     result = broken.process(good_table.to_batches()[0])
     assert result.batch.num_rows == 0
     assert set(result.rejects.column(C.REJECT_REASON).to_pylist()) == {"bad_embedding"}
+
+
+def test_reduced_jpeg_decodes_a_photograph_at_the_smallest_scale_that_keeps_the_side():
+    """--reduced-jpeg: libjpeg's 1/2, 1/4 or 1/8 scale, the shorter side kept at least as
+    asked; a JPEG too small to halve, and a PNG, decode at full size."""
+    from PIL import Image
+
+    from mmtools.media import decoded_image
+
+    photo = photographs()["grace_hopper.jpg"]  # 512x600
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(photo)).save(buf, "PNG")
+    for data, min_side, size in [
+        (photo, 0, (512, 600)),
+        (photo, 64, (64, 75)),  # 1/8
+        (photo, 100, (128, 150)),  # 1/4
+        (photo, 256, (256, 300)),  # 1/2
+        (photo, 257, (512, 600)),
+        (buf.getvalue(), 64, (512, 600)),
+    ]:
+        with decoded_image(data, min_side=min_side) as img:
+            assert img.size == size, (min_side, img.size)
+            assert img.mode == "RGB"
+
+
+def test_reduced_jpeg_embeds_photographs_nearly_as_a_full_decode(tmp_path, clip_json):
+    """The embeddings of real photographs decoded at reduced scale stay within a hair of
+    the full decode's; a PNG's are the same. The option is part of the output's identity,
+    and a run without it records nothing new (outputs made before it existed resume)."""
+    photos = photographs()
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(photos["china.jpg"])).save(buf, "PNG")
+    images = [*photos.values(), buf.getvalue()]
+    pq.write_table(media_table(images, ["a", "b", "c", "d"]), tmp_path / "in.parquet")
+    args = [tmp_path / "in.parquet", "--model", clip_json, "--pretrained", "none", "-q"]
+    mmtools("embed", *args, "-o", tmp_path / "full")
+    mmtools("embed", *args, "--reduced-jpeg", "-o", tmp_path / "reduced")
+    full = matrix(read_dataset(tmp_path / "full"), C.IMAGE_EMBEDDING)
+    reduced = matrix(read_dataset(tmp_path / "reduced"), C.IMAGE_EMBEDDING)
+    cosine = (full * reduced).sum(axis=1)
+    assert (cosine > 0.99).all(), cosine
+    assert not any(np.array_equal(full[i], reduced[i]) for i in range(3))  # the JPEGs
+    assert np.array_equal(full[3], reduced[3])  # the PNG
+    manifests = [(tmp_path / d / "_manifest.json").read_text() for d in ("full", "reduced")]
+    assert '"reduced_jpeg":' not in json.dumps(json.loads(manifests[0]))
+    assert '"reduced_jpeg": true' in json.dumps(json.loads(manifests[1]))
+    proc = mmtools("embed", *args, "-o", tmp_path / "reduced", check=False)
+    assert proc.returncode == 6, proc.stderr.decode()
 
 
 def test_offline_default_model_fails_with_one_line(tmp_path):

@@ -158,6 +158,15 @@ DecodeIn = Annotated[
         "scaling near six; Linux; a few seconds to start). Audio: always threads.",
     ),
 ]
+ReducedJpeg = Annotated[
+    bool,
+    typer.Option(
+        "--reduced-jpeg",
+        help="Decode large JPEGs at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, as Pillow's "
+        "thumbnail does), keeping at least twice the model's input side: 2-3x faster on "
+        "photographs; the model's input differs slightly from a full-size decode.",
+    ),
+]
 AudioModel = Annotated[
     str,
     typer.Option(
@@ -294,5 +303,6 @@ MODEL = Bundle(
         "dtype": Dtype,
         "workers": Workers,
         "decode_in": DecodeIn,
+        "reduced_jpeg": ReducedJpeg,
     },
 )

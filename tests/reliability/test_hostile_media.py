@@ -18,7 +18,7 @@ import time
 import zlib
 
 import numpy as np
-from conftest import MMTOOLS, image_bytes, jpeg_scans, mmtools
+from conftest import MMTOOLS, image_bytes, jpeg_scans, mmtools, photographs
 from harness import THREADS, media_file, outcome, png_header, tiny_clip
 from PIL import Image
 
@@ -170,20 +170,12 @@ def test_an_image_that_takes_minutes_to_decode_is_rejected_in_seconds(tmp_path):
     assert rejects == {"slow.jpg": "decompression_bomb"}
 
 
-def grace_hopper() -> bytes:
-    """A photograph (matplotlib's sample), as its file."""
-    from matplotlib import cbook
-
-    with cbook.get_sample_data("grace_hopper.jpg") as f:
-        return f.read()
-
-
 def test_only_the_decoded_images_own_scans_count(tmp_path):
     """A photograph with FFDA bytes in its metadata and a phone's MPO (frames appended to a
     JPEG) are kept; an MPO whose first frame has hundreds of scans is refused by the count,
     as a JPEG is, before it is decoded, also when an end-of-image marker hides in a comment
     between its scans."""
-    photo = grace_hopper()
+    photo = photographs()["grace_hopper.jpg"]
     comment = b"\xff\xfe" + (2 + 300).to_bytes(2, "big") + b"\xff\xda" * 150  # COM
     tagged = photo[:2] + comment + photo[2:]
     img = Image.open(io.BytesIO(photo))

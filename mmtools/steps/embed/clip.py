@@ -37,6 +37,7 @@ class ImageDecoder:
     shape: tuple  # (channels, height, width) of the model's input
     max_pixels: int
     raw: bool = False
+    min_side: int = 0  # JPEGs decode at reduced scale down to this shorter side (0: full)
 
     def specs(self, n: int) -> dict:
         """The buffers of `n` rows: {key: (shape, numpy dtype)}."""
@@ -52,7 +53,8 @@ class ImageDecoder:
         reasons: list[Reason] = []
         for i, value in enumerate(values):
             try:
-                with decoded_image(read(value, "image"), self.max_pixels) as img:
+                data = read(value, "image")
+                with decoded_image(data, self.max_pixels, self.min_side) as img:
                     self._put(img, pixels[offset + i])
                 reasons.append(None)
             except MediaError as e:
@@ -84,7 +86,7 @@ class _ImageTower:
 
     serial = False  # filled in slices by every decoding worker at once
 
-    def __init__(self, encoder: models.ClipEncoder, max_pixels: int, on_device: bool):
+    def __init__(self, encoder: models.ClipEncoder, config, on_device: bool):
         from PIL import Image
 
         self.encoder = encoder
@@ -92,7 +94,11 @@ class _ImageTower:
         resize, mean, std = split_preprocess(encoder.preprocess)
         self.levels = None if resize is None else normalised_levels(mean, std)
         raw = on_device and self.levels is not None  # the buffer holds 8-bit pixels
-        self.decoder = ImageDecoder(encoder.preprocess, resize, mean, std, shape, max_pixels, raw)
+        # --reduced-jpeg: decoded at no less than twice the model's input (see media)
+        min_side = 2 * max(shape[1:]) if config.reduced_jpeg else 0
+        self.decoder = ImageDecoder(
+            encoder.preprocess, resize, mean, std, shape, config.max_pixels, raw, min_side
+        )
         self._device_levels = None
 
     @property
@@ -179,7 +185,7 @@ class ClipEmbed(EmbedStep):
     def _load(self, device) -> dict:
         encoder = models.load_clip(self.spec(), device, self.config.precision)
         towers = {
-            "image": lambda: _ImageTower(encoder, self.config.max_pixels, device.type == "cuda"),
+            "image": lambda: _ImageTower(encoder, self.config, device.type == "cuda"),
             "text": lambda: _ClipTextTower(encoder),
         }
         return {m: towers[m]() for m in self.modalities}

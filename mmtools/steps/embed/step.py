@@ -55,6 +55,7 @@ class EmbedConfig:
     workers: int = min(8, cpus())
     max_pixels: int = DEFAULT_MAX_PIXELS
     decode_in: str = "threads"  # or "processes" (images; see mmtools.steps.embed.decoders)
+    reduced_jpeg: bool = False  # large JPEGs decoded at 1/2-1/8 scale (see mmtools.media)
 
 
 class EmbedStep(Step):
@@ -103,6 +104,8 @@ class EmbedStep(Step):
                 "dtype": c.dtype,
                 "max_pixels": c.max_pixels,
                 "model_files": spec.files(),
+                # only when set: outputs made before the option existed still resume
+                **({"reduced_jpeg": True} if c.reduced_jpeg else {}),
             }
         }
 
