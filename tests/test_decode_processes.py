@@ -295,6 +295,32 @@ def test_ctrl_c_while_the_decoding_processes_start_stops_with_one_line(clip_json
     assert not left
 
 
+def test_ctrl_c_the_moment_the_fork_server_is_started_is_not_lost(clip_json, tmp_path):
+    """The fork server is started with Ctrl-C held back (inherited by it and every process
+    it forks); a Ctrl-C that comes meanwhile still stops the run once the server is up."""
+    pq.write_table(media_table([image_bytes(i) for i in range(64)], ["t"] * 64), tmp_path / "in.pq")
+    args = ["embed", str(tmp_path / "in.pq"), "--model", str(clip_json), "--pretrained", "none"]
+    args += ["--decode-in", "processes", "--workers", "2", "-o", str(tmp_path / "out")]
+    code = (
+        "import os, signal, sys\n"
+        "from multiprocessing import forkserver\n"
+        "real = forkserver.ensure_running\n"
+        "def ensure_running():\n"
+        "    real()\n"
+        "    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C as the server has just started\n"
+        "forkserver.ensure_running = ensure_running\n"
+        f"sys.argv = ['mmtools', *{args!r}]\n"
+        "from mmtools.cli import main\n"
+        "main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    text = proc.stderr.decode()
+    assert proc.returncode == 130, text
+    assert text.strip().splitlines()[-1] == (
+        "mmtools embed: error: stopped by SIGINT; rerun the command to resume"
+    )
+
+
 def _children_named(parent: int, word: str) -> list[int]:
     return [pid for pid in naming(word) if (proc_stat(pid) or (0,))[0] == parent]
 

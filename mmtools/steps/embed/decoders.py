@@ -21,7 +21,6 @@ import pickle
 import secrets
 import signal
 import sys
-import threading
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -237,18 +236,17 @@ def _modules(decoders: dict) -> set[str]:
 
 
 def _start_fork_server() -> None:
-    """Start the fork server with Ctrl-C ignored and stderr on /dev/null, both inherited
-    by every process it forks. Ctrl-C in a terminal reaches the whole process group: the
+    """Start the fork server with Ctrl-C blocked and stderr on /dev/null, both inherited by
+    every process it forks. Ctrl-C in a terminal reaches the whole process group: the
     parent alone stops the run, with one line, not each process with a traceback (the
     server imports torch for seconds before it would ignore SIGINT itself, and a process
-    still starting when the parent has gone fails loudly). Whatever a decoding process has
-    to say comes back to the parent: every row's reason, or the error of its task."""
+    still starting when the parent has gone fails loudly). Blocked, not ignored: a Ctrl-C
+    that comes while the server starts waits for this thread and stops the run. Whatever a
+    decoding process has to say comes back to the parent: every row's reason, or the error
+    of its task."""
     from multiprocessing import forkserver
 
-    if threading.current_thread() is not threading.main_thread():
-        forkserver.ensure_running()  # (signal handlers can only be set in the main thread)
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     saved = os.dup(2)
     try:
         with open(os.devnull, "wb") as null:
@@ -257,7 +255,7 @@ def _start_fork_server() -> None:
     finally:
         os.dup2(saved, 2)
         os.close(saved)
-        signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _result(future: Future) -> list:
