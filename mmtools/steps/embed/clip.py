@@ -14,6 +14,7 @@ from mmtools import models
 from mmtools.media import MediaError, read
 from mmtools.steps.embed.decoders import tensors
 from mmtools.steps.embed.step import (
+    EmbedConfig,
     EmbedStep,
     Reason,
     split_preprocess,
@@ -86,7 +87,7 @@ class _ImageTower:
 
     serial = False  # filled in slices by every decoding worker at once
 
-    def __init__(self, encoder: models.ClipEncoder, config, on_device: bool):
+    def __init__(self, encoder: models.ClipEncoder, config: EmbedConfig, on_device: bool):
         from PIL import Image
 
         self.encoder = encoder
