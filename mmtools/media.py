@@ -409,16 +409,19 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, hold: bool =
 
 
 @contextlib.contextmanager
-def decoded_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 0):
+def decoded_image(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 0, longest: bool = False
+):
     """`decode_image` as a context: the image's pixels count against the shared decoding
     budget (`MMTOOLS_DECODE_PIXELS`) until the caller is done with it. With `min_side`, a
     JPEG decodes at the smallest of 1/2, 1/4 and 1/8 scale (libjpeg's DCT scaling) that keeps
-    its shorter side at least `min_side` pixels, as Pillow's thumbnail() does."""
+    its shorter side (its longer one with `longest`) at least `min_side` pixels, as Pillow's
+    thumbnail() does."""
     img = _open_image(data, max_pixels, quick=True)
-    if min_side and _format(img) == "JPEG" and min(img.size) >= 2 * min_side:
-        w, h = img.size
-        short = min(w, h)
-        img.draft(img.mode, (-(-w * min_side // short), -(-h * min_side // short)))
+    w, h = img.size
+    side = max(w, h) if longest else min(w, h)
+    if min_side and _format(img) == "JPEG" and side >= 2 * min_side:
+        img.draft(img.mode, (-(-w * min_side // side), -(-h * min_side // side)))
     with PIXEL_BUDGET.hold(img.width * img.height):
         yield _upright_rgb(img, _decodes_quickly(img, len(data)))
 

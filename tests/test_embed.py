@@ -332,16 +332,18 @@ def test_reduced_jpeg_decodes_a_photograph_at_the_smallest_scale_that_keeps_the_
     photo = photographs()["grace_hopper.jpg"]  # 512x600
     buf = io.BytesIO()
     Image.open(io.BytesIO(photo)).save(buf, "PNG")
-    for data, min_side, size in [
-        (photo, 0, (512, 600)),
-        (photo, 64, (64, 75)),  # 1/8
-        (photo, 100, (128, 150)),  # 1/4
-        (photo, 256, (256, 300)),  # 1/2
-        (photo, 257, (512, 600)),
-        (buf.getvalue(), 64, (512, 600)),
+    for data, min_side, longest, size in [
+        (photo, 0, False, (512, 600)),
+        (photo, 64, False, (64, 75)),  # 1/8
+        (photo, 100, False, (128, 150)),  # 1/4
+        (photo, 256, False, (256, 300)),  # 1/2
+        (photo, 257, False, (512, 600)),
+        (photo, 300, True, (256, 300)),  # the longer side kept (`sheet`'s tiles)
+        (photo, 301, True, (512, 600)),
+        (buf.getvalue(), 64, False, (512, 600)),
     ]:
-        with decoded_image(data, min_side=min_side) as img:
-            assert img.size == size, (min_side, img.size)
+        with decoded_image(data, min_side=min_side, longest=longest) as img:
+            assert img.size == size, (min_side, longest, img.size)
             assert img.mode == "RGB"
 
 

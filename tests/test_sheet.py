@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import MMTOOLS, image_bytes, mmtools
+from conftest import MMTOOLS, image_bytes, mmtools, photographs
 
 from mmtools import columns as C
 from mmtools.tools.sheet import DROPPED, KEPT, PAD, SheetConfig, tile_size
@@ -223,3 +223,24 @@ def test_stats_draws_and_counts_a_cut(scored, tmp_path):
     assert bad.returncode == 2 and "COLUMN=VALUE" in bad.stderr.decode()
     unknown = mmtools("stats", root / "ds", "--cut", "text=3", check=False)
     assert unknown.returncode == 2 and "not a numeric column" in unknown.stderr.decode()
+
+
+def test_a_large_photograph_s_tile_is_drawn_from_a_reduced_decode_nearly_as_from_full_size():
+    """A JPEG four times the tile or more decodes at reduced scale; the tile differs from one
+    drawn from the full-size decode by a fraction of the picture's detail."""
+    import io
+
+    from PIL import Image
+
+    from mmtools.media import decode_image
+    from mmtools.tools.sheet import thumbnail
+
+    photo = Image.open(io.BytesIO(photographs()["grace_hopper.jpg"]))
+    buf = io.BytesIO()
+    photo.resize((2048, 2400), Image.Resampling.LANCZOS).save(buf, "JPEG", quality=90)
+    tile = thumbnail({"bytes": buf.getvalue(), "path": None}, 160)
+    full = decode_image(buf.getvalue()).resize(tile.size, Image.Resampling.LANCZOS)
+    assert tile.size == (137, 160)
+    a, b = np.asarray(tile, np.float64), np.asarray(full, np.float64)
+    assert not np.array_equal(a, b)  # drawn from the reduced decode
+    assert 10 * np.log10(255**2 / ((a - b) ** 2).mean()) > 35  # PSNR, dB
